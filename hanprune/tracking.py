@@ -1,0 +1,96 @@
+"""MLflow logging that never costs a DVC output: if the store is unreachable the stage warns once
+and goes on, unless tracking is required, in which case it fails before any work is done."""
+import os
+import sys
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+class TrackingError(Exception):
+    pass
+
+
+def default_uri(root) -> str:
+    """MLFLOW_TRACKING_URI if set, else the SQLite store mlflow.db at the project root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve()}/mlflow.db"
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Run:
+    """One MLflow run. All methods are no-ops when the store could not be reached."""
+
+    def __init__(self, uri: str, experiment: str, name: str, tags: dict, required: bool):
+        self.uri, self.run = uri, None
+        try:
+            import mlflow
+            from mlflow.tracking import MlflowClient
+            mlflow.set_tracking_uri(uri)
+            self.client = MlflowClient(uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            self.run = self.client.create_run(exp_id, run_name=name, tags={k: str(v) for k, v in tags.items()})
+        except Exception as e:  # noqa: BLE001 - any store failure is reported the same way
+            message = f"MLflow tracking store {uri} unreachable: {type(e).__name__}: {str(e)[:300]}"
+            if required:
+                raise TrackingError(message + " (tracking.required is true)") from None
+            print(f"warning: {message}; continuing without tracking", file=sys.stderr)
+
+    @property
+    def id(self):
+        return self.run.info.run_id if self.run else None
+
+    def _call(self, fn, *args, **kwargs):
+        if self.run is None:
+            return
+        try:
+            fn(self.run.info.run_id, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"MLflow logging to {self.uri} failed: {e}")
+
+    def params(self, params: dict):
+        from mlflow.entities import Param
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self._call(self.client.log_batch, params=items[i:i + 100])
+
+    def metrics(self, metrics: dict, step: int = 0):
+        import time
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in flatten(metrics).items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for i in range(0, len(items), 500):
+            self._call(self.client.log_batch, metrics=items[i:i + 500])
+
+    def table(self, rows: list[dict], artifact_file: str):
+        self._call(lambda run_id: self.client.log_table(run_id, data=_columns(rows), artifact_file=artifact_file))
+
+    def artifact(self, path, artifact_path=None):
+        self._call(self.client.log_artifact, str(path), artifact_path)
+
+    def finish(self, status="FINISHED"):
+        self._call(self.client.set_terminated, status)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.finish("FAILED" if exc_type else "FINISHED")
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    return {k: [r.get(k) for r in rows] for k in rows[0]} if rows else {}

@@ -1,0 +1,94 @@
+"""Training and evaluation on in-memory tensors: no DataLoader, no per-sample transforms."""
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import prunable_layers
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def make_deterministic(seed: int, threads: int) -> None:
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    model.eval()
+    correct = sum((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
+                  for i in range(0, len(x), batch_size))
+    return correct / len(x)
+
+
+def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """SGD with momentum; L2 regularisation is SGD's weight decay, L1 is added to the loss."""
+    l2 = cfg.regularization.strength if cfg.regularization.kind == "l2" else 0.0
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                           nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=l2)
+
+
+def make_schedule(optimizer, cfg, steps: int):
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    if cfg.schedule == "inv":  # Caffe's "inv" policy: lr * (1 + gamma * iter) ** -power
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: (1 + 1e-4 * i) ** -0.75)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+
+
+def fit(model, cfg, train, val, test=None, device=torch.device("cpu"), log=None) -> list[dict]:
+    """Train `model` for cfg.epochs with minibatch SGD and return one record per epoch.
+
+    train/val/test are (images, labels) tensors already on `device`. `log(record)` is called after
+    every epoch. Pruning masks attached to the model keep pruned weights at zero throughout."""
+    x, y = train
+    steps = cfg.epochs * ((len(x) + cfg.batch_size - 1) // cfg.batch_size)
+    optimizer = make_optimizer(model, cfg)
+    schedule = make_schedule(optimizer, cfg, steps)
+    l1 = cfg.regularization.strength if cfg.regularization.kind == "l1" else 0.0
+    weights = [m for m in prunable_layers(model).values()]
+    order = torch.Generator().manual_seed(cfg.seed)
+    history = []
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        start = time.perf_counter()
+        perm = torch.randperm(len(x), generator=order).to(device)
+        total_loss = torch.zeros((), device=device)
+        batches = range(0, len(x), cfg.batch_size)
+        bar = _progress(batches, f"epoch {epoch}/{cfg.epochs}")
+        for i in bar:
+            idx = perm[i:i + cfg.batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            total_loss += loss.detach() * len(idx)
+            if l1:
+                loss = loss + l1 * sum(m.weight.abs().sum() for m in weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        record = {"epoch": epoch, "train_loss": total_loss.item() / len(x),
+                  "val_accuracy": accuracy(model, *val),
+                  "seconds": time.perf_counter() - start}
+        if test is not None:
+            record["test_accuracy"] = accuracy(model, *test)
+        history.append(record)
+        if log:
+            log(record)
+    return history
+
+
+def _progress(iterable, desc):
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(iterable, desc=desc, leave=False, file=sys.stderr)
+    return iterable

@@ -1,0 +1,38 @@
+"""Stage report: reports/REPORT.md and its PNG figures from every model's metrics and plot data."""
+import json
+from pathlib import Path
+
+from common import config, open_run, parser, run
+from hanprune import io, report
+
+
+def save_png(fig, path: Path) -> str:
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    return path.name
+
+
+def main():
+    ap = parser(__doc__)
+    ap.add_argument("--metrics", default="metrics", help="directory of <model>.json metrics")
+    ap.add_argument("--plots", default="plots", help="directory of <model>/ plot data")
+    ap.add_argument("--out", default="reports", help="output directory")
+    args = ap.parse_args()
+    p = config.load(args.params)
+    out = Path(args.out)
+    with open_run(p, "report", None, None) as mlrun:
+        models, iterations, images = {}, {}, {}
+        for key in p.models:
+            models[key] = json.loads(Path(args.metrics, f"{key}.json").read_text())
+            iterations[key] = Path(args.plots, key, "final", "iterations.csv").read_text()
+            images[key] = report.figures(key, Path(args.plots, key, "final"), out, save_png)
+        io.write_text(out / "REPORT.md", report.render(models, iterations, images))
+        mlrun.artifact(out / "REPORT.md")
+        for names in images.values():
+            for name in names.values():
+                mlrun.artifact(out / name, "figures")
+    print(f"report: {out / 'REPORT.md'} with {sum(len(v) for v in images.values())} figures for {', '.join(models)}")
+
+
+if __name__ == "__main__":
+    run(main)
