@@ -78,10 +78,15 @@ class Iteration(Strict):
     lr: float = Field(gt=0)
 
 
+class Sensitivity(Strict):
+    s: list[float] = Field(min_length=1)
+
+
 class Params(Strict):
     data: Data
     run: Run
     tracking: Tracking
+    sensitivity: Sensitivity
     models: dict[str, ModelCfg]
     prune: dict[str, Iteration]
 

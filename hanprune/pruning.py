@@ -104,3 +104,18 @@ def load_checkpoint(path, model_key: str | None = None):
                                   f"weight has {tuple(layers[name].weight.shape)}")
     attach_masks(model, {k: v.float() for k, v in ckpt["masks"].items()})
     return model, ckpt
+
+
+def sensitivity(model: nn.Module, s_grid: list[float], score) -> list[dict]:
+    """The paper's Figure 6: prune one layer at a time at each s (no retraining) and score the model.
+    Returns rows of layer, s, kept fraction of that layer and score(pruned model)."""
+    import copy
+    std = weight_std(model)
+    rows = []
+    for layer in prunable_layers(model):
+        for s in s_grid:
+            pruned = copy.deepcopy(model)
+            prune_by_std(pruned, {layer: s}, std)
+            kept = prunable_layers(pruned)[layer].weight_mask.mean().item()
+            rows.append({"layer": layer, "s": s, "kept": kept, "score": score(pruned)})
+    return rows

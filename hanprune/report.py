@@ -98,13 +98,25 @@ def _fmt_pct(v):
 
 
 def figures(key: str, plots_dir: Path, out_dir: Path, save) -> dict[str, str]:
-    """Draw the model's PNGs; `save(fig, path)` writes one atomically. Returns {title: file name}."""
+    """Draw the model's PNGs from its plot data in plots_dir (the sensitivity scan, and final/ from
+    evaluate); `save(fig, path)` writes one atomically. Returns {title: file name}."""
     import json
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     made = {}
+    scan = list(csv.DictReader(open(plots_dir / "sensitivity.csv")))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for layer in dict.fromkeys(r["layer"] for r in scan):
+        pts = sorted((float(r["kept_percent"]), 100 * float(r["val_accuracy"])) for r in scan if r["layer"] == layer)
+        ax.plot(*zip(*pts), "o-", label=layer, markersize=3)
+    ax.set_xlabel("weights kept in that layer (%)"), ax.set_ylabel("validation accuracy (%)")
+    ax.set_xscale("log"), ax.invert_xaxis(), ax.legend()
+    ax.set_title(f"{key}: sensitivity, one layer pruned, no retraining")
+    made["Sensitivity (paper's Figure 6)"] = save(fig, out_dir / f"{key}_sensitivity.png")
+
+    plots_dir = plots_dir / "final"
     its = list(csv.DictReader(open(plots_dir / "iterations.csv")))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     xs = [int(r["iteration"]) for r in its]

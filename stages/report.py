@@ -25,7 +25,7 @@ def main():
         for key in p.models:
             models[key] = json.loads(Path(args.metrics, f"{key}.json").read_text())
             iterations[key] = Path(args.plots, key, "final", "iterations.csv").read_text()
-            images[key] = report.figures(key, Path(args.plots, key, "final"), out, save_png)
+            images[key] = report.figures(key, Path(args.plots, key), out, save_png)
         io.write_text(out / "REPORT.md", report.render(models, iterations, images))
         mlrun.artifact(out / "REPORT.md")
         for names in images.values():

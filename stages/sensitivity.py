@@ -1,0 +1,32 @@
+"""Stage sensitivity: prune one layer at a time at a grid of s, without retraining, and measure
+validation accuracy (the paper's Figure 6). Explains the per-layer s chosen in params.yaml."""
+from common import config, parser, run, setup
+from hanprune import data, io
+from hanprune.pruning import load_checkpoint, sensitivity
+from hanprune.train import accuracy
+
+
+def main():
+    ap = parser(__doc__)
+    ap.add_argument("model", help="model key")
+    ap.add_argument("--data", default="data", help="data root")
+    ap.add_argument("--dense", required=True, help="dense checkpoint")
+    ap.add_argument("--out", required=True, help="CSV to write: layer, s, kept_percent, val_accuracy")
+    args = ap.parse_args()
+    p = config.load(args.params)
+    device = setup(p, 0)
+    splits = data.Splits(args.data, p.data.val_size, p.data.val_seed)
+    x, y = splits.val[0].to(device), splits.val[1].to(device)
+    model, _ = load_checkpoint(args.dense, args.model)
+    rows = sensitivity(model.to(device), p.sensitivity.s, lambda m: accuracy(m, x, y))
+    io.write_text(args.out, "layer,s,kept_percent,val_accuracy\n" + "".join(
+        f"{r['layer']},{r['s']},{100 * r['kept']:.3f},{r['score']:.4f}\n" for r in rows))
+    worst = {}
+    for r in rows:
+        worst[r["layer"]] = min(worst.get(r["layer"], 1.0), r["score"])
+    print(f"sensitivity {args.model}: {len(rows)} points; lowest val accuracy per layer: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in worst.items()) + f" -> {args.out}")
+
+
+if __name__ == "__main__":
+    run(main)
