@@ -145,18 +145,27 @@ def _suggest(word, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _allowed_keys(loc) -> list[str]:
+    """The keys allowed where `loc` points, walking the schema (and skipping dict keys)."""
+    node, parts = Params, list(loc)
+    while parts and node is not None:
+        field = getattr(node, "model_fields", {}).get(parts.pop(0))
+        node = field.annotation if field else None
+        if getattr(node, "__origin__", None) is dict:
+            node = node.__args__[1]
+            if parts:
+                parts.pop(0)  # the dict's own key, e.g. a model name
+    return list(getattr(node, "model_fields", {}))
+
+
 def _format(e: ValidationError) -> str:
-    err = e.errors()[0]
+    errors = e.errors()
+    # An unknown key is usually a misspelling of a missing one: report it first, with a suggestion.
+    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
     loc = ".".join(str(x) for x in err["loc"])
     if err["type"] == "extra_forbidden":
-        parent = Params
-        for part in err["loc"][:-1]:
-            field = getattr(parent, "model_fields", {}).get(part)
-            parent = field.annotation if field else None
-            if parent is not None and getattr(parent, "__origin__", None) is dict:
-                parent = parent.__args__[1]
-        allowed = list(getattr(parent, "model_fields", {}))
-        return (f"{loc}: unknown key{_suggest(err['loc'][-1], allowed)}; allowed: {', '.join(allowed)}")
+        allowed = _allowed_keys(err["loc"][:-1])
+        return f"{loc}: unknown key{_suggest(err['loc'][-1], allowed)}; allowed: {', '.join(allowed)}"
     if err["type"] == "missing":
         return f"{loc}: missing"
     return f"{loc}: {err['msg']} (got {err.get('input')!r})"
@@ -178,5 +187,8 @@ def load(path="params.yaml") -> Params:
         params = Params.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"{path}: {_format(e)}") from None
-    _check_pipeline(params)
+    try:
+        _check_pipeline(params)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return params

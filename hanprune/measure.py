@@ -58,3 +58,22 @@ def totals(layers: dict[str, dict]) -> dict:
     keys = ["params", "nonzero", "weights", "weights_nonzero", "bytes_dense", "bytes_nonzero",
             "bytes_csr", "flops_dense", "flops_pruned"]
     return {k: sum(l[k] for l in layers.values()) for k in keys}
+
+
+def summary(dense: nn.Module, pruned: nn.Module, dense_accuracy: float, pruned_accuracy: float) -> dict:
+    """The evaluate stage's metrics: whole-model figures of both models and the pruned model's layers."""
+    layers = layer_stats(pruned)
+    total_dense, total = totals(layer_stats(dense)), totals(layers)
+    return {
+        "dense_accuracy": dense_accuracy,
+        "pruned_accuracy": pruned_accuracy,
+        "params_dense": total_dense["params"],
+        "params_nonzero": total["nonzero"],
+        "compression_ratio": total_dense["params"] / total["nonzero"],
+        "bytes_dense": total_dense["bytes_dense"],
+        "bytes_nonzero": total["bytes_nonzero"],
+        "bytes_csr": total["bytes_csr"],
+        "flops_dense": total_dense["flops_dense"],
+        "flops_pruned": total["flops_pruned"],
+        "layers": layers,
+    }

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from .models import build, prunable_layers
+from .models import MODELS, build, prunable_layers
 
 CHECKPOINT_FORMAT = 1
 
@@ -88,12 +88,17 @@ def load_checkpoint(path, model_key: str | None = None):
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of format {CHECKPOINT_FORMAT} of this project")
+    for key, kind in [("model", str), ("state_dict", dict), ("masks", dict), ("dense_std", dict), ("history", list)]:
+        if not isinstance(ckpt.get(key), kind):
+            raise CheckpointError(f"{path}: checkpoint entry {key!r} missing or not a {kind.__name__}")
+    if ckpt["model"] not in MODELS:
+        raise CheckpointError(f"{path}: unknown model {ckpt['model']!r}; allowed: {', '.join(MODELS)}")
     if model_key is not None and ckpt["model"] != model_key:
         raise CheckpointError(f"{path}: holds model {ckpt['model']!r}, expected {model_key!r}")
     model = build(ckpt["model"])
     try:
         model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: weights do not fit {ckpt['model']}: {e}") from None
     layers = prunable_layers(model)
     for name, mask in ckpt["masks"].items():

@@ -26,55 +26,42 @@ def main():
     ap.add_argument("--plots", required=True, help="directory for this model's plot data")
     args = ap.parse_args()
     p = config.load(args.params)
-    device = setup(p, 0)
-    x, y = data.load_split(args.data, train=False)
-    dense, _ = load_checkpoint(args.dense, args.model)
-    pruned, ckpt = load_checkpoint(args.pruned, args.model)
-    dense_acc = accuracy(dense.to(device), x.to(device), y.to(device))
-    pruned_acc = accuracy(pruned.to(device), x.to(device), y.to(device))
-    dense.cpu(), pruned.cpu()
-    dense_layers, layers = measure.layer_stats(dense), measure.layer_stats(pruned)
-    total_dense, total = measure.totals(dense_layers), measure.totals(layers)
-    metrics = {
-        "dense_accuracy": dense_acc,
-        "pruned_accuracy": pruned_acc,
-        "params_dense": total_dense["params"],
-        "params_nonzero": total["nonzero"],
-        "compression_ratio": total_dense["params"] / total["nonzero"],
-        "bytes_dense": total_dense["bytes_dense"],
-        "bytes_nonzero": total["bytes_nonzero"],
-        "bytes_csr": total["bytes_csr"],
-        "flops_dense": total_dense["flops_dense"],
-        "flops_pruned": total["flops_pruned"],
-        "iterations": len(ckpt["history"]),
-        "layers": layers,
-    }
-    # Plot data: accuracy and compression per iteration, kept % per layer, weight distribution.
-    history = [{"iteration": 0, "val_accuracy_pruned": None, "val_accuracy_retrained": None,
-                "compression_ratio": 1.0, "kept": {n: 1.0 for n in layers}}] + ckpt["history"]
-    hist_layer = "conv2" if "conv2" in layers else "fc1"  # the layers of the paper's Figure 5
-    w = prunable_layers(dense)[hist_layer].weight.detach()
-    lo, hi = float(w.min()), float(w.max())
-    edges = torch.linspace(lo, hi, HIST_BINS + 1).tolist()
-    io.write_text(f"{args.plots}/iterations.csv", "iteration,val_accuracy_pruned,val_accuracy_retrained,compression_ratio\n"
-                  + "".join(f"{h['iteration']},{h['val_accuracy_pruned'] or ''},{h['val_accuracy_retrained'] or ''},"
-                            f"{h['compression_ratio']:.4f}\n" for h in history))
-    io.write_text(f"{args.plots}/kept.csv", "iteration,layer,kept_percent\n" + "".join(
-        f"{h['iteration']},{n},{100 * k:.3f}\n" for h in history for n, k in h["kept"].items()))
-    io.write_json(f"{args.plots}/weights.json", {
-        "layer": hist_layer, "edges": edges,
-        "dense": weight_histogram(dense, hist_layer, lo, hi),
-        "pruned": weight_histogram(pruned, hist_layer, lo, hi)})
-    io.write_json(args.metrics, metrics)
     with open_run(p, f"evaluate@{args.model}", args.model, data.dataset_md5(args.data)) as mlrun:
+        device = setup(p, 0)
+        x, y = data.load_split(args.data, train=False)
+        dense, _ = load_checkpoint(args.dense, args.model)
+        pruned, ckpt = load_checkpoint(args.pruned, args.model)
+        dense_acc = accuracy(dense.to(device), x.to(device), y.to(device))
+        pruned_acc = accuracy(pruned.to(device), x.to(device), y.to(device))
+        dense.cpu(), pruned.cpu()
+        metrics = measure.summary(dense, pruned, dense_acc, pruned_acc)
+        metrics["iterations"] = len(ckpt["history"])
+        layers = metrics["layers"]
+        # Plot data: accuracy and compression per iteration, kept % per layer, weight distribution.
+        history = [{"iteration": 0, "val_accuracy_pruned": None, "val_accuracy_retrained": None,
+                    "compression_ratio": 1.0, "kept": {n: 1.0 for n in layers}}] + ckpt["history"]
+        hist_layer = "conv2" if "conv2" in layers else "fc1"  # the layers of the paper's Figure 5
+        w = prunable_layers(dense)[hist_layer].weight.detach()
+        lo, hi = float(w.min()), float(w.max())
+        edges = torch.linspace(lo, hi, HIST_BINS + 1).tolist()
+        io.write_text(f"{args.plots}/iterations.csv", "iteration,val_accuracy_pruned,val_accuracy_retrained,compression_ratio\n"
+                      + "".join(f"{h['iteration']},{h['val_accuracy_pruned'] or ''},{h['val_accuracy_retrained'] or ''},"
+                                f"{h['compression_ratio']:.4f}\n" for h in history))
+        io.write_text(f"{args.plots}/kept.csv", "iteration,layer,kept_percent\n" + "".join(
+            f"{h['iteration']},{n},{100 * k:.3f}\n" for h in history for n, k in h["kept"].items()))
+        io.write_json(f"{args.plots}/weights.json", {
+            "layer": hist_layer, "edges": edges,
+            "dense": weight_histogram(dense, hist_layer, lo, hi),
+            "pruned": weight_histogram(pruned, hist_layer, lo, hi)})
+        io.write_json(args.metrics, metrics)
         mlrun.metrics({k: v for k, v in metrics.items() if k != "layers"})
         for name, l in layers.items():
             mlrun.metrics({f"layer.{name}.{k}": v for k, v in l.items()})
         mlrun.table([{"layer": n, **l} for n, l in layers.items()], "layers.json")
         mlrun.artifact(args.metrics)
     print(f"evaluate {args.model}: test accuracy dense {dense_acc:.4f}, pruned {pruned_acc:.4f}; "
-          f"{total_dense['params']} -> {total['nonzero']} params ({metrics['compression_ratio']:.1f}x), "
-          f"FLOPs {total_dense['flops_dense']} -> {total['flops_pruned']} -> {args.metrics}")
+          f"{metrics['params_dense']} -> {metrics['params_nonzero']} params ({metrics['compression_ratio']:.1f}x), "
+          f"FLOPs {metrics['flops_dense']} -> {metrics['flops_pruned']} -> {args.metrics}")
 
 
 if __name__ == "__main__":

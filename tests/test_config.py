@@ -1,0 +1,223 @@
+"""params.yaml validation (hanprune.config.load): every problem is one ConfigError naming the key."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hanprune import config
+from hanprune.config import ConfigError
+
+PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def _write(tmp_path, params) -> str:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def _error(tmp_path, params) -> str:
+    path = _write(tmp_path, params)
+    with pytest.raises(ConfigError) as e:
+        config.load(path)
+    return str(e.value)
+
+
+def test_project_params_load():
+    p = config.load(PARAMS_FILE)
+    assert set(p.models) == {"lenet_300_100", "lenet5", "lenet5_caffe"}
+    assert len(p.prune) == 15
+    assert p.models["lenet5_caffe"].final == "models/lenet5_caffe/iter5.pt"
+    assert p.prune["lenet5-iter1"].start == "models/lenet5/dense.pt"
+    assert p.prune["lenet5-iter2"].s["conv2"] == 0.6
+    assert p.models["lenet_300_100"].pretrain.regularization.kind == "l2"
+    assert p.data.source in ("auto", "torchvision", "pypi", "local")
+
+
+def test_copy_of_project_params_loads(tmp_path, project_params):
+    p = config.load(_write(tmp_path, project_params))
+    assert p.models["lenet_300_100"].pretrain.epochs == project_params["models"]["lenet_300_100"]["pretrain"]["epochs"]
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "nope.yaml")
+
+
+def test_yaml_syntax_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("data:\n  root: data\n  source: [auto\nrun: {}\n")
+    with pytest.raises(ConfigError) as e:
+        config.load(path)
+    msg = str(e.value)
+    assert str(path) in msg
+    assert "YAML syntax error" in msg
+    assert "line 4, column" in msg
+
+
+def test_top_level_not_a_mapping(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        config.load(path)
+
+
+def test_unknown_model_key(tmp_path, project_params):
+    project_params["models"]["lenet6"] = project_params["models"]["lenet5"]
+    msg = _error(tmp_path, project_params)
+    assert "models.lenet6" in msg
+    assert "unknown model" in msg
+    assert "allowed: lenet_300_100, lenet5, lenet5_caffe" in msg
+
+
+def test_misspelled_extra_key_top_level_section(tmp_path, project_params):
+    project_params["data"]["sourcee"] = "auto"
+    msg = _error(tmp_path, project_params)
+    assert "data.sourcee: unknown key" in msg
+    assert "did you mean 'source'?" in msg
+    assert "allowed: root, source, local_dir, val_size, val_seed, md5" in msg
+
+
+def test_misspelled_key_under_model_suggests(tmp_path, project_params):
+    project_params["models"]["lenet_300_100"]["pretrain"]["epochz"] = 10
+    msg = _error(tmp_path, project_params)
+    assert "models.lenet_300_100.pretrain.epochz: unknown key" in msg
+    assert "did you mean 'epochs'?" in msg
+    assert "epochs, batch_size" in msg
+
+
+def test_misspelled_key_under_prune_suggests(tmp_path, project_params):
+    project_params["prune"]["lenet5-iter1"]["epochz"] = 3
+    msg = _error(tmp_path, project_params)
+    assert "prune.lenet5-iter1.epochz: unknown key" in msg
+    assert "did you mean 'epochs'?" in msg
+
+
+def test_misspelled_required_key_suggests(tmp_path, project_params):
+    pre = project_params["models"]["lenet_300_100"]["pretrain"]
+    pre["epochz"] = pre.pop("epochs")
+    msg = _error(tmp_path, project_params)
+    assert "epochz" in msg
+    assert "did you mean 'epochs'?" in msg
+
+
+def test_wrong_type(tmp_path, project_params):
+    project_params["models"]["lenet5"]["retrain"]["epochs"] = "ten"
+    msg = _error(tmp_path, project_params)
+    assert "models.lenet5.retrain.epochs" in msg
+    assert "valid integer" in msg
+    assert "'ten'" in msg
+
+
+def test_wrong_literal(tmp_path, project_params):
+    project_params["models"]["lenet5"]["retrain"]["schedule"] = "step"
+    msg = _error(tmp_path, project_params)
+    assert "models.lenet5.retrain.schedule" in msg
+    assert "'step'" in msg
+    assert "cosine" in msg
+
+
+@pytest.mark.parametrize("key, layer", [("lenet5-iter2", "fc1"), ("lenet5_caffe-iter1", "conv1")])
+def test_negative_s(tmp_path, project_params, key, layer):
+    project_params["prune"][key]["s"][layer] = -0.5
+    msg = _error(tmp_path, project_params)
+    assert f"prune.{key}.s.{layer}" in msg
+    assert "must be >= 0" in msg
+    assert "-0.5" in msg
+
+
+def test_s_for_unknown_layer(tmp_path, project_params):
+    project_params["prune"]["lenet5-iter2"]["s"]["fc4"] = 0.5
+    msg = _error(tmp_path, project_params)
+    assert "prune.lenet5-iter2.s.fc4: no such layer in lenet5" in msg
+    assert "conv1, conv2, fc1, fc2, fc3" in msg
+
+
+@pytest.mark.parametrize("where", ["pretrain", "retrain"])
+def test_zero_epochs_model(tmp_path, project_params, where):
+    project_params["models"]["lenet5_caffe"][where]["epochs"] = 0
+    msg = _error(tmp_path, project_params)
+    assert f"models.lenet5_caffe.{where}.epochs" in msg
+    assert "greater than or equal to 1" in msg
+
+
+def test_zero_epochs_iteration(tmp_path, project_params):
+    project_params["prune"]["lenet_300_100-iter3"]["epochs"] = 0
+    msg = _error(tmp_path, project_params)
+    assert "prune.lenet_300_100-iter3.epochs" in msg
+    assert "greater than or equal to 1" in msg
+
+
+def test_model_without_prune_iterations(tmp_path, project_params):
+    project_params["prune"] = {k: v for k, v in project_params["prune"].items() if v["model"] != "lenet5"}
+    msg = _error(tmp_path, project_params)
+    assert "no iterations for model lenet5" in msg
+    assert "prune.lenet5-iter1" in msg
+
+
+def test_start_no_stage_produces(tmp_path, project_params):
+    project_params["prune"]["lenet5-iter3"]["start"] = "models/lenet5/iter9.pt"
+    msg = _error(tmp_path, project_params)
+    assert "prune.lenet5-iter3.start" in msg
+    assert "'models/lenet5/iter9.pt'" in msg
+    assert "no stage produces it" in msg
+    assert "expected 'models/lenet5/iter2.pt'" in msg
+
+
+def test_start_not_the_previous_checkpoint(tmp_path, project_params):
+    project_params["prune"]["lenet5-iter3"]["start"] = "models/lenet5/dense.pt"
+    msg = _error(tmp_path, project_params)
+    assert "prune.lenet5-iter3.start" in msg
+    assert "not the previous checkpoint" in msg
+    assert "expected 'models/lenet5/iter2.pt'" in msg
+
+
+def test_iteration_gap(tmp_path, project_params):
+    del project_params["prune"]["lenet5-iter3"]
+    msg = _error(tmp_path, project_params)
+    assert "iteration 3 is missing" in msg
+    assert "lenet5" in msg
+
+
+def test_iteration_key_mismatch(tmp_path, project_params):
+    project_params["prune"]["lenet5-iter7"] = project_params["prune"].pop("lenet5-iter5")
+    msg = _error(tmp_path, project_params)
+    assert "prune.lenet5-iter7" in msg
+    assert "lenet5-iter5" in msg
+
+
+def test_prune_model_not_in_models(tmp_path, project_params):
+    project_params["prune"]["lenet5-iter1"]["model"] = "lenet55"
+    msg = _error(tmp_path, project_params)
+    assert "prune.lenet5-iter1.model: 'lenet55' is not a key of models" in msg
+    assert "did you mean 'lenet5'?" in msg
+
+
+def test_final_not_last_checkpoint(tmp_path, project_params):
+    project_params["models"]["lenet_300_100"]["final"] = "models/lenet_300_100/iter4.pt"
+    msg = _error(tmp_path, project_params)
+    assert "models.lenet_300_100.final" in msg
+    assert "'models/lenet_300_100/iter4.pt'" in msg
+    assert "expected 'models/lenet_300_100/iter5.pt'" in msg
+
+
+def test_final_follows_added_iteration(tmp_path, project_params):
+    """Adding a round as the params.yaml comment says: new entry + final pointing at it."""
+    project_params["prune"]["lenet5-iter6"] = dict(project_params["prune"]["lenet5-iter5"],
+                                                   iteration=6, start="models/lenet5/iter5.pt")
+    assert "lenet5.final" in _error(tmp_path, project_params)  # final not yet moved
+    project_params["models"]["lenet5"]["final"] = "models/lenet5/iter6.pt"
+    p = config.load(_write(tmp_path, project_params))
+    assert p.models["lenet5"].final == config.iteration_path("lenet5", 6)
+
+
+def test_md5_must_list_the_four_files(tmp_path, project_params):
+    del project_params["data"]["md5"]["t10k-labels-idx1-ubyte"]
+    msg = _error(tmp_path, project_params)
+    assert "md5 must list exactly" in msg
+    assert "t10k-labels-idx1-ubyte" in msg
+
+
+def test_local_source_needs_local_dir(tmp_path, project_params):
+    project_params["data"].update(source="local", local_dir=None)
+    assert "needs data.local_dir" in _error(tmp_path, project_params)

@@ -1,0 +1,166 @@
+"""End to end: the real dvc.yaml and stage scripts, run by DVC in a temporary git repository that
+holds a copy of the project and tiny generated MNIST (data.source: local)."""
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.tiny import tiny_params, write_tiny_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["hanprune", "stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"]
+ITERATIONS = {"lenet_300_100": 3, "lenet5": 1}
+
+
+def env(tmp: Path, **extra) -> dict:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    e.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{e['PATH']}", DVC_NO_ANALYTICS="1",
+             DVC_SITE_CACHE_DIR=str(tmp / "dvc-site"), MLFLOW_DISABLE_TELEMETRY="true",
+             GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+             OMP_NUM_THREADS="1")
+    e.update(extra)
+    return e
+
+
+def sh(repo: Path, *cmd, check=True, **extra_env) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=repo, env=env(repo.parent, **extra_env), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    repo = tmp / "project"
+    repo.mkdir()
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
+    shutil.copytree(ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    for d in repo.rglob("__pycache__"):
+        shutil.rmtree(d)
+    md5 = write_tiny_mnist(tmp / "tiny-mnist")
+    params = tiny_params(ROOT / "params.yaml", tmp / "tiny-mnist", md5, ITERATIONS)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "tiny project")
+    first = sh(repo, "dvc", "repro")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "first run")
+    return repo, params, first.stdout
+
+
+def expected_stages(params) -> set[str]:
+    stages = {"download", "report"}
+    for m in params["models"]:
+        stages |= {f"pretrain@{m}", f"sensitivity@{m}", f"evaluate@{m}"}
+    stages |= {f"prune@{k}" for k in params["prune"]}
+    return stages
+
+
+def test_first_repro_runs_every_stage_and_writes_metrics(repo):
+    repo, params, out = repo
+    assert ran(out) == expected_stages(params)
+    for model in ITERATIONS:
+        m = json.loads((repo / "metrics" / f"{model}.json").read_text())
+        for key in ["dense_accuracy", "pruned_accuracy", "params_dense", "params_nonzero", "compression_ratio",
+                    "flops_dense", "flops_pruned", "layers"]:
+            assert key in m
+        assert 0 <= m["pruned_accuracy"] <= 1 and m["compression_ratio"] > 1
+        assert m["compression_ratio"] == pytest.approx(m["params_dense"] / m["params_nonzero"])
+        for layer in m["layers"].values():
+            assert {"params", "nonzero", "kept", "flops_dense", "flops_pruned"} <= set(layer)
+    report = (repo / "reports" / "REPORT.md").read_text()
+    assert "## lenet_300_100" in report and "Han et al. 2015" in report
+    for png in re.findall(r"\]\(([^)]+\.png)\)", report):
+        assert (repo / "reports" / png).stat().st_size > 1000
+
+
+def test_second_repro_runs_nothing(repo):
+    repo, _, _ = repo
+    out = sh(repo, "dvc", "repro").stdout
+    assert ran(out) == set()
+    assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
+
+
+def test_changing_iteration_2_reruns_only_iterations_2_to_n_evaluate_and_report(repo):
+    repo, params, _ = repo
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["prune"]["lenet_300_100-iter2"]["s"]["fc1"] += 0.3
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    out = sh(repo, "dvc", "repro").stdout
+    assert ran(out) == {"prune@lenet_300_100-iter2", "prune@lenet_300_100-iter3", "evaluate@lenet_300_100", "report"}
+    diff = json.loads(sh(repo, "dvc", "params", "diff", "--json").stdout)
+    assert "prune.lenet_300_100-iter2.s.fc1" in diff["params.yaml"]
+    shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout)
+    metrics = next(iter(shown.values()))["data"]
+    assert {"compression_ratio", "pruned_accuracy"} <= set(metrics["metrics/lenet_300_100.json"]["data"])
+    assert "metrics/prune/lenet_300_100-iter2.json" in metrics
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "iter2 s")
+
+
+def test_exp_run_with_a_prune_param_makes_an_experiment(repo):
+    repo, _, _ = repo
+    out = sh(repo, "dvc", "exp", "run", "-n", "tiny-exp", "-S", "prune.lenet5-iter1.s.fc1=1.5").stdout
+    assert ran(out) == {"prune@lenet5-iter1", "evaluate@lenet5", "report"}
+    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+    assert "tiny-exp" in json.dumps(shown)
+
+
+def test_mlflow_store_holds_runs_with_per_layer_metrics(repo):
+    repo, params, _ = repo
+    db = sqlite3.connect(repo / "mlflow.db")
+    names = {r[0] for r in db.execute("select name from runs")}
+    assert expected_stages(params) - {"download"} <= names
+    keys = {r[0] for r in db.execute("select key from metrics")}
+    assert {"layer.fc1.kept", "layer.fc1.flops_pruned", "compression_ratio", "val_accuracy"} <= keys
+    steps = {r[0] for r in db.execute("select step from metrics where key='train_loss'")}
+    assert steps == {1}  # one epoch per training run, logged with its step
+    tags = dict(db.execute("select key, value from tags where key='dvc_exp_name'").fetchall())
+    assert tags.get("dvc_exp_name") == "tiny-exp"
+
+
+def test_unreachable_tracking_warns_and_still_writes_outputs(repo, tmp_path):
+    repo, _, _ = repo
+    out = tmp_path / "m.json"
+    proc = sh(repo, sys.executable, "stages/evaluate.py", "lenet5", "--dense", "models/lenet5/dense.pt",
+              "--pruned", "models/lenet5/iter1.pt", "--metrics", str(out), "--plots", str(tmp_path / "plots"),
+              MLFLOW_TRACKING_URI="http://127.0.0.1:9")
+    assert "warning: MLflow tracking store http://127.0.0.1:9 unreachable" in proc.stderr
+    assert json.loads(out.read_text())["compression_ratio"] > 1
+
+
+def test_required_tracking_fails_before_training(repo, tmp_path):
+    repo, _, _ = repo
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["tracking"]["required"] = True
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(p))
+    ckpt = tmp_path / "dense.pt"
+    proc = sh(repo, sys.executable, "stages/pretrain.py", "lenet5", "--params", str(params), "--out", str(ckpt),
+              "--plot", str(tmp_path / "p.csv"), check=False, MLFLOW_TRACKING_URI="http://127.0.0.1:9")
+    assert proc.returncode == 1
+    assert "http://127.0.0.1:9" in proc.stderr and "tracking.required" in proc.stderr
+    assert "epoch 1" not in proc.stdout and not ckpt.exists()
+
+
+@pytest.mark.parametrize("script", ["download", "pretrain", "sensitivity", "prune", "evaluate", "report"])
+def test_stage_cli_help_and_usage_errors(script):
+    help_ = subprocess.run([sys.executable, f"stages/{script}.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert help_.returncode == 0 and "usage:" in help_.stdout
+    bad = subprocess.run([sys.executable, f"stages/{script}.py", "--no-such-flag"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage:" in bad.stderr

@@ -1,0 +1,377 @@
+"""Magnitude pruning, retraining with masks, and the checkpoint format (hanprune.pruning)."""
+import os
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from hanprune import pruning
+from hanprune.config import Training
+from hanprune.models import build, prunable_layers
+from hanprune.pruning import CheckpointError, StdThreshold
+from hanprune.train import fit
+
+
+# --- the rule -----------------------------------------------------------------------------------
+
+def _known_model() -> nn.Module:
+    """lenet_300_100 with fc3 (10 x 100) holding -0.999 .. 1.0 in steps of 1/500 (all exact in
+    float32), so thresholds land on known values."""
+    model = build("lenet_300_100")
+    with torch.no_grad():
+        model.fc3.weight.copy_((torch.arange(-499, 501, dtype=torch.float64) / 500).float().view(10, 100))
+    return model
+
+
+def _expected_mask(w: torch.Tensor, threshold: float) -> torch.Tensor:
+    return w.abs() >= threshold
+
+
+def test_prune_by_std_masks_exactly_below_threshold():
+    model = _known_model()
+    w = model.fc3.weight.detach().clone()
+    std = {"fc3": 0.5}  # passed in: deliberately not the layer's own std
+    pruning.prune_by_std(model, {"fc3": 0.5}, std)  # threshold 0.25
+    mask = pruning.masks_of(model)["fc3"]
+    assert torch.equal(mask, _expected_mask(w, 0.25))
+    # |w| < 0.25 means w = k/500 with |k| <= 124: 124 negatives, zero, 124 positives
+    assert int((~mask).sum()) == 249
+    # the boundary is kept: |w| == threshold is not "< threshold"
+    assert mask[w == 0.25].all() and mask[w == -0.25].all()
+    assert not mask[w == 0.248].any()
+    # effective weights: pruned exactly zero, survivors unchanged
+    assert torch.equal(model.fc3.weight.detach(), w * mask)
+    # only the named layer got a mask
+    assert set(pruning.masks_of(model)) == {"fc3"}
+
+
+def test_std_threshold_apply_on_plain_linear():
+    layer = nn.Linear(4, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.1, -0.2, 0.3, -0.4], [0.5, -0.6, 0.05, 1.0]]))
+    StdThreshold.apply(layer, "weight", s=1.5, std=0.2)  # threshold 0.3 (float64: 0.30000000000000004)
+    # 0.3 in float32 is 0.30000001192..., not below the threshold -> kept
+    expected = torch.tensor([[0, 0, 1, 1], [1, 1, 0, 1]], dtype=torch.float32)
+    assert torch.equal(layer.weight_mask, expected)
+
+
+def test_s_zero_prunes_nothing():
+    model = _known_model()
+    pruning.prune_by_std(model, {"fc1": 0.0, "fc3": 0.0}, pruning.weight_std(model))
+    masks = pruning.masks_of(model)
+    assert masks["fc1"].all() and masks["fc3"].all()
+    # s=0 keeps even an exact zero weight (|0| >= 0)
+    assert masks["fc3"].view(-1)[499]  # w == 0.0 there
+    assert model.fc3.weight.view(-1)[499] == 0.0
+
+
+@pytest.mark.parametrize("s", [-0.1, -1.0, float("nan")])
+def test_negative_s_raises(s):
+    model = _known_model()
+    with pytest.raises(ValueError, match="s must be >= 0"):
+        pruning.prune_by_std(model, {"fc3": s}, {"fc3": 1.0})
+    with pytest.raises(ValueError, match="s must be >= 0"):
+        StdThreshold(s, 1.0)
+    assert "fc3" not in pruning.masks_of(model)  # nothing half-applied
+
+
+def test_second_round_larger_s_prunes_superset_and_never_revives():
+    model = _known_model()
+    std = {"fc3": 1.0}
+    pruning.prune_by_std(model, {"fc3": 0.2}, std)
+    first = pruning.masks_of(model)["fc3"].clone()
+    assert int((~first).sum()) == 199  # |w| < 0.2
+    # as if retraining had grown the pruned entries' hidden values: they must stay pruned
+    with torch.no_grad():
+        model.fc3.weight_orig[~first] = 5.0
+    pruning.prune_by_std(model, {"fc3": 0.6}, std)
+    second = pruning.masks_of(model)["fc3"]
+    assert not (second & ~first).any(), "a pruned weight was revived"
+    w = (torch.arange(-499, 501, dtype=torch.float64) / 500).float().view(10, 100)
+    assert torch.equal(second, first & (w.abs() >= 0.6))
+    assert int((~second).sum()) == 599
+    assert (model.fc3.weight[~second] == 0).all()
+
+
+def test_second_round_smaller_s_prunes_nothing_new():
+    model = _known_model()
+    std = {"fc3": 1.0}
+    pruning.prune_by_std(model, {"fc3": 0.6}, std)
+    first = pruning.masks_of(model)["fc3"].clone()
+    pruning.prune_by_std(model, {"fc3": 0.3}, std)
+    assert torch.equal(pruning.masks_of(model)["fc3"], first)
+    assert int((~first).sum()) == 599
+
+
+# --- retraining keeps pruned weights at zero ------------------------------------------------------
+
+def _tiny_data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return x, y
+
+
+@pytest.mark.parametrize("kind", ["l2", "l1"])
+def test_pruned_weights_stay_zero_through_retraining(kind):
+    torch.manual_seed(0)
+    model = build("lenet_300_100")
+    pruning.prune_by_std(model, {"fc1": 1.0, "fc2": 0.5}, pruning.weight_std(model))
+    masks = {k: v.clone() for k, v in pruning.masks_of(model).items()}
+    assert 0.2 < masks["fc1"].float().mean() < 0.8  # a real mix of pruned and kept weights
+    before = {k: v.clone() for k, v in pruning.plain_state_dict(model).items()}
+    cfg = Training(seed=0, epochs=2, batch_size=16, lr=0.1, momentum=0.9, schedule="cosine",
+                   regularization={"kind": kind, "strength": 0.01})
+    train, val = _tiny_data(64, 1), _tiny_data(32, 2)
+    plain = build("lenet_300_100")
+    checked = []
+
+    def log(record):
+        mask = masks["fc1"]
+        # the weight torch uses in forward
+        assert (model.fc1.weight[mask == 0] == 0).all()
+        assert (model.fc2.weight[~masks["fc2"]] == 0).all()
+        # the effective weights that would be saved
+        state = pruning.plain_state_dict(model)
+        assert (state["fc1.weight"][~mask] == 0).all()
+        assert (state["fc2.weight"][~masks["fc2"]] == 0).all()
+        # masks unchanged by the optimizer (buffers, not parameters)
+        assert torch.equal(model.fc1.weight_mask.bool(), mask)
+        # the model computes exactly what a plain model with those zeroed weights computes
+        plain.load_state_dict(state)
+        model.eval()
+        with torch.no_grad():
+            assert torch.equal(model(val[0]), plain.eval()(val[0]))
+        checked.append(record["epoch"])
+
+    history = fit(model, cfg, train, val, log=log)
+    assert checked == [1, 2]
+    assert [r["epoch"] for r in history] == [1, 2]
+    after = pruning.plain_state_dict(model)
+    for name in ("fc1", "fc2"):
+        keep = masks[name]
+        assert (after[f"{name}.weight"][~keep] == 0).all()
+        assert not torch.equal(after[f"{name}.weight"][keep], before[f"{name}.weight"][keep]), \
+            f"surviving {name} weights did not train"
+    assert not torch.equal(after["fc3.weight"], before["fc3.weight"])
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+def _pruned_model():
+    torch.manual_seed(0)
+    model = build("lenet_300_100")
+    std = pruning.weight_std(model)
+    pruning.prune_by_std(model, {"fc1": 1.0, "fc3": 0.5}, std)
+    history = [{"iteration": 1, "s": {"fc1": 1.0, "fc3": 0.5}, "kept": 0.31, "val_accuracy": 0.97}]
+    return model, std, history
+
+
+def _save(tmp_path, obj, name="ckpt.pt"):
+    path = tmp_path / name
+    torch.save(obj, path)
+    return path
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model, std, history = _pruned_model()
+    ckpt = pruning.checkpoint("lenet_300_100", model, std, history)
+    path = _save(tmp_path, ckpt)
+
+    loaded, ck = pruning.load_checkpoint(path, "lenet_300_100")
+    assert ck["model"] == "lenet_300_100"
+    assert ck["format"] == pruning.CHECKPOINT_FORMAT
+    assert ck["dense_std"] == std
+    assert ck["history"] == history
+    original = pruning.plain_state_dict(model)
+    restored = pruning.plain_state_dict(loaded)
+    assert original.keys() == restored.keys()
+    for k in original:
+        assert torch.equal(original[k], restored[k]), k
+    m0, m1 = pruning.masks_of(model), pruning.masks_of(loaded)
+    assert set(m0) == set(m1) == {"fc1", "fc3"}
+    for k in m0:
+        assert torch.equal(m0[k], m1[k])
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), loaded.eval()(x))
+    # the saved state dict is the plain architecture's (no _orig/_mask keys)
+    assert set(ck["state_dict"]) == set(build("lenet_300_100").state_dict())
+    # model_key is optional
+    _, ck2 = pruning.load_checkpoint(path)
+    assert ck2["model"] == "lenet_300_100"
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path):
+    model, std, history = _pruned_model()
+    path = _save(tmp_path, pruning.checkpoint("lenet_300_100", model, std, history))
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert raw["model"] == "lenet_300_100"
+    assert raw["masks"]["fc1"].dtype == torch.bool
+    assert torch.equal(raw["state_dict"]["fc1.weight"][~raw["masks"]["fc1"]],
+                       torch.zeros(int((~raw["masks"]["fc1"]).sum())))
+
+
+def test_loaded_checkpoint_can_be_pruned_further(tmp_path):
+    """A later round starts from a checkpoint: masks carry over, nothing is revived."""
+    model, std, history = _pruned_model()
+    path = _save(tmp_path, pruning.checkpoint("lenet_300_100", model, std, history))
+    loaded, ck = pruning.load_checkpoint(path, "lenet_300_100")
+    old = pruning.masks_of(loaded)["fc1"].clone()
+    pruning.prune_by_std(loaded, {"fc1": 1.5}, ck["dense_std"])
+    new = pruning.masks_of(loaded)["fc1"]
+    assert not (new & ~old).any()
+    assert new.sum() < old.sum()
+
+
+def test_truncated_checkpoint(tmp_path):
+    model, std, history = _pruned_model()
+    good = _save(tmp_path, pruning.checkpoint("lenet_300_100", model, std, history))
+    bad = tmp_path / "truncated.pt"
+    data = good.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as e:
+        pruning.load_checkpoint(bad, "lenet_300_100")
+    assert str(bad) in str(e.value)
+    assert "not a readable checkpoint" in str(e.value)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        pruning.load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_checkpoint_of_another_model(tmp_path):
+    model, std, history = _pruned_model()
+    path = _save(tmp_path, pruning.checkpoint("lenet_300_100", model, std, history))
+    with pytest.raises(CheckpointError) as e:
+        pruning.load_checkpoint(path, "lenet5")
+    msg = str(e.value)
+    assert str(path) in msg
+    assert "holds model 'lenet_300_100', expected 'lenet5'" in msg
+
+
+def test_mask_shape_mismatch(tmp_path):
+    model, std, history = _pruned_model()
+    ckpt = pruning.checkpoint("lenet_300_100", model, std, history)
+    ckpt["masks"]["fc1"] = torch.ones(10, 10, dtype=torch.bool)
+    path = _save(tmp_path, ckpt)
+    with pytest.raises(CheckpointError) as e:
+        pruning.load_checkpoint(path, "lenet_300_100")
+    msg = str(e.value)
+    assert str(path) in msg
+    assert "mask of fc1 has shape (10, 10), weight has (300, 784)" in msg
+
+
+def test_mask_for_unknown_layer(tmp_path):
+    model, std, history = _pruned_model()
+    ckpt = pruning.checkpoint("lenet_300_100", model, std, history)
+    ckpt["masks"]["fc9"] = torch.ones(10, 100, dtype=torch.bool)
+    path = _save(tmp_path, ckpt)
+    with pytest.raises(CheckpointError, match=r"mask for unknown layer 'fc9'; layers: fc1, fc2, fc3"):
+        pruning.load_checkpoint(path, "lenet_300_100")
+
+
+def test_weights_that_do_not_fit(tmp_path):
+    model, std, history = _pruned_model()
+    ckpt = pruning.checkpoint("lenet_300_100", model, std, history)
+    ckpt["state_dict"]["fc2.weight"] = torch.zeros(7, 300)
+    path = _save(tmp_path, ckpt)
+    with pytest.raises(CheckpointError) as e:
+        pruning.load_checkpoint(path, "lenet_300_100")
+    assert "weights do not fit lenet_300_100" in str(e.value)
+    assert "fc2.weight" in str(e.value)
+
+
+@pytest.mark.parametrize("obj", [{"weights": torch.zeros(3)}, [1, 2, 3], {"format": 99, "model": "lenet5"}])
+def test_not_a_checkpoint(tmp_path, obj):
+    path = _save(tmp_path, obj)
+    with pytest.raises(CheckpointError) as e:
+        pruning.load_checkpoint(path)
+    assert f"not a checkpoint of format {pruning.CHECKPOINT_FORMAT} of this project" in str(e.value)
+
+
+@pytest.mark.parametrize("obj, key", [
+    pytest.param({"format": 1}, "lenet5", id="no-model-key"),
+    pytest.param({"format": 1, "model": "lenet5"}, None, id="no-state_dict"),
+    pytest.param({"format": 1, "model": "resnet", "state_dict": {}, "masks": {}}, None,
+                 id="unknown-model"),
+    pytest.param({"format": 1, "model": "lenet5", "state_dict": torch.zeros(2), "masks": {}}, None,
+                 id="state_dict-not-a-dict"),
+])
+def test_incomplete_format1_checkpoint(tmp_path, obj, key):
+    path = _save(tmp_path, obj)
+    with pytest.raises(CheckpointError) as e:
+        pruning.load_checkpoint(path, key)
+    assert str(path) in str(e.value)
+
+
+def test_random_bytes_not_a_checkpoint(tmp_path):
+    path = tmp_path / "noise.pt"
+    path.write_bytes(b"this is not a zip file nor a pickle\n" * 10)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        pruning.load_checkpoint(path)
+
+
+class _Exploit:
+    """Unpickling this would call a non-allowed global that creates `marker`."""
+
+    def __init__(self, how, marker):
+        self.how, self.marker = how, str(marker)
+
+    def __reduce__(self):
+        if self.how == "os.system":
+            return os.system, (f"touch '{self.marker}'",)
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("how", ["os.system", "open"])
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, how, writer):
+    marker = tmp_path / "pwned"
+    payload = {"format": pruning.CHECKPOINT_FORMAT, "model": "lenet_300_100", "x": _Exploit(how, marker)}
+    path = tmp_path / "evil.pt"
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=2))
+    assert not marker.exists()
+    with pytest.raises(CheckpointError) as e:
+        pruning.load_checkpoint(path, "lenet_300_100")
+    assert not marker.exists(), "the pickled call was executed"
+    msg = str(e.value)
+    assert str(path) in msg and "not a readable checkpoint" in msg
+    assert "UnpicklingError" in msg
+    assert ("posix.system" if how == "os.system" else "io.open") in msg  # names the refused global
+
+
+# --- sensitivity --------------------------------------------------------------------------------
+
+def test_sensitivity_rows():
+    torch.manual_seed(0)
+    model = build("lenet_300_100")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grid = [0.0, 0.5, 1.0, 2.0]
+    calls = []
+
+    def score(pruned):
+        masks = pruning.masks_of(pruned)
+        assert len(masks) == 1  # one layer at a time
+        calls.append(next(iter(masks)))
+        return float(sum(int(m.sum()) for m in masks.values()))
+
+    rows = pruning.sensitivity(model, grid, score)
+    assert [(r["layer"], r["s"]) for r in rows] == [(l, s) for l in ("fc1", "fc2", "fc3") for s in grid]
+    assert calls == [r["layer"] for r in rows]
+    for layer in ("fc1", "fc2", "fc3"):
+        kept = [r["kept"] for r in rows if r["layer"] == layer]
+        assert kept[0] == 1.0
+        assert all(a > b for a, b in zip(kept, kept[1:])), kept
+        assert kept[-1] < 0.2  # s=2 std leaves few weights of a uniform init
+        n = prunable_layers(model)[layer].weight.numel()
+        assert [r["score"] for r in rows if r["layer"] == layer] == [round(k * n) for k in kept]
+    # the model itself is left untouched
+    assert pruning.masks_of(model) == {}
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
