@@ -1,6 +1,7 @@
 """Atomic file output: write to a temporary file beside the target, fsync, rename.
 A process killed at any moment leaves the old file or none, never a truncated one."""
 import contextlib
+import io
 import json
 import os
 import tempfile
@@ -44,5 +45,8 @@ def write_json(path, obj):
 
 
 def save_torch(path, obj):
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save, atomically and byte-for-byte reproducibly (torch names the zip's root folder
+    after the file it writes to, so the bytes are serialised in memory, not to the temp file)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getvalue())

@@ -23,6 +23,20 @@ REFERENCE = {
                "kept": {"conv1": 51.3, "conv2": 27.5, "fc1": 12.5, "fc2": 6.4, "fc3": 72.9}},
 }
 
+# The project's floors (issue 3): test error at most this (%), compression at least this.
+TARGETS = {"lenet_300_100": (1.64, 12.0), "lenet5_caffe": (0.80, 12.0), "lenet5": (1.10, 10.0)}
+
+
+def target_line(key: str, m: dict) -> str:
+    if key not in TARGETS:
+        return ""
+    max_error, min_ratio = TARGETS[key]
+    err = 100 * (1 - m["pruned_accuracy"])
+    dense_err = 100 * (1 - m["dense_accuracy"])
+    ok = err <= max_error and dense_err <= max_error and m["compression_ratio"] >= min_ratio
+    return (f"Target: dense and pruned test error ≤ {max_error:.2f}% at ≥ {min_ratio:.0f}x. Measured: dense "
+            f"{dense_err:.2f}%, pruned {err:.2f}% at {m['compression_ratio']:.1f}x: **{'met' if ok else 'NOT met'}**.")
+
 
 def _pct(before, after):
     return f"{100 * (1 - after / before):.1f}%" if before else "-"
@@ -158,7 +172,7 @@ def render(models: dict[str, dict], iterations: dict[str, str], images: dict[str
     for key, m in models.items():
         parts += [f"## {key}", "", "### Against the paper and the reference implementation", "",
                   "Errors are test errors; kept = non-zero weights / weights (biases excluded), as in the paper's Tables 2-3.",
-                  "", side_by_side(key, m), "", "### Iterations (validation accuracy)", "", iteration_table(iterations[key]), ""]
+                  "", side_by_side(key, m), "", target_line(key, m), "", "### Iterations (validation accuracy)", "", iteration_table(iterations[key]), ""]
         for title, name in images[key].items():
             parts += [f"**{title}**", "", f"![{title}]({name})", ""]
         parts += ["### The reference implementation's tables", "", model_tables(key, m), ""]

@@ -31,23 +31,41 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 class Run:
-    """One MLflow run. All methods are no-ops when the store could not be reached."""
+    """One MLflow run. All methods are no-ops when the store could not be reached.
 
-    def __init__(self, uri: str, experiment: str, name: str, tags: dict, required: bool):
-        self.uri, self.run = uri, None
+    With `group` (tags that identify one pipeline run of one model), the run is created as a child
+    of the parent run carrying exactly those tags, found by a search or created on first use, so
+    stages running as separate processes land under one parent without sharing any state."""
+
+    def __init__(self, uri: str, experiment: str, name: str, tags: dict, required: bool,
+                 group: dict | None = None):
+        self.uri, self.run, self.parent_id = uri, None, None
         try:
-            import mlflow
             from mlflow.tracking import MlflowClient
-            mlflow.set_tracking_uri(uri)
             self.client = MlflowClient(uri)
             exp = self.client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-            self.run = self.client.create_run(exp_id, run_name=name, tags={k: str(v) for k, v in tags.items()})
+            tags = {k: str(v) for k, v in tags.items()}
+            if group:
+                self.parent_id = self._parent(exp_id, {k: str(v) for k, v in group.items()})
+                tags["mlflow.parentRunId"] = self.parent_id
+            self.run = self.client.create_run(exp_id, run_name=name, tags=tags)
         except Exception as e:  # noqa: BLE001 - any store failure is reported the same way
             message = f"MLflow tracking store {uri} unreachable: {type(e).__name__}: {str(e)[:300]}"
             if required:
                 raise TrackingError(message + " (tracking.required is true)") from None
             print(f"warning: {message}; continuing without tracking", file=sys.stderr)
+
+    def _parent(self, exp_id: str, group: dict) -> str:
+        query = " and ".join(f"tags.{k} = '{v}'" for k, v in group.items())
+        found = self.client.search_runs([exp_id], filter_string=f"{query} and tags.pipeline_parent = 'true'",
+                                        max_results=1, order_by=["attributes.start_time ASC"])
+        if found:
+            return found[0].info.run_id
+        name = group.get("model") or "pipeline"
+        parent = self.client.create_run(exp_id, run_name=name, tags={**group, "pipeline_parent": "true"})
+        self.client.set_terminated(parent.info.run_id)
+        return parent.info.run_id
 
     @property
     def id(self):
@@ -67,7 +85,9 @@ class Run:
         for i in range(0, len(items), 100):
             self._call(self.client.log_batch, params=items[i:i + 100])
 
-    def metrics(self, metrics: dict, step: int = 0):
+    def metrics(self, metrics: dict, step: int = 0, on_parent: bool = False):
+        """Log numeric metrics (nested dicts flattened to a.b.c) at `step`; also on the parent run
+        with on_parent, so the parent charts them across steps (e.g. prune iterations)."""
         import time
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
@@ -75,6 +95,8 @@ class Run:
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         for i in range(0, len(items), 500):
             self._call(self.client.log_batch, metrics=items[i:i + 500])
+            if on_parent and self.parent_id:
+                self._call(lambda _: self.client.log_batch(self.parent_id, metrics=items[i:i + 500]))
 
     def table(self, rows: list[dict], artifact_file: str):
         self._call(lambda run_id: self.client.log_table(run_id, data=_columns(rows), artifact_file=artifact_file))

@@ -59,12 +59,14 @@ def setup(params, seed: int):
 
 
 def open_run(params, name: str, model: str | None, data_md5: str | None) -> tracking.Run:
-    tags = {"git_commit": git_commit(), "dvc_stage": os.environ.get("DVC_STAGE", name),
-            "model": model or "", "dataset_md5": data_md5 or ""}
-    if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    """An MLflow run named after the DVC stage. Runs of one model in one pipeline run are grouped
+    under a parent run identified by (model, git commit, DVC experiment name): every stage process
+    finds the same parent by searching these tags, so no run id has to travel between stages."""
+    group = {"model": model or "all", "git_commit": git_commit(),
+             "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace")}
+    tags = {**group, "dvc_stage": os.environ.get("DVC_STAGE", name), "dataset_md5": data_md5 or ""}
     return tracking.Run(tracking.default_uri(repo_root()), params.tracking.experiment,
-                        os.environ.get("DVC_STAGE", name), tags, params.tracking.required)
+                        os.environ.get("DVC_STAGE", name), tags, params.tracking.required, group)
 
 
 def epoch_logger(run: tracking.Run, label: str):

@@ -52,7 +52,7 @@ def main():
         io.write_json(args.metrics, record)
         io.write_text(args.plot, "epoch,train_loss,val_accuracy\n" + "".join(
             f"{e['epoch']},{e['train_loss']:.6f},{e['val_accuracy']:.6f}\n" for e in epochs))
-        mlrun.metrics({k: v for k, v in record.items() if k != "iteration"}, step=it.iteration)
+        mlrun.metrics({k: v for k, v in record.items() if k != "iteration"}, step=it.iteration, on_parent=True)
         mlrun.table([{"layer": n, **l} for n, l in layers.items()], "layers.json")
     print(f"prune {args.iteration}: val {val_before:.4f} -> pruned {val_pruned:.4f} -> retrained "
           f"{record['val_accuracy_retrained']:.4f}, {record['compression_ratio']:.1f}x, kept "

@@ -1,6 +1,6 @@
 """Stage sensitivity: prune one layer at a time at a grid of s, without retraining, and measure
 validation accuracy (the paper's Figure 6). Explains the per-layer s chosen in params.yaml."""
-from common import config, parser, run, setup
+from common import config, open_run, parser, run, setup
 from hanprune import data, io
 from hanprune.pruning import load_checkpoint, sensitivity
 from hanprune.train import accuracy
@@ -18,9 +18,12 @@ def main():
     splits = data.Splits(args.data, p.data.val_size, p.data.val_seed)
     x, y = splits.val[0].to(device), splits.val[1].to(device)
     model, _ = load_checkpoint(args.dense, args.model)
-    rows = sensitivity(model.to(device), p.sensitivity.s, lambda m: accuracy(m, x, y))
-    io.write_text(args.out, "layer,s,kept_percent,val_accuracy\n" + "".join(
-        f"{r['layer']},{r['s']},{100 * r['kept']:.3f},{r['score']:.4f}\n" for r in rows))
+    with open_run(p, f"sensitivity@{args.model}", args.model, data.dataset_md5(args.data)) as mlrun:
+        mlrun.params({"s_grid": p.sensitivity.s})
+        rows = sensitivity(model.to(device), p.sensitivity.s, lambda m: accuracy(m, x, y))
+        io.write_text(args.out, "layer,s,kept_percent,val_accuracy\n" + "".join(
+            f"{r['layer']},{r['s']},{100 * r['kept']:.3f},{r['score']:.4f}\n" for r in rows))
+        mlrun.table(rows, "sensitivity.json")
     worst = {}
     for r in rows:
         worst[r["layer"]] = min(worst.get(r["layer"], 1.0), r["score"])

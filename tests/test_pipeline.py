@@ -1,10 +1,10 @@
 """End to end: the real dvc.yaml and stage scripts, run by DVC in a temporary git repository that
 holds a copy of the project and tiny generated MNIST (data.source: local)."""
+import hashlib
 import json
 import os
 import re
 import shutil
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +96,37 @@ def test_second_repro_runs_nothing(repo):
     assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
 
 
+def lock_outs(repo: Path) -> dict:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {name: {o["path"]: o["md5"] for o in st.get("outs", [])} for name, st in lock["stages"].items()}
+
+
+def test_forced_rerun_gives_identical_bytes(repo):
+    repo, _, _ = repo
+    before = lock_outs(repo)
+    sh(repo, "dvc", "repro", "-f")
+    assert lock_outs(repo) == before
+
+
+def test_sigkill_mid_stage_leaves_no_corrupt_output_and_repro_recovers(repo):
+    repo, _, _ = repo
+    before = lock_outs(repo)
+    checkpoint = repo / "models" / "lenet5" / "dense.pt"
+    proc = subprocess.Popen(["dvc", "repro", "-f", "-s", "pretrain@lenet5"], cwd=repo, env=env(repo.parent),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if "epoch 1:" in line:
+            os.killpg(proc.pid, 9)
+            break
+    proc.wait()
+    assert proc.returncode != 0, "the stage should have been killed"
+    if checkpoint.exists():  # the old file or none, never a truncated one
+        assert hashlib.md5(checkpoint.read_bytes()).hexdigest() == before["pretrain@lenet5"][str(checkpoint.relative_to(repo))]
+    out = sh(repo, "dvc", "repro").stdout
+    assert "pretrain@lenet5" in ran(out) or checkpoint.exists()
+    assert lock_outs(repo) == before
+
+
 def test_changing_iteration_2_reruns_only_iterations_2_to_n_evaluate_and_report(repo):
     repo, params, _ = repo
     p = yaml.safe_load((repo / "params.yaml").read_text())
@@ -121,17 +152,30 @@ def test_exp_run_with_a_prune_param_makes_an_experiment(repo):
     assert "tiny-exp" in json.dumps(shown)
 
 
-def test_mlflow_store_holds_runs_with_per_layer_metrics(repo):
+def test_mlflow_store_groups_stage_runs_under_a_parent_per_model(repo):
+    from mlflow.tracking import MlflowClient
     repo, params, _ = repo
-    db = sqlite3.connect(repo / "mlflow.db")
-    names = {r[0] for r in db.execute("select name from runs")}
-    assert expected_stages(params) - {"download"} <= names
-    keys = {r[0] for r in db.execute("select key from metrics")}
-    assert {"layer.fc1.kept", "layer.fc1.flops_pruned", "compression_ratio", "val_accuracy"} <= keys
-    steps = {r[0] for r in db.execute("select step from metrics where key='train_loss'")}
-    assert steps == {1}  # one epoch per training run, logged with its step
-    tags = dict(db.execute("select key, value from tags where key='dvc_exp_name'").fetchall())
-    assert tags.get("dvc_exp_name") == "tiny-exp"
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(params["tracking"]["experiment"])
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    by_id = {r.info.run_id: r for r in runs}
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert {r.info.run_name for r in children} >= expected_stages(params) - {"download"}
+    for r in children:  # every stage run hangs under the parent of its model and pipeline run
+        parent = by_id[r.data.tags["mlflow.parentRunId"]]
+        assert parent.data.tags["pipeline_parent"] == "true"
+        for tag in ("model", "git_commit", "dvc_exp_name"):
+            assert parent.data.tags[tag] == r.data.tags[tag]
+        assert r.data.tags["dvc_stage"] == r.info.run_name
+    assert {r.data.tags["dvc_exp_name"] for r in children} == {"workspace", "tiny-exp"}
+    evaluate = next(r for r in children if r.info.run_name == "evaluate@lenet_300_100")
+    assert {"layer.fc1.kept", "layer.fc1.flops_pruned", "layer.fc2.nonzero", "compression_ratio"} <= set(evaluate.data.metrics)
+    pretrain = next(r for r in children if r.info.run_name == "pretrain@lenet_300_100")
+    assert [m.step for m in client.get_metric_history(pretrain.info.run_id, "train_loss")] == [1]
+    # the parent charts the prune iterations: compression at step = iteration
+    parent = by_id[evaluate.data.tags["mlflow.parentRunId"]]
+    steps = {m.step for m in client.get_metric_history(parent.info.run_id, "compression_ratio")}
+    assert steps == {1, 2, 3}
 
 
 def test_unreachable_tracking_warns_and_still_writes_outputs(repo, tmp_path):
