@@ -208,3 +208,19 @@ def test_stage_cli_help_and_usage_errors(script):
     assert help_.returncode == 0 and "usage:" in help_.stdout
     bad = subprocess.run([sys.executable, f"stages/{script}.py", "--no-such-flag"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "usage:" in bad.stderr
+
+
+def test_benchmark_smoke(repo, tmp_path):
+    """The benchmark script runs end to end (one repetition, tiny data) and writes its keys."""
+    repo, params, _ = repo
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--no-pipeline",
+                           "--data", str(repo / "data"), "--params", str(repo / "params.yaml"), "--threads", "1",
+                           "--models", *ITERATIONS, "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "results.json").read_text())
+    for model in ITERATIONS:
+        for key in ("seconds_per_epoch", "baseline_seconds_per_epoch", "speedup_vs_baseline", "fraction_of_bound"):
+            assert r["train"][model][key] > 0
+        for key in ("batch1_speedup_sparse_vs_dense", "batch1000_speedup_sparse_vs_dense"):
+            assert r["inference"][model][key] > 0
+    assert "## Training" in (tmp_path / "RESULTS.md").read_text()

@@ -1,0 +1,268 @@
+"""Benchmarks: training throughput against a plain torchvision baseline and the hardware bound,
+dense vs pruned inference (masked and real sparse kernels), and pipeline overhead.
+
+    python benchmarks/run.py                 # full run on real MNIST, writes results.json and RESULTS.md
+    python benchmarks/run.py --quick ...     # one repetition of everything (the smoke test uses this)
+
+Everything is compared within one run on one machine: these machines are shared and noisy.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hanprune import data, io, measure  # noqa: E402
+from hanprune.models import build, prunable_layers  # noqa: E402
+from hanprune.pruning import load_checkpoint, plain_state_dict  # noqa: E402
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def gemm_flops(n: int, reps: int) -> float:
+    """FLOP/s of a large square float32 matmul (2 n^3 FLOPs), median of reps."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def train_epoch(model, batches) -> float:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    model.train()
+    t = time.perf_counter()
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t
+
+
+def project_batches(x, y, batch_size=64, seed=0):
+    """The project's loop (hanprune.train.fit): tensors in memory, a permutation, slices."""
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    for i in range(0, len(x), batch_size):
+        idx = perm[i:i + batch_size]
+        yield x[idx], y[idx]
+
+
+def baseline_batches(root):
+    """The usual way: torchvision dataset, per-sample transforms, a DataLoader."""
+    from torchvision import datasets, transforms
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((data.MEAN,), (data.STD,))])
+    ds = datasets.MNIST(root, train=True, download=False, transform=tf)
+    return torch.utils.data.DataLoader(ds, batch_size=64, shuffle=True)
+
+
+def bench_training(key, root, x, y, reps, baseline_reps, flops_per_second, limit=None):
+    torch.manual_seed(0)
+    if limit:
+        x, y = x[:limit], y[:limit]
+    project = statistics.median(train_epoch(build(key), project_batches(x, y)) for _ in range(reps))
+    baseline_loader = baseline_batches(root)
+    if limit:
+        baseline_loader = [b for _, b in zip(range(limit // 64), baseline_loader)]
+    baseline = statistics.median(train_epoch(build(key), baseline_loader) for _ in range(baseline_reps))
+    forward = measure.totals(measure.layer_stats(build(key)))["flops_dense"]
+    bound = 3 * forward * len(x) / flops_per_second  # forward + backward (2x forward) per image
+    return {"seconds_per_epoch": project, "baseline_seconds_per_epoch": baseline,
+            "speedup_vs_baseline": baseline / project, "bound_seconds_per_epoch": bound,
+            "fraction_of_bound": bound / project, "images": len(x)}
+
+
+class SparseLinear(nn.Module):
+    """y = x W^T + b with W in torch's CSR layout: only the non-zero weights are stored and used."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = linear.weight.detach().to_sparse_csr()
+        self.bias = linear.bias.detach()
+
+    def forward(self, x):
+        return torch.sparse.mm(self.weight, x.t()).t() + self.bias
+
+
+class ScipyLinear(nn.Module):
+    """The same with scipy.sparse CSR (numpy in, numpy out, wrapped as tensors)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = scipy.sparse.csr_matrix(linear.weight.detach().numpy())
+        self.bias = linear.bias.detach().numpy()
+
+    def forward(self, x):
+        return torch.from_numpy(np.asarray(self.weight @ x.numpy().T).T + self.bias)
+
+
+def with_sparse_linears(model: nn.Module, kind) -> nn.Module:
+    """A copy of `model` whose Linear layers use a sparse kernel; conv layers stay dense (torch
+    has no sparse convolution on the CPU; at these sizes im2col + sparse GEMM does not pay)."""
+    import copy
+    model = copy.deepcopy(model)
+    for name, layer in list(prunable_layers(model).items()):
+        if isinstance(layer, nn.Linear):
+            setattr(model, name, kind(layer))
+    return model
+
+
+def latency(model, images, calls):
+    times = []
+    with torch.no_grad():
+        for i in range(calls):
+            x = images[i % len(images)].unsqueeze(0)
+            t = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t)
+    times.sort()
+    return {"median_ms": 1000 * times[len(times) // 2], "p95_ms": 1000 * times[int(0.95 * (len(times) - 1))]}
+
+
+def throughput(model, images, reps):
+    with torch.no_grad():
+        model(images[:1000])
+        t = statistics.median(_timed(model, images[:1000]) for _ in range(reps))
+    return 1000 / t
+
+
+def _timed(model, x):
+    t = time.perf_counter()
+    model(x)
+    return time.perf_counter() - t
+
+
+def bench_inference(key, dense_path, pruned_path, images, calls, reps):
+    masked, _ = load_checkpoint(pruned_path, key)
+    masked.eval()
+    dense, _ = load_checkpoint(dense_path, key)
+    dense.eval()
+    plain = build(key).eval()
+    plain.load_state_dict(plain_state_dict(masked))
+    variants = {"dense": dense, "masked": masked,
+                "torch_csr": with_sparse_linears(plain, SparseLinear),
+                "scipy_csr": with_sparse_linears(plain, ScipyLinear)}
+    with torch.no_grad():  # the sparse kernels compute the same function as the masked model
+        ref = masked(images[:100])
+        for name in ("torch_csr", "scipy_csr"):
+            assert torch.allclose(variants[name](images[:100]).float(), ref, atol=1e-4), name
+    out = {name: {"batch1": latency(m, images, calls), "batch1000_images_per_s": throughput(m, images, reps)}
+           for name, m in variants.items()}
+    best1 = min(("torch_csr", "scipy_csr"), key=lambda n: out[n]["batch1"]["median_ms"])
+    best1000 = max(("torch_csr", "scipy_csr"), key=lambda n: out[n]["batch1000_images_per_s"])
+    stats = measure.totals(measure.layer_stats(plain))
+    out.update({
+        "best_sparse_batch1": best1, "best_sparse_batch1000": best1000,
+        "batch1_speedup_sparse_vs_dense": out["dense"]["batch1"]["median_ms"] / out[best1]["batch1"]["median_ms"],
+        "batch1000_speedup_sparse_vs_dense": out[best1000]["batch1000_images_per_s"] / out["dense"]["batch1000_images_per_s"],
+        "weights_bytes_dense": stats["bytes_dense"], "weights_bytes_csr": stats["bytes_csr"],
+    })
+    return out
+
+
+def bench_pipeline(reps):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        proc = subprocess.run(["dvc", "repro"], cwd=ROOT, env=env, capture_output=True, text=True)
+        times.append(time.perf_counter() - t)
+        if "Running stage" in proc.stdout:
+            raise SystemExit("benchmarks: the pipeline is not up to date; run `dvc repro` first")
+    return {"noop_repro_seconds": statistics.median(times)}
+
+
+def render(r: dict) -> str:
+    from tabulate import tabulate
+    m = r["machine"]
+    lines = ["# Benchmark results", "",
+             f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads; "
+             f"GEMM {r['gemm_gflops']:.1f} GFLOP/s ({r['gemm_n']}x{r['gemm_n']} float32 matmul). "
+             f"Produced by `python benchmarks/run.py` on {r['date']}.", "",
+             "## Training, one epoch at batch 64 (60,000 images)", ""]
+    rows = [[k, f"{t['seconds_per_epoch']:.2f}", f"{t['baseline_seconds_per_epoch']:.2f}",
+             f"{t['speedup_vs_baseline']:.1f}x", f"{t['bound_seconds_per_epoch']:.2f}", f"{t['fraction_of_bound']:.2f}"]
+            for k, t in r["train"].items()]
+    lines += [tabulate(rows, headers=["model", "this project (s)", "torchvision DataLoader baseline (s)", "speed-up",
+                                      "hardware bound (s)", "fraction of bound"], tablefmt="github"), "",
+              "## Inference, dense vs final pruned model", "",
+              "Batch 1: median / p95 latency per image. Batch 1000: images per second. Sparse kernels replace "
+              "the Linear layers only; convolutions stay dense.", ""]
+    rows = []
+    for k, inf in r["inference"].items():
+        for v in ("dense", "masked", "torch_csr", "scipy_csr"):
+            b1 = inf[v]["batch1"]
+            rows.append([k, v, f"{b1['median_ms']:.3f} / {b1['p95_ms']:.3f}", f"{inf[v]['batch1000_images_per_s']:.0f}"])
+        rows.append([k, "**sparse vs dense**", f"**{inf['batch1_speedup_sparse_vs_dense']:.2f}x** ({inf['best_sparse_batch1']})",
+                     f"**{inf['batch1000_speedup_sparse_vs_dense']:.2f}x** ({inf['best_sparse_batch1000']})"])
+    lines += [tabulate(rows, headers=["model", "variant", "batch 1 ms (median / p95)", "batch 1000 images/s"],
+                       tablefmt="github"), ""]
+    rows = [[k, f"{inf['weights_bytes_dense'] / 1000:.1f}", f"{inf['weights_bytes_csr'] / 1000:.1f}"]
+            for k, inf in r["inference"].items()]
+    lines += ["Weight memory (KB): dense float32 vs CSR (float32 values, int32 indices and row pointers).", "",
+              tabulate(rows, headers=["model", "dense", "CSR"], tablefmt="github"), ""]
+    if "pipeline" in r:
+        lines += ["## Pipeline", "", f"`dvc repro` with nothing stale: {r['pipeline']['noop_repro_seconds']:.2f} s (median).", ""]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT / "data"), help="data root holding MNIST/raw")
+    ap.add_argument("--models", nargs="+", default=["lenet_300_100", "lenet5", "lenet5_caffe"])
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"), help="its models.<m>.final names the pruned checkpoints")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--quick", action="store_true", help="one repetition, 200 latency calls, 2,000 images")
+    ap.add_argument("--no-pipeline", action="store_true", help="skip the dvc timings")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks"), help="directory for results.json and RESULTS.md")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    reps, calls, limit = (1, 200, 2000) if args.quick else (3, 1000, None)
+    import yaml
+    finals = {k: v["final"] for k, v in yaml.safe_load(Path(args.params).read_text())["models"].items()}
+    x, y = data.load_split(args.data, train=True)
+    test_x, _ = data.load_split(args.data, train=False)
+    flops = gemm_flops(512 if args.quick else 2048, reps=3 if args.quick else 10)
+    results = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+                           "threads": torch.get_num_threads()},
+               "date": time.strftime("%Y-%m-%d"), "gemm_n": 512 if args.quick else 2048,
+               "gemm_gflops": flops / 1e9, "train": {}, "inference": {}}
+    for key in args.models:
+        print(f"training {key} ...", flush=True)
+        results["train"][key] = bench_training(key, args.data, x, y, reps, 1, flops, limit)
+        project = Path(args.params).parent
+        print(f"inference {key} ({finals[key]}) ...", flush=True)
+        results["inference"][key] = bench_inference(key, project / f"models/{key}/dense.pt", project / finals[key],
+                                                    test_x, calls, reps)
+    if not args.no_pipeline:
+        results["pipeline"] = bench_pipeline(reps)
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    io.write_json(Path(args.out) / "results.json", results)
+    io.write_text(Path(args.out) / "RESULTS.md", render(results))
+    print(render(results))
+
+
+if __name__ == "__main__":
+    main()

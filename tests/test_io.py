@@ -1,0 +1,57 @@
+"""Outputs are written atomically: a failure while writing (disk full, a kill) leaves the old file."""
+import errno
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from hanprune import data, io
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "out" / "m.json"
+    io.write_json(target, {"a": 1})
+    io.write_json(target, {"a": 2})
+    assert target.read_text().strip().endswith("}") and '"a": 2' in target.read_text()
+    assert [p.name for p in target.parent.iterdir()] == ["m.json"]
+
+
+def test_disk_full_while_saving_keeps_old_output(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt.pt"
+    io.save_torch(target, {"w": torch.ones(3)})
+    old = target.read_bytes()
+
+    def full(self, data):
+        self.open("wb").write(data[: len(data) // 2])  # half written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        io.save_torch(target, {"w": torch.zeros(1000)})
+    monkeypatch.undo()
+    assert target.read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_torch_save_bytes_do_not_depend_on_the_file_name(tmp_path):
+    obj = {"w": torch.arange(10.0)}
+    io.save_torch(tmp_path / "a.pt", obj)
+    io.save_torch(tmp_path / "b.pt", obj)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+
+
+def test_unreachable_torchvision_mirrors_fail_fast_naming_what_was_tried(monkeypatch):
+    timeouts = []
+
+    def offline(url, timeout):
+        timeouts.append(timeout)
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(data.DataError) as e:
+        data.fetch("torchvision", {name: md5 for name, (_, md5) in data.FILES.items()})
+    assert timeouts and max(timeouts) <= 10  # bounded: never a hang
+    for mirror in data.MIRRORS:
+        assert mirror in str(e.value)
+    assert "network is unreachable" in str(e.value)
