@@ -123,10 +123,10 @@ def figures(key: str, plots_dir: Path, out_dir: Path, save) -> dict[str, str]:
     scan = list(csv.DictReader(open(plots_dir / "sensitivity.csv")))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for layer in dict.fromkeys(r["layer"] for r in scan):
-        pts = sorted((float(r["kept_percent"]), 100 * float(r["val_accuracy"])) for r in scan if r["layer"] == layer)
+        pts = sorted((100 - float(r["kept_percent"]), 100 * float(r["val_accuracy"])) for r in scan if r["layer"] == layer)
         ax.plot(*zip(*pts), "o-", label=layer, markersize=3)
-    ax.set_xlabel("weights kept in that layer (%)"), ax.set_ylabel("validation accuracy (%)")
-    ax.set_xscale("log"), ax.invert_xaxis(), ax.legend()
+    ax.set_xlabel("weights pruned away in that layer (%)"), ax.set_ylabel("validation accuracy (%)")
+    ax.legend(loc="lower left")
     ax.set_title(f"{key}: sensitivity, one layer pruned, no retraining")
     made["Sensitivity (paper's Figure 6)"] = save(fig, out_dir / f"{key}_sensitivity.png")
 
@@ -165,14 +165,36 @@ def figures(key: str, plots_dir: Path, out_dir: Path, save) -> dict[str, str]:
     return made
 
 
-def render(models: dict[str, dict], iterations: dict[str, str], images: dict[str, dict[str, str]]) -> str:
+def schedule_table(final_s: dict[str, float], sensitivity_csv: str, m: dict) -> str:
+    """Why these s: each layer's final s beside what pruning that layer alone to about the same
+    s did to validation accuracy in the sensitivity scan (no retraining)."""
+    scan = list(csv.DictReader(_io.StringIO(sensitivity_csv)))
+    rows = []
+    for layer, s in final_s.items():
+        points = [r for r in scan if r["layer"] == layer]
+        near = min(points, key=lambda r: abs(float(r["s"]) - s))
+        worst = min(points, key=lambda r: float(r["val_accuracy"]))
+        rows.append([layer, f"{s:g}", f"{100 * m['layers'][layer]['kept']:.1f}%", near["s"],
+                     f"{100 * float(near['val_accuracy']):.2f}%", f"{100 * float(worst['val_accuracy']):.1f}%"])
+    return tabulate(rows, headers=["layer", "final s", "kept after retraining", "scan s",
+                                   "val acc., this layer alone at scan s", "val acc. at the largest scan s"],
+                    tablefmt="github")
+
+
+def render(models: dict[str, dict], iterations: dict[str, str], images: dict[str, dict[str, str]],
+           schedules: dict[str, str]) -> str:
     parts = ["# Pruning report", "",
              "Han et al. 2015 magnitude pruning on MNIST, reproduced by this project's DVC pipeline. Test "
              "figures are from the final models only; every schedule decision used the validation split.", ""]
     for key, m in models.items():
         parts += [f"## {key}", "", "### Against the paper and the reference implementation", "",
                   "Errors are test errors; kept = non-zero weights / weights (biases excluded), as in the paper's Tables 2-3.",
-                  "", side_by_side(key, m), "", target_line(key, m), "", "### Iterations (validation accuracy)", "", iteration_table(iterations[key]), ""]
+                  "", side_by_side(key, m), "", target_line(key, m), "", "### Iterations (validation accuracy)", "", iteration_table(iterations[key]), "",
+                  "### The schedule and the sensitivity scan", "",
+                  "The last round's s per layer against the one-layer-at-a-time scan on the dense model. Layers "
+                  "whose accuracy falls early in the scan (the most sensitive) get the smallest s; s is in units of "
+                  "the dense layer's weight std, and retraining between rounds lets the final s go beyond what "
+                  "one-shot pruning of that layer tolerates.", "", schedules[key], ""]
         for title, name in images[key].items():
             parts += [f"**{title}**", "", f"![{title}]({name})", ""]
         parts += ["### The reference implementation's tables", "", model_tables(key, m), ""]
