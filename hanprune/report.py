@@ -107,6 +107,10 @@ def iteration_table(iterations_csv: str) -> str:
                                    "compression"], tablefmt="github")
 
 
+def _rows(path: Path) -> list[dict]:
+    return list(csv.DictReader(_io.StringIO(path.read_text())))
+
+
 def _fmt_pct(v):
     return f"{100 * float(v):.2f}%" if v else "-"
 
@@ -120,7 +124,7 @@ def figures(key: str, plots_dir: Path, out_dir: Path, save) -> dict[str, str]:
     import matplotlib.pyplot as plt
 
     made = {}
-    scan = list(csv.DictReader(open(plots_dir / "sensitivity.csv")))
+    scan = _rows(plots_dir / "sensitivity.csv")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for layer in dict.fromkeys(r["layer"] for r in scan):
         pts = sorted((100 - float(r["kept_percent"]), 100 * float(r["val_accuracy"])) for r in scan if r["layer"] == layer)
@@ -131,7 +135,7 @@ def figures(key: str, plots_dir: Path, out_dir: Path, save) -> dict[str, str]:
     made["Sensitivity (paper's Figure 6)"] = save(fig, out_dir / f"{key}_sensitivity.png")
 
     plots_dir = plots_dir / "final"
-    its = list(csv.DictReader(open(plots_dir / "iterations.csv")))
+    its = _rows(plots_dir / "iterations.csv")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     xs = [int(r["iteration"]) for r in its]
     ax.plot(xs[1:], [100 * float(r["val_accuracy_retrained"]) for r in its[1:]], "o-", label="after retraining")
@@ -143,7 +147,7 @@ def figures(key: str, plots_dir: Path, out_dir: Path, save) -> dict[str, str]:
     ax.set_title(f"{key}: accuracy and compression per iteration")
     made["Accuracy and compression per iteration"] = save(fig, out_dir / f"{key}_iterations.png")
 
-    kept = list(csv.DictReader(open(plots_dir / "kept.csv")))
+    kept = _rows(plots_dir / "kept.csv")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for layer in dict.fromkeys(r["layer"] for r in kept):
         pts = [(int(r["iteration"]), float(r["kept_percent"])) for r in kept if r["layer"] == layer]

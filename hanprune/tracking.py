@@ -98,6 +98,10 @@ class Run:
             if on_parent and self.parent_id:
                 self._call(lambda _: self.client.log_batch(self.parent_id, metrics=items[i:i + 500]))
 
+    def run_tags(self, tags: dict):
+        for k, v in tags.items():
+            self._call(self.client.set_tag, k, str(v))
+
     def table(self, rows: list[dict], artifact_file: str):
         self._call(lambda run_id: self.client.log_table(run_id, data=_columns(rows), artifact_file=artifact_file))
 

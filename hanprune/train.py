@@ -56,7 +56,7 @@ def fit(model, cfg, train, val, test=None, device=torch.device("cpu"), log=None)
     optimizer = make_optimizer(model, cfg)
     schedule = make_schedule(optimizer, cfg, steps)
     l1 = cfg.regularization.strength if cfg.regularization.kind == "l1" else 0.0
-    weights = [m for m in prunable_layers(model).values()]
+    layers = list(prunable_layers(model).values())
     order = torch.Generator().manual_seed(cfg.seed)
     history = []
     for epoch in range(1, cfg.epochs + 1):
@@ -71,7 +71,7 @@ def fit(model, cfg, train, val, test=None, device=torch.device("cpu"), log=None)
             loss = F.cross_entropy(model(x[idx]), y[idx])
             total_loss += loss.detach() * len(idx)
             if l1:
-                loss = loss + l1 * sum(m.weight.abs().sum() for m in weights)
+                loss = loss + l1 * sum(m.weight.abs().sum() for m in layers)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
