@@ -34,6 +34,7 @@ class Training(Strict):
     nesterov: bool = False
     schedule: Literal["constant", "cosine", "inv"]
     regularization: Regularization
+    shift: int = Field(0, ge=0, le=4, description="augmentation: random translation by up to this many pixels")
 
 
 class Data(Strict):
@@ -63,10 +64,17 @@ class Tracking(Strict):
     required: bool = False
 
 
+class Quantize(Strict):
+    """Weight sharing: bits per layer (2**bits shared values), then fine-tuning of the values."""
+    bits: dict[str, int]
+    finetune: Training
+
+
 class ModelCfg(Strict):
     pretrain: Training
     retrain: Training
     final: str
+    quantize: Quantize
 
 
 class Iteration(Strict):
@@ -105,6 +113,14 @@ def _check_pipeline(p: Params) -> None:
         if key not in MODELS:
             raise ConfigError(f"models.{key}: unknown model; allowed: {', '.join(MODELS)}"
                               + _suggest(key, MODELS))
+    for key, m in p.models.items():
+        layers = prunable_layers(build(key))
+        if set(m.quantize.bits) != set(layers):
+            raise ConfigError(f"models.{key}.quantize.bits: must give every layer of {key} "
+                              f"({', '.join(layers)}), got {', '.join(m.quantize.bits) or 'none'}")
+        for layer, bits in m.quantize.bits.items():
+            if not 1 <= bits <= 16:
+                raise ConfigError(f"models.{key}.quantize.bits.{layer}: must be 1..16, got {bits}")
     chains = {m: [] for m in p.models}
     for key, it in p.prune.items():
         where = f"prune.{key}"

@@ -46,6 +46,17 @@ def make_schedule(optimizer, cfg, steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
 
 
+def random_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by its own random (dx, dy) in [-shift, shift] pixels; the border
+    pixels (MNIST's background) fill the uncovered edge."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (shift,) * 4, mode="replicate")
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, n, 1), generator=generator).to(x.device)
+    rows = (torch.arange(h, device=x.device) + dy)[:, :, None]
+    cols = (torch.arange(w, device=x.device) + dx)[:, None, :]
+    return padded[torch.arange(n, device=x.device)[:, None, None], 0, rows, cols].unsqueeze(1)
+
+
 def fit(model, cfg, train, val, test=None, device=torch.device("cpu"), log=None) -> list[dict]:
     """Train `model` for cfg.epochs with minibatch SGD and return one record per epoch.
 
@@ -58,6 +69,7 @@ def fit(model, cfg, train, val, test=None, device=torch.device("cpu"), log=None)
     l1 = cfg.regularization.strength if cfg.regularization.kind == "l1" else 0.0
     layers = list(prunable_layers(model).values())
     order = torch.Generator().manual_seed(cfg.seed)
+    shifts = torch.Generator().manual_seed(cfg.seed + 1)
     history = []
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -68,7 +80,8 @@ def fit(model, cfg, train, val, test=None, device=torch.device("cpu"), log=None)
         bar = _progress(batches, f"epoch {epoch}/{cfg.epochs}")
         for i in bar:
             idx = perm[i:i + cfg.batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            inputs = random_shift(x[idx], cfg.shift, shifts) if cfg.shift else x[idx]
+            loss = F.cross_entropy(model(inputs), y[idx])
             total_loss += loss.detach() * len(idx)
             if l1:
                 loss = loss + l1 * sum(m.weight.abs().sum() for m in layers)

@@ -1,11 +1,13 @@
-"""Stage evaluate: test accuracy of the dense and the final pruned model, and what each costs
-layer by layer (parameters, bytes, FLOPs). Writes the model's DVC metrics and plot data."""
+"""Stage evaluate: test accuracy of the dense model, the final pruned model and the model decoded
+from the compressed file, and what each costs layer by layer (parameters, bytes, FLOPs).
+Writes the model's DVC metrics and plot data."""
 import torch
 
 from common import config, open_run, parser, run, setup
 from hanprune import data, io, measure
 from hanprune.models import prunable_layers
 from hanprune.pruning import load_checkpoint
+from hanprune.quantize import read_compressed
 from hanprune.train import accuracy
 
 HIST_BINS = 100
@@ -22,6 +24,7 @@ def main():
     ap.add_argument("--data", default="data", help="data root")
     ap.add_argument("--dense", required=True, help="dense checkpoint")
     ap.add_argument("--pruned", required=True, help="final pruned checkpoint")
+    ap.add_argument("--compressed", required=True, help="compressed model file (encode stage)")
     ap.add_argument("--metrics", required=True, help="metrics JSON to write")
     ap.add_argument("--plots", required=True, help="directory for this model's plot data")
     args = ap.parse_args()
@@ -33,8 +36,12 @@ def main():
         pruned, ckpt = load_checkpoint(args.pruned, args.model)
         dense_acc = accuracy(dense.to(device), x.to(device), y.to(device))
         pruned_acc = accuracy(pruned.to(device), x.to(device), y.to(device))
+        _, decoded, _ = read_compressed(args.compressed, args.model)
+        compressed_acc = accuracy(decoded.to(device), x.to(device), y.to(device))
         dense.cpu(), pruned.cpu()
         metrics = measure.summary(dense, pruned, dense_acc, pruned_acc)
+        metrics.update(measure.compressed_sizes(args.compressed, metrics["bytes_dense"]),
+                       compressed_accuracy=compressed_acc)
         metrics["iterations"] = len(ckpt["history"])
         layers = metrics["layers"]
         # Plot data: accuracy and compression per iteration, kept % per layer, weight distribution.
@@ -61,7 +68,9 @@ def main():
         mlrun.artifact(args.metrics)
     print(f"evaluate {args.model}: test accuracy dense {dense_acc:.4f}, pruned {pruned_acc:.4f}; "
           f"{metrics['params_dense']} -> {metrics['params_nonzero']} params ({metrics['compression_ratio']:.1f}x), "
-          f"FLOPs {metrics['flops_dense']} -> {metrics['flops_pruned']} -> {args.metrics}")
+          f"FLOPs {metrics['flops_dense']} -> {metrics['flops_pruned']}; compressed file "
+          f"{metrics['compressed_bytes']} bytes ({metrics['compressed_ratio']:.1f}x), test accuracy "
+          f"{compressed_acc:.4f} -> {args.metrics}")
 
 
 if __name__ == "__main__":

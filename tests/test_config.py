@@ -219,3 +219,21 @@ def test_md5_must_list_the_four_files(tmp_path, project_params):
 def test_local_source_needs_local_dir(tmp_path, project_params):
     project_params["data"].update(source="local", local_dir=None)
     assert "needs data.local_dir" in _error(tmp_path, project_params)
+
+
+def test_quantize_bits_must_cover_every_layer(tmp_path, project_params):
+    del project_params["models"]["lenet5"]["quantize"]["bits"]["fc3"]
+    msg = _error(tmp_path, project_params)
+    assert "models.lenet5.quantize.bits: must give every layer of lenet5 (conv1, conv2, fc1, fc2, fc3)" in msg
+
+
+@pytest.mark.parametrize("bits", [0, 17])
+def test_quantize_bits_range(tmp_path, project_params, bits):
+    project_params["models"]["lenet_300_100"]["quantize"]["bits"]["fc2"] = bits
+    assert f"models.lenet_300_100.quantize.bits.fc2: must be 1..16, got {bits}" in _error(tmp_path, project_params)
+
+
+def test_augmentation_shift_range(tmp_path, project_params):
+    project_params["models"]["lenet5"]["pretrain"]["shift"] = 9
+    msg = _error(tmp_path, project_params)
+    assert "models.lenet5.pretrain.shift" in msg and "less than or equal to 4" in msg

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hanprune.models import prunable_layers
 from tests.tiny import tiny_params, write_tiny_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ def repo(tmp_path_factory):
 def expected_stages(params) -> set[str]:
     stages = {"download", "report"}
     for m in params["models"]:
-        stages |= {f"pretrain@{m}", f"sensitivity@{m}", f"evaluate@{m}"}
+        stages |= {f"{stage}@{m}" for stage in ("pretrain", "sensitivity", "quantize", "encode", "evaluate")}
     stages |= {f"prune@{k}" for k in params["prune"]}
     return stages
 
@@ -83,8 +84,16 @@ def test_first_repro_runs_every_stage_and_writes_metrics(repo):
         assert m["compression_ratio"] == pytest.approx(m["params_dense"] / m["params_nonzero"])
         for layer in m["layers"].values():
             assert {"params", "nonzero", "kept", "flops_dense", "flops_pruned"} <= set(layer)
+        compressed = repo / "models" / model / "compressed.bin"
+        assert m["compressed_bytes"] == compressed.stat().st_size
+        assert m["compressed_ratio"] == pytest.approx(m["bytes_dense"] / m["compressed_bytes"])
+        assert m["compressed_bytes"] < m["bytes_quantized"] < m["bytes_nonzero"]
+        assert 0 <= m["compressed_accuracy"] <= 1
+        assert sum(l["nonzero"] for l in m["compressed_layers"].values()) == sum(
+            l["weights_nonzero"] for l in m["layers"].values())
     report = (repo / "reports" / "REPORT.md").read_text()
     assert "## lenet_300_100" in report and "Han et al. 2015" in report
+    assert "+ Huffman coding: compressed.bin" in report
     for png in re.findall(r"\]\(([^)]+\.png)\)", report):
         assert (repo / "reports" / png).stat().st_size > 1000
 
@@ -127,13 +136,14 @@ def test_sigkill_mid_stage_leaves_no_corrupt_output_and_repro_recovers(repo):
     assert lock_outs(repo) == before
 
 
-def test_changing_iteration_2_reruns_only_iterations_2_to_n_evaluate_and_report(repo):
+def test_changing_iteration_2_reruns_only_what_follows_it_for_that_model(repo):
     repo, params, _ = repo
     p = yaml.safe_load((repo / "params.yaml").read_text())
     p["prune"]["lenet_300_100-iter2"]["s"]["fc1"] += 0.3
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     out = sh(repo, "dvc", "repro").stdout
-    assert ran(out) == {"prune@lenet_300_100-iter2", "prune@lenet_300_100-iter3", "evaluate@lenet_300_100", "report"}
+    assert ran(out) == {"prune@lenet_300_100-iter2", "prune@lenet_300_100-iter3", "quantize@lenet_300_100",
+                        "encode@lenet_300_100", "evaluate@lenet_300_100", "report"}
     diff = json.loads(sh(repo, "dvc", "params", "diff", "--json").stdout)
     assert "prune.lenet_300_100-iter2.s.fc1" in diff["params.yaml"]
     shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout)
@@ -182,7 +192,8 @@ def test_unreachable_tracking_warns_and_still_writes_outputs(repo, tmp_path):
     repo, _, _ = repo
     out = tmp_path / "m.json"
     proc = sh(repo, sys.executable, "stages/evaluate.py", "lenet5", "--dense", "models/lenet5/dense.pt",
-              "--pruned", "models/lenet5/iter1.pt", "--metrics", str(out), "--plots", str(tmp_path / "plots"),
+              "--pruned", "models/lenet5/iter1.pt", "--compressed", "models/lenet5/compressed.bin",
+              "--metrics", str(out), "--plots", str(tmp_path / "plots"),
               MLFLOW_TRACKING_URI="http://127.0.0.1:9")
     assert "warning: MLflow tracking store http://127.0.0.1:9 unreachable" in proc.stderr
     assert json.loads(out.read_text())["compression_ratio"] > 1
@@ -202,12 +213,31 @@ def test_required_tracking_fails_before_training(repo, tmp_path):
     assert "epoch 1" not in proc.stdout and not ckpt.exists()
 
 
-@pytest.mark.parametrize("script", ["download", "pretrain", "sensitivity", "prune", "evaluate", "report"])
+@pytest.mark.parametrize("script", ["download", "pretrain", "sensitivity", "prune", "quantize", "encode", "evaluate",
+                                    "report"])
 def test_stage_cli_help_and_usage_errors(script):
     help_ = subprocess.run([sys.executable, f"stages/{script}.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert help_.returncode == 0 and "usage:" in help_.stdout
     bad = subprocess.run([sys.executable, f"stages/{script}.py", "--no-such-flag"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "usage:" in bad.stderr
+
+
+def test_decode_cli_rebuilds_the_model_with_the_evaluated_accuracy(repo, tmp_path):
+    repo, _, _ = repo
+    m = json.loads((repo / "metrics" / "lenet5.json").read_text())
+    out = tmp_path / "decoded.pt"
+    proc = sh(repo, sys.executable, "-m", "hanprune", "decode", "models/lenet5/compressed.bin", "--data", "data",
+              "--out", str(out), PYTHONPATH=str(repo))
+    assert f"{m['compressed_bytes']} bytes" in proc.stdout
+    assert f"test accuracy: {m['compressed_accuracy']:.4f}" in proc.stdout
+    from hanprune.pruning import load_checkpoint
+    model, _ = load_checkpoint(out, "lenet5")
+    assert sum(int(l.weight.count_nonzero()) for l in prunable_layers(model).values()) == sum(
+        l["weights_nonzero"] for l in m["layers"].values())
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"HANPRUNX" + (repo / "models/lenet5/compressed.bin").read_bytes()[8:])
+    proc = sh(repo, sys.executable, "-m", "hanprune", "decode", str(bad), check=False, PYTHONPATH=str(repo))
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: {bad}: ") and "magic" in proc.stderr
 
 
 def test_benchmark_smoke(repo, tmp_path):

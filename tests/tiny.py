@@ -34,6 +34,7 @@ def tiny_params(params_file: Path, local_dir: Path, md5: dict, iterations: dict[
     for key, n in iterations.items():
         for phase in ("pretrain", "retrain"):
             p["models"][key][phase].update(epochs=1, batch_size=32)
+        p["models"][key]["quantize"]["finetune"].update(epochs=1, batch_size=32)
         p["models"][key]["final"] = f"models/{key}/iter{n}.pt"
     prune = {}
     for key, it in p["prune"].items():

@@ -1,0 +1,54 @@
+"""Command line: `python -m hanprune decode FILE [--out CHECKPOINT] [--data DIR]`.
+
+Decodes a compressed model file (encoding.py), prints where its bytes go layer by layer, and
+optionally reports the rebuilt model's MNIST test accuracy and writes it as a checkpoint of this
+project (loadable with torch.load(weights_only=True))."""
+import argparse
+import sys
+from pathlib import Path
+
+from tabulate import tabulate
+
+from . import io
+from .data import DataError, load_split
+from .encoding import EncodingError, describe
+from .pruning import attach_masks, checkpoint
+from .quantize import read_compressed
+from .train import accuracy
+
+
+def decode(args) -> None:
+    key, model, layers = read_compressed(args.file)
+    rows = describe(Path(args.file).read_bytes())
+    print(tabulate([[r["layer"], "x".join(map(str, r["shape"])), r["nonzero"], r["entries"], r["index_bits"],
+                     r["codebook_size"], r["bytes_total"]] for r in rows],
+                   headers=["layer", "shape", "non-zero", "entries", "index bits", "codebook", "bytes"]))
+    size = Path(args.file).stat().st_size
+    dense = 4 * sum(p.numel() for p in model.parameters())
+    print(f"{args.file}: {key}, {size} bytes, {dense / size:.1f}x smaller than dense float32 ({dense} bytes)")
+    if args.data:
+        print(f"test accuracy: {accuracy(model, *load_split(args.data, train=False)):.4f}")
+    if args.out:
+        attach_masks(model, {name: (layer.codes >= 0).float() for name, layer in layers.items()})
+        io.save_torch(args.out, checkpoint(key, model, {}, []))
+        print(f"wrote {args.out}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m hanprune", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    dec = sub.add_parser("decode", help="decode a compressed model file")
+    dec.add_argument("file", help="e.g. models/lenet_300_100/compressed.bin")
+    dec.add_argument("--data", help="data root holding MNIST/raw: also report test accuracy")
+    dec.add_argument("--out", help="write the decoded model as a checkpoint here")
+    args = ap.parse_args(argv)
+    try:
+        decode(args)
+    except (EncodingError, DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""The compressed file of a pruned, weight-shared model: Deep Compression's storage format
+(Han, Mao & Dally 2016): the sparse pattern as relative indices with filler entries, shared
+weights as codebook indices, and both sequences Huffman-coded.
+
+Byte-level specification, format version 1
+==========================================
+All integers are unsigned little-endian (u8, u16, u32); floats are IEEE-754 binary32,
+little-endian (f32). A "string" is a u16 byte length followed by that many bytes of UTF-8.
+
+File::
+
+    magic         8 bytes   b"HANPRUNE"
+    version       u16       1
+    total_length  u32       length of the whole file in bytes, this field and the CRC included
+    model_key     string
+    n_layers      u16
+    layer         n_layers times, in the model's order (names are unique)
+    crc           u32       zlib.crc32 of every byte before it
+
+Layer::
+
+    name          string
+    ndim          u8
+    dims          ndim x u32      the weight's shape; its size N is the product (1 for ndim 0)
+    k             u32             codebook size, 0..65536
+    codebook      k x f32         the shared weight values
+    index_bits    u8              b, 1..16
+    n_entries     u32             number of (gap, symbol) entries, fillers included
+    symbols       Huffman section over the alphabet 0..k         (k = FILLER)
+    gaps          Huffman section over the alphabet 0..2**b - 1
+    has_bias      u8              0 or 1
+    bias          if has_bias: u32 n, then n x f32
+
+Sparse layout. The weight is flattened row-major (C order) into N positions; position p holds
+code c_p, with c_p = -1 for a pruned weight. Each entry is a pair (gap, symbol). Reading the
+entries in order with a cursor starting at -1, an entry lands at position cursor + gap + 1 and
+moves the cursor there (so the first entry's gap is its position counted from 0). A symbol s < k
+puts code s at that position: weight = codebook[s]. The symbol FILLER = k stands for a pruned
+weight; the encoder emits a filler (gap 2**b - 1) whenever the distance to the next surviving
+weight does not fit in b bits: a surviving weight with g pruned positions before it is preceded by
+g >> b fillers and stored with gap g & (2**b - 1). Positions never landed on, or landed on by a
+filler, are pruned. Every entry must land at a position < N. The encoder picks, for each layer,
+the b that makes the two Huffman sections smallest in bytes (the smallest such b on a tie).
+
+Huffman section, for an alphabet of A symbols (A = k + 1 for symbols, 2**b for gaps)::
+
+    max_length    u8              L, the longest code length, 0..31 (0 only if n_entries is 0)
+    counts        L x uW          counts[i] = number of symbols whose code has length i + 1
+    table         sum(counts) x uW   the symbols in canonical order, each < A
+    n_bits        u32             length of the coded stream in bits
+    stream        ceil(n_bits / 8) bytes
+
+uW is an unsigned integer of W bytes, W the smallest of 1, 2, 4 that can hold the value A.
+The table lists only the symbols that occur. The code is canonical: starting with c = 0, for each
+length l = 1..L in turn, the next counts[l-1] symbols of the table get the l-bit codes c, c + 1,
+..., c advancing past them, and then c is doubled. (A lone symbol gets the 1-bit code 0.) The
+stream is the n_entries codes concatenated, each written most significant bit first, packed
+into bytes most significant bit first; the padding bits of the last byte are zero. With
+n_entries = 0 the table is empty (L = 0) and n_bits is 0.
+
+Checks. `decode` raises an EncodingError with one message for anything wrong with a file. It
+checks, in order, so that each problem gets its own message: the magic, the version, the file
+length against total_length (truncated file or trailing bytes), the CRC, and then, field by
+field, that the body is consistent: every field inside the file, known values (index bits, bias
+flag, code lengths of at most 31 bits, codebook size), table symbols inside their alphabet,
+streams decoding to exactly n_entries codes, entries inside the layer, unique layer names, and
+no bytes left between the last layer and the CRC. `encode` raises an EncodingError if a layer is
+malformed (codes outside -1..k-1, a codebook that is not 1-D float32, ...) or does not fit the
+format's fields (e.g. more than 65535 layers).
+"""
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from bitarray import bitarray
+from bitarray.util import canonical_decode, canonical_huffman
+
+MAGIC = b"HANPRUNE"
+FORMAT_VERSION = 1
+
+MAX_CODEBOOK = 65536
+INDEX_BITS = range(1, 17)
+MAX_CODE_LENGTH = 31  # the longest code bitarray's canonical_decode accepts
+PREAMBLE = struct.Struct("<8sHI")  # magic, version, total length
+CRC_SIZE = 4
+MIN_FILE_SIZE = PREAMBLE.size + 2 + 2 + CRC_SIZE  # an empty model key and no layers
+U16_MAX, U32_MAX = 0xFFFF, 0xFFFFFFFF
+
+
+class EncodingError(Exception):
+    """A model that cannot be encoded, or a file that cannot be decoded."""
+
+
+@dataclass(eq=False)
+class QuantizedLayer:
+    """A weight as Deep Compression stores it: a code per position (-1 = pruned), the codebook of
+    shared values the codes index, and the raw bias."""
+    codes: torch.Tensor
+    codebook: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def weight(self) -> torch.Tensor:
+        """codebook[codes] where a weight survives, exactly 0.0 where it is pruned (float32)."""
+        weight = torch.zeros(self.codes.shape, dtype=torch.float32)
+        kept = self.codes >= 0
+        weight[kept] = self.codebook[self.codes[kept]]
+        return weight
+
+
+# ----------------------------------------------------------------------------------- encoding
+
+@dataclass
+class _Code:
+    """A canonical Huffman code and what it costs for the frequencies it was built from."""
+    codewords: dict  # symbol -> frozenbitarray
+    counts: list[int]  # counts[l] = number of symbols with code length l; counts[0] == 0
+    symbols: list[int]  # in canonical order
+    n_bits: int  # length of the coded stream
+
+
+def _width(alphabet: int) -> int:
+    """Bytes per count and per symbol in a Huffman table over `alphabet` symbols."""
+    return 1 if alphabet <= 0xFF else 2 if alphabet <= U16_MAX else 4
+
+
+def _huffman(frequencies: np.ndarray, what: str) -> _Code:
+    """The canonical Huffman code of the symbols s with frequencies[s] > 0."""
+    present = np.flatnonzero(frequencies)
+    if present.size == 0:
+        return _Code({}, [0], [], 0)
+    codewords, counts, symbols = canonical_huffman(dict(zip(present.tolist(), frequencies[present].tolist())))
+    if len(counts) - 1 > MAX_CODE_LENGTH:
+        raise EncodingError(f"{what}: a Huffman code is {len(counts) - 1} bits long, more than {MAX_CODE_LENGTH}")
+    lengths = np.repeat(np.arange(len(counts)), counts)
+    n_bits = int((frequencies[symbols] * lengths).sum())
+    return _Code(codewords, counts, symbols, n_bits)
+
+
+def _section_size(code: _Code, alphabet: int) -> int:
+    """Bytes of a Huffman section (table, bit count and stream)."""
+    return 1 + (len(code.counts) - 1 + len(code.symbols)) * _width(alphabet) + 4 + (code.n_bits + 7) // 8
+
+
+def _layer_codes(symbols: np.ndarray, skipped: np.ndarray, k: int, index_bits: int | None,
+                 what: str) -> tuple[int, _Code, _Code]:
+    """(index bits, symbol code, gap code) of a layer: with `index_bits` if given, else with the
+    index bits that make the two Huffman sections smallest (the smallest such on a tie).
+    symbols: the codes of the surviving weights; skipped: the pruned positions before each."""
+    symbol_counts = np.bincount(symbols, minlength=k + 1)
+    symbol_codes = {}  # by number of fillers, the only thing the index bits change in the symbols
+    best = None
+    for bits in INDEX_BITS if index_bits is None else [index_bits]:
+        max_gap = (1 << bits) - 1
+        n_fillers = int((skipped >> bits).sum())
+        if n_fillers not in symbol_codes:
+            symbol_frequencies = symbol_counts.copy()
+            symbol_frequencies[k] += n_fillers
+            symbol_codes[n_fillers] = _huffman(symbol_frequencies, what)
+        gap_frequencies = np.bincount(skipped & max_gap, minlength=max_gap + 1)
+        gap_frequencies[max_gap] += n_fillers
+        gap_code = _huffman(gap_frequencies, what)
+        size = _section_size(symbol_codes[n_fillers], k + 1) + _section_size(gap_code, max_gap + 1)
+        if best is None or size < best[0]:
+            best = (size, bits, symbol_codes[n_fillers], gap_code)
+    return best[1:]
+
+
+def _entries(symbols: np.ndarray, skipped: np.ndarray, k: int, index_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (symbol, gap) entries, fillers included, of the surviving weights."""
+    max_gap = (1 << index_bits) - 1
+    real = np.cumsum((skipped >> index_bits) + 1) - 1  # where each surviving weight's entry goes
+    n_entries = int(real[-1]) + 1 if real.size else 0
+    entry_symbols = np.full(n_entries, k, dtype=np.int64)
+    entry_gaps = np.full(n_entries, max_gap, dtype=np.int64)
+    entry_symbols[real] = symbols
+    entry_gaps[real] = skipped & max_gap
+    return entry_symbols, entry_gaps
+
+
+def _pack_string(text: str, what: str) -> bytes:
+    raw = text.encode()
+    if len(raw) > U16_MAX:
+        raise EncodingError(f"{what} is {len(raw)} bytes of UTF-8, more than {U16_MAX}")
+    return struct.pack("<H", len(raw)) + raw
+
+
+def _pack_u32(value: int, what: str) -> bytes:
+    if value > U32_MAX:
+        raise EncodingError(f"{what} is {value}, more than a u32 holds")
+    return struct.pack("<I", value)
+
+
+def _pack_section(entries: np.ndarray, code: _Code, alphabet: int, what: str) -> bytes:
+    dtype = f"<u{_width(alphabet)}"
+    stream = bitarray(endian="big")
+    if entries.size:
+        stream.encode(code.codewords, entries.tolist())
+    return b"".join([struct.pack("<B", len(code.counts) - 1), np.asarray(code.counts[1:], dtype).tobytes(),
+                     np.asarray(code.symbols, dtype).tobytes(), _pack_u32(len(stream), f"{what} stream length"),
+                     stream.tobytes()])
+
+
+def _checked_arrays(name: str, layer: QuantizedLayer) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The layer's codes (int64), codebook and bias (float32) as numpy arrays, after checking them."""
+    what = f"layer {name!r}"
+    if layer.codes.dtype.is_floating_point or layer.codes.dtype.is_complex or layer.codes.dtype == torch.bool:
+        raise EncodingError(f"{what}: codes must be integers, got {layer.codes.dtype}")
+    if layer.codebook.dtype != torch.float32 or layer.codebook.dim() != 1:
+        raise EncodingError(f"{what}: codebook must be 1-D float32, got {layer.codebook.dtype} "
+                            f"of shape {tuple(layer.codebook.shape)}")
+    if layer.bias is not None and (layer.bias.dtype != torch.float32 or layer.bias.dim() != 1):
+        raise EncodingError(f"{what}: bias must be 1-D float32 or None, got {layer.bias.dtype} "
+                            f"of shape {tuple(layer.bias.shape)}")
+    codes = layer.codes.detach().cpu().numpy().astype(np.int64)
+    k = layer.codebook.numel()
+    if k > MAX_CODEBOOK:
+        raise EncodingError(f"{what}: codebook has {k} entries, more than {MAX_CODEBOOK}")
+    if codes.size and (codes.min() < -1 or codes.max() >= k):
+        raise EncodingError(f"{what}: codes must be -1 (pruned) or 0..{k - 1} for a {k}-entry codebook, "
+                            f"found {codes.min()}..{codes.max()}")
+    if codes.ndim > 0xFF or any(d > U32_MAX for d in codes.shape):
+        raise EncodingError(f"{what}: shape {codes.shape} does not fit the format (at most 255 dims < 2**32)")
+    bias = None if layer.bias is None else layer.bias.detach().cpu().numpy()
+    return codes, layer.codebook.detach().cpu().numpy(), bias
+
+
+def _encode_layer(name: str, layer: QuantizedLayer, index_bits: int | None) -> bytes:
+    what = f"layer {name!r}"
+    codes, codebook, bias = _checked_arrays(name, layer)
+    k = codebook.size
+    flat = codes.reshape(-1)
+    positions = np.flatnonzero(flat >= 0)
+    symbols = flat[positions]
+    skipped = np.diff(positions, prepend=-1) - 1
+    index_bits, symbol_code, gap_code = _layer_codes(symbols, skipped, k, index_bits, what)
+    entry_symbols, entry_gaps = _entries(symbols, skipped, k, index_bits)
+    parts = [_pack_string(name, f"{what}: the name"), struct.pack("<B", codes.ndim),
+             np.asarray(codes.shape, "<u4").tobytes(), struct.pack("<I", k), codebook.astype("<f4").tobytes(),
+             struct.pack("<B", index_bits), _pack_u32(entry_symbols.size, f"{what}: the number of entries"),
+             _pack_section(entry_symbols, symbol_code, k + 1, f"{what}: symbol"),
+             _pack_section(entry_gaps, gap_code, 1 << index_bits, f"{what}: gap")]
+    if bias is None:
+        parts.append(struct.pack("<B", 0))
+    else:
+        parts += [struct.pack("<B", 1), _pack_u32(bias.size, f"{what}: bias length"), bias.astype("<f4").tobytes()]
+    return b"".join(parts)
+
+
+def encode(model_key: str, layers: dict[str, QuantizedLayer], index_bits: int | None = None) -> bytes:
+    """The compressed file of a model's quantized layers (format above). `index_bits` forces the
+    gap width of every layer (for experiments); by default each layer gets its smallest."""
+    if index_bits is not None and index_bits not in INDEX_BITS:
+        raise EncodingError(f"index_bits must be in 1..16, got {index_bits}")
+    if len(layers) > U16_MAX:
+        raise EncodingError(f"{len(layers)} layers, more than {U16_MAX}")
+    body = b"".join([_pack_string(model_key, "the model key"), struct.pack("<H", len(layers)),
+                     *(_encode_layer(name, layer, index_bits) for name, layer in layers.items())])
+    total_length = PREAMBLE.size + len(body) + CRC_SIZE
+    head = MAGIC + struct.pack("<H", FORMAT_VERSION) + _pack_u32(total_length, "the file length")
+    data = head + body
+    return data + struct.pack("<I", zlib.crc32(data))
+
+
+# ----------------------------------------------------------------------------------- decoding
+
+class _Reader:
+    """Reads fields in order from data[offset:end]; running past `end` is an EncodingError."""
+
+    def __init__(self, data: bytes, offset: int, end: int):
+        self.data, self.offset, self.end = data, offset, end
+
+    def take(self, n: int, what: str) -> bytes:
+        if n > self.end - self.offset:
+            raise EncodingError(f"corrupt file: {what} ({n} bytes at offset {self.offset}) runs past the end "
+                                f"of the data ({self.end - self.offset} bytes left)")
+        self.offset += n
+        return self.data[self.offset - n:self.offset]
+
+    def uint(self, width: int, what: str) -> int:
+        return int.from_bytes(self.take(width, what), "little")
+
+    def array(self, dtype: str, count: int, what: str) -> np.ndarray:
+        itemsize = np.dtype(dtype).itemsize
+        return np.frombuffer(self.take(count * itemsize, what), dtype).astype(dtype.replace("<", "="))
+
+    def string(self, what: str) -> str:
+        raw = self.take(self.uint(2, f"{what} length"), what)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            raise EncodingError(f"corrupt file: {what} is not valid UTF-8") from None
+
+
+def _check_preamble(data: bytes) -> None:
+    """Magic, version and length, in that order, each with its own message; then the CRC."""
+    if not data:
+        raise EncodingError("empty file: not a hanprune compressed model")
+    head = data[:len(MAGIC)]
+    if head != MAGIC[:len(head)]:
+        raise EncodingError(f"not a hanprune compressed model (magic {head!r}, expected {MAGIC!r})")
+    if len(data) >= len(MAGIC) + 2:
+        version = struct.unpack_from("<H", data, len(MAGIC))[0]
+        if version > FORMAT_VERSION:
+            raise EncodingError(f"file has format version {version}, newer than this reader supports "
+                                f"(version {FORMAT_VERSION}); upgrade hanprune")
+        if version != FORMAT_VERSION:
+            raise EncodingError(f"unknown format version {version} (this reader supports version {FORMAT_VERSION})")
+    if len(data) < MIN_FILE_SIZE:
+        raise EncodingError(f"truncated file: {len(data)} bytes, a compressed model has at least {MIN_FILE_SIZE}")
+    total_length = PREAMBLE.unpack_from(data)[2]
+    if total_length < MIN_FILE_SIZE:
+        raise EncodingError(f"corrupt header: total length {total_length} is less than the minimum {MIN_FILE_SIZE}")
+    if len(data) < total_length:
+        raise EncodingError(f"truncated file: {len(data)} bytes, the header says {total_length}")
+    if len(data) > total_length:
+        raise EncodingError(f"{len(data) - total_length} trailing bytes after the compressed model "
+                            f"(the header says {total_length} bytes, the file has {len(data)})")
+    stored = struct.unpack_from("<I", data, len(data) - CRC_SIZE)[0]
+    actual = zlib.crc32(data[:-CRC_SIZE])
+    if stored != actual:
+        raise EncodingError(f"checksum mismatch: the file says CRC32 {stored:#010x}, its contents give "
+                            f"{actual:#010x}; the file is corrupt")
+
+
+def _read_section(reader: _Reader, n_entries: int, alphabet: int, what: str) -> tuple[np.ndarray, int]:
+    """The n_entries symbols of a Huffman section, and the section's size in bytes."""
+    start = reader.offset
+    width = _width(alphabet)
+    max_length = reader.uint(1, f"{what} code length")
+    if max_length > MAX_CODE_LENGTH:
+        raise EncodingError(f"corrupt file: {what} codes up to {max_length} bits long, more than {MAX_CODE_LENGTH}")
+    counts = reader.array(f"<u{width}", max_length, f"{what} code counts").tolist()
+    table = reader.array(f"<u{width}", sum(counts), f"{what} code table")
+    if table.size and table.max() >= alphabet:
+        raise EncodingError(f"corrupt file: {what} symbol {table.max()} out of range 0..{alphabet - 1}")
+    n_bits = reader.uint(4, f"{what} stream length")
+    stream = bitarray(endian="big")
+    stream.frombytes(reader.take((n_bits + 7) // 8, f"{what} stream"))
+    if stream[n_bits:].any():
+        raise EncodingError(f"corrupt file: {what} stream has non-zero padding bits")
+    del stream[n_bits:]
+    try:
+        decoded = list(canonical_decode(stream, [0, *counts], table.tolist())) if n_bits else []
+    except ValueError as e:
+        raise EncodingError(f"corrupt file: {what} stream does not decode ({e})") from None
+    if len(decoded) != n_entries:
+        raise EncodingError(f"corrupt file: {what} stream holds {len(decoded)} entries, the layer says {n_entries}")
+    return np.asarray(decoded, dtype=np.int64), reader.offset - start
+
+
+def _place(entry_symbols: np.ndarray, entry_gaps: np.ndarray, k: int, size: int, what: str) -> np.ndarray:
+    """The flat codes (-1 = pruned) the entries describe."""
+    positions = np.cumsum(entry_gaps + 1) - 1
+    if positions.size and positions[-1] >= size:
+        raise EncodingError(f"corrupt file: {what} has an entry at position {positions[-1]}, past its {size} weights")
+    codes = np.full(size, -1, dtype=np.int64)
+    real = entry_symbols != k
+    codes[positions[real]] = entry_symbols[real]
+    return codes
+
+
+def _read_layer(reader: _Reader) -> tuple[str, QuantizedLayer, dict]:
+    """One layer, and its row of `describe`."""
+    start = reader.offset
+    name = reader.string("layer name")
+    what = f"layer {name!r}"
+    shape = tuple(reader.array("<u4", reader.uint(1, f"{what} ndim"), f"{what} shape").tolist())
+    size = int(np.prod(shape, dtype=object))
+    k = reader.uint(4, f"{what} codebook size")
+    if k > MAX_CODEBOOK:
+        raise EncodingError(f"corrupt file: {what} has a {k}-entry codebook, more than {MAX_CODEBOOK}")
+    codebook = reader.array("<f4", k, f"{what} codebook")
+    index_bits = reader.uint(1, f"{what} index bits")
+    if index_bits not in INDEX_BITS:
+        raise EncodingError(f"corrupt file: {what} has {index_bits} index bits, allowed 1..16")
+    n_entries = reader.uint(4, f"{what} number of entries")
+    entry_symbols, bytes_codes = _read_section(reader, n_entries, k + 1, f"{what} code")
+    entry_gaps, bytes_index = _read_section(reader, n_entries, 1 << index_bits, f"{what} gap")
+    codes = _place(entry_symbols, entry_gaps, k, size, what)
+    bias_start = reader.offset
+    bias = _read_bias(reader, what)
+    layer = QuantizedLayer(codes=torch.from_numpy(codes.reshape(shape)), codebook=torch.from_numpy(codebook),
+                           bias=None if bias is None else torch.from_numpy(bias))
+    row = {"layer": name, "shape": shape, "nonzero": int((codes >= 0).sum()), "entries": n_entries,
+           "index_bits": index_bits, "codebook_size": k, "bytes_codes": bytes_codes, "bytes_index": bytes_index,
+           "bytes_codebook": 4 + 4 * k, "bytes_bias": reader.offset - bias_start,
+           "bytes_total": reader.offset - start}
+    return name, layer, row
+
+
+def _read_bias(reader: _Reader, what: str) -> np.ndarray | None:
+    flag = reader.uint(1, f"{what} bias flag")
+    if flag > 1:
+        raise EncodingError(f"corrupt file: {what} bias flag is {flag}, expected 0 or 1")
+    if flag == 0:
+        return None
+    return reader.array("<f4", reader.uint(4, f"{what} bias length"), f"{what} bias")
+
+
+def _parse(data) -> tuple[str, list[tuple[str, QuantizedLayer, dict]]]:
+    data = bytes(data)
+    _check_preamble(data)
+    reader = _Reader(data, PREAMBLE.size, len(data) - CRC_SIZE)
+    model_key = reader.string("model key")
+    layers = [_read_layer(reader) for _ in range(reader.uint(2, "number of layers"))]
+    names = [name for name, _, _ in layers]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise EncodingError(f"corrupt file: layer names {duplicates} occur more than once")
+    if reader.offset != reader.end:
+        raise EncodingError(f"corrupt file: {reader.end - reader.offset} unread bytes after the last layer")
+    return model_key, layers
+
+
+def decode(data: bytes) -> tuple[str, dict[str, QuantizedLayer]]:
+    """(model key, layers in file order) of a compressed file; EncodingError if anything is wrong."""
+    model_key, layers = _parse(data)
+    return model_key, {name: layer for name, layer, _ in layers}
+
+
+def describe(data: bytes) -> list[dict]:
+    """Per layer, where the file's bytes go: its shape, surviving weights ("nonzero"), entries
+    (fillers included), index bits, codebook size, and the bytes of the code section, the gap
+    section, the codebook, the bias, and the whole layer record (name and shape included)."""
+    return [row for _, _, row in _parse(data)[1]]

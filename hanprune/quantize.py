@@ -1,0 +1,123 @@
+"""Weight sharing after Deep Compression (Han, Mao & Dally 2016), on a pruned model.
+
+Per layer, the surviving weights are clustered by 1-D k-means into 2**bits shared values (linear
+initialisation over [min, max], as the paper recommends: it keeps the rare large weights). Each
+weight then stores only its cluster's code. Fine-tuning trains the shared values: the layer's
+weight becomes a function of the codebook (a torch parametrization), so autograd gives each
+codebook entry the sum of its members' gradients, exactly the paper's centroid update, while the
+codes and the sparsity pattern stay fixed.
+"""
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .encoding import EncodingError, QuantizedLayer, decode
+from .models import MODELS, build, prunable_layers
+from .pruning import CheckpointError, load_checkpoint
+
+KMEANS_MAX_ITERATIONS = 100
+
+
+def kmeans_1d(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's algorithm in one dimension from k centroids spaced linearly over [min, max].
+    Returns (codebook, codes); an entry no value is nearest to keeps its initial position."""
+    values = values.double()
+    codebook = torch.linspace(values.min().item(), values.max().item(), k, dtype=torch.float64)
+    codes = None
+    for _ in range(KMEANS_MAX_ITERATIONS):
+        # The codebook stays sorted, so the nearest centroid is found between midpoints.
+        new_codes = torch.searchsorted((codebook[1:] + codebook[:-1]) / 2, values)
+        if codes is not None and torch.equal(new_codes, codes):
+            break
+        codes = new_codes
+        sums = torch.zeros(k, dtype=torch.float64).index_add_(0, codes, values)
+        counts = torch.bincount(codes, minlength=k)
+        codebook = torch.where(counts > 0, sums / counts.clamp(min=1), codebook)
+    return codebook.float(), codes
+
+
+class SharedWeight(nn.Module):
+    """Parametrization: weight = codebook[codes] where codes >= 0, exactly zero where pruned."""
+
+    def __init__(self, codes: torch.Tensor, codebook: torch.Tensor):
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.codebook = nn.Parameter(codebook)
+
+    def forward(self, _original):
+        return torch.where(self.codes >= 0, self.codebook[self.codes.clamp(min=0)], 0.0)
+
+
+def share_weights(model: nn.Module, bits: dict[str, int], masks: dict[str, torch.Tensor]) -> None:
+    """Replace each layer's surviving weights (masks[layer] true) by 2**bits[layer] shared values,
+    in place; pruned weights stay zero. Only codebooks and biases remain trainable."""
+    for name, layer in prunable_layers(model).items():
+        w = layer.weight.detach()
+        survivors = masks[name].bool() if name in masks else torch.ones_like(w, dtype=torch.bool)
+        codes = torch.full(w.shape, -1, dtype=torch.int64)
+        codebook = torch.zeros(1)
+        if survivors.any():
+            codebook, codes[survivors] = kmeans_1d(w[survivors], 2 ** bits[name])
+        parametrize.register_parametrization(layer, "weight", SharedWeight(codes, codebook), unsafe=True)
+        layer.parametrizations.weight.original.requires_grad_(False)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
+    """The codes, codebooks and biases of a model prepared by share_weights."""
+    out = {}
+    for name, layer in prunable_layers(model).items():
+        shared = layer.parametrizations.weight[0]
+        out[name] = QuantizedLayer(codes=shared.codes.clone(), codebook=shared.codebook.detach().clone(),
+                                   bias=None if layer.bias is None else layer.bias.detach().clone())
+    return out
+
+
+def load_quantized(path, model_key: str) -> tuple[nn.Module, dict[str, QuantizedLayer]]:
+    """A checkpoint written by the quantize stage: (plain model with masks, its quantized layers)."""
+    model, ckpt = load_checkpoint(path, model_key)
+    entries = ckpt.get("quantized")
+    if not isinstance(entries, dict) or set(entries) != set(prunable_layers(model)):
+        raise CheckpointError(f"{path}: no codes and codebooks for every layer; is it the output of "
+                              f"the quantize stage?")
+    layers = {}
+    for name, entry in entries.items():
+        layer = QuantizedLayer(codes=entry["codes"].long(), codebook=entry["codebook"],
+                               bias=ckpt["state_dict"].get(f"{name}.bias"))
+        if not torch.equal(layer.weight(), ckpt["state_dict"][f"{name}.weight"]):
+            raise CheckpointError(f"{path}: codes and codebook of {name} do not give its weights")
+        layers[name] = layer
+    return model, layers
+
+
+def load_into(model: nn.Module, layers: dict[str, QuantizedLayer]) -> nn.Module:
+    """Set a plain model's weights and biases from quantized layers (e.g. a decoded file)."""
+    modules = prunable_layers(model)
+    if set(layers) != set(modules):
+        raise ValueError(f"layers {sorted(layers)} do not match the model's {sorted(modules)}")
+    with torch.no_grad():
+        for name, q in layers.items():
+            module = modules[name]
+            if tuple(q.codes.shape) != tuple(module.weight.shape):
+                raise ValueError(f"{name}: shape {tuple(q.codes.shape)} does not fit the model's "
+                                 f"{tuple(module.weight.shape)}")
+            module.weight.copy_(q.weight())
+            if (q.bias is None) != (module.bias is None) or (q.bias is not None and q.bias.shape != module.bias.shape):
+                raise ValueError(f"{name}: bias does not fit the model")
+            if q.bias is not None:
+                module.bias.copy_(q.bias)
+    return model
+
+
+def read_compressed(path, model_key: str | None = None) -> tuple[str, nn.Module, dict[str, QuantizedLayer]]:
+    """Rebuild the torch model from a compressed file (see encoding.py): (model key, model, layers)."""
+    try:
+        key, layers = decode(Path(path).read_bytes())
+        if key not in MODELS:
+            raise EncodingError(f"unknown model {key!r}; allowed: {', '.join(MODELS)}")
+        if model_key is not None and key != model_key:
+            raise EncodingError(f"holds model {key!r}, expected {model_key!r}")
+        return key, load_into(build(key), layers), layers
+    except (EncodingError, ValueError) as e:
+        raise EncodingError(f"{path}: {e}") from None

@@ -1,0 +1,269 @@
+"""The compressed file format: exact round trips, filler entries, sizes, and one clear error per bad file."""
+import math
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hanprune.encoding import FORMAT_VERSION, MAGIC, EncodingError, QuantizedLayer, decode, describe, encode
+
+
+def random_layer(shape, density, k, seed=0, bias=True) -> QuantizedLayer:
+    """Codes uniform over a k-entry codebook, each weight kept with probability `density`."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, k, size=shape)
+    codes[rng.random(shape) >= density] = -1
+    codebook = torch.from_numpy(rng.normal(size=k).astype(np.float32))
+    return QuantizedLayer(codes=torch.from_numpy(codes), codebook=codebook,
+                          bias=torch.from_numpy(rng.normal(size=shape[0]).astype(np.float32)) if bias else None)
+
+
+def assert_same(back: QuantizedLayer, layer: QuantizedLayer):
+    assert back.codes.dtype == torch.int64 and back.codebook.dtype == torch.float32
+    assert torch.equal(back.codes, layer.codes)
+    assert back.codebook.numpy().tobytes() == layer.codebook.numpy().tobytes()  # bit-identical
+    assert (back.bias is None) == (layer.bias is None)
+    if layer.bias is not None:
+        assert back.bias.numpy().tobytes() == layer.bias.numpy().tobytes()
+    assert torch.equal(back.weight(), layer.weight())
+    assert int((back.weight() != 0).sum()) == int((layer.weight() != 0).sum())
+
+
+def round_trip(model_key, layers, **kwargs):
+    blob = encode(model_key, layers, **kwargs)
+    key, back = decode(blob)
+    assert key == model_key and list(back) == list(layers)
+    for name, layer in layers.items():
+        assert_same(back[name], layer)
+    return blob
+
+
+def test_weight_is_codebook_value_or_exact_zero():
+    layer = QuantizedLayer(codes=torch.tensor([[1, -1], [0, 1]]), codebook=torch.tensor([-0.5, 2.0]))
+    assert torch.equal(layer.weight(), torch.tensor([[2.0, 0.0], [-0.5, 2.0]]))
+
+
+def test_round_trip_conv_and_linear_layers_with_and_without_bias():
+    layers = {"conv1": random_layer((20, 1, 5, 5), 0.6, 256, seed=1),
+              "conv2": random_layer((50, 20, 5, 5), 0.1, 256, seed=2, bias=False),
+              "fc1": random_layer((500, 800), 0.08, 32, seed=3),
+              "fc2": random_layer((10, 500), 0.2, 32, seed=4, bias=False)}
+    blob = round_trip("lenet5_caffe", layers)
+    rows = describe(blob)
+    assert [r["layer"] for r in rows] == list(layers)
+    for row, layer in zip(rows, layers.values()):
+        assert row["shape"] == tuple(layer.codes.shape) and row["codebook_size"] == layer.codebook.numel()
+        assert row["nonzero"] == int((layer.codes >= 0).sum()) <= row["entries"]
+        assert 1 <= row["index_bits"] <= 16
+    assert sum(r["bytes_total"] for r in rows) < len(blob)
+
+
+def test_encoding_is_deterministic():
+    layers = {"fc": random_layer((100, 300), 0.1, 64, seed=5)}
+    assert encode("m", layers) == encode("m", {"fc": random_layer((100, 300), 0.1, 64, seed=5)})
+
+
+@pytest.mark.parametrize("codes, k", [
+    (torch.full((3, 4), -1), 1),            # all pruned: no entries
+    (torch.full((3, 4), -1), 0),            # all pruned, empty codebook
+    (torch.zeros((3, 4), dtype=torch.int64), 1),  # one symbol, one gap value: 1-bit codes
+    (torch.tensor([-1, -1, 2, -1]), 3),     # a single surviving weight
+    (torch.zeros((0, 5), dtype=torch.int64), 2),  # no positions at all
+    (torch.tensor(3), 4),                   # a 0-dimensional weight
+])
+def test_round_trip_edge_cases(codes, k):
+    round_trip("m", {"w": QuantizedLayer(codes=codes, codebook=torch.arange(k, dtype=torch.float32))})
+
+
+def test_round_trip_of_a_model_without_layers_and_with_a_unicode_key():
+    assert decode(encode("modèle-λ", {})) == ("modèle-λ", {})
+
+
+def test_largest_codebook():
+    rng = np.random.default_rng(6)
+    codes = torch.from_numpy(rng.integers(-1, 65536, size=(40, 100)))  # 4-byte Huffman tables
+    codebook = torch.from_numpy(rng.normal(size=65536).astype(np.float32))
+    round_trip("m", {"w": QuantizedLayer(codes=codes, codebook=codebook)})
+
+
+def expected_fillers(codes: torch.Tensor, index_bits: int) -> int:
+    """Deep Compression's rule: g pruned positions before a surviving weight need g >> index_bits fillers."""
+    positions = np.flatnonzero(codes.reshape(-1).numpy() >= 0)
+    return int(((np.diff(positions, prepend=-1) - 1) >> index_bits).sum())
+
+
+def shapes(max_size=5000):
+    def fit(dims):
+        while math.prod(dims) > max_size:
+            dims[dims.index(max(dims))] //= 2
+        return tuple(dims)
+    return st.lists(st.integers(1, 120), min_size=1, max_size=3).map(fit)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes(), density=st.floats(0.01, 1) | st.sampled_from([0.5, 0.02, 0.005, 0.001, 1.0, 0.0]),
+       k=st.integers(1, 256), index_bits=st.none() | st.integers(1, 4) | st.integers(1, 16),
+       bias=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_random_sparse_layers_round_trip(shape, density, k, index_bits, bias, seed):
+    layer = random_layer(shape, density, k, seed=seed, bias=bias)
+    blob = round_trip("m", {"w": layer}, index_bits=index_bits)
+    row, = describe(blob)
+    if index_bits is not None:
+        assert row["index_bits"] == index_bits
+    assert row["entries"] == row["nonzero"] + expected_fillers(layer.codes, row["index_bits"])
+
+
+def test_long_gap_uses_fillers_and_stays_small():
+    codes = torch.full((20000,), -1)
+    codes[[3, 10003]] = torch.tensor([0, 1])
+    layer = QuantizedLayer(codes=codes, codebook=torch.tensor([0.25, -0.75]))
+    row, = describe(round_trip("m", {"w": layer}, index_bits=4))
+    assert row["entries"] == 2 + 9999 // 16 == 2 + expected_fillers(codes, 4)
+    blob = round_trip("m", {"w": layer})
+    assert len(blob) < 100  # dense float32: 80000 bytes
+
+
+def test_automatic_index_bits_is_the_smallest_file():
+    layers = {"w": random_layer((100, 300), 0.03, 16, seed=7)}
+    forced = {b: len(encode("m", layers, index_bits=b)) for b in range(1, 17)}
+    assert len(encode("m", layers)) == min(forced.values())
+    assert describe(encode("m", layers))[0]["index_bits"] == min(forced, key=forced.get)
+
+
+def test_lenet_300_100_layer_compresses_over_30x():
+    layer = random_layer((300, 784), 0.08, 64, seed=8, bias=False)
+    blob = encode("lenet300", {"fc1": layer})
+    dense = 300 * 784 * 4
+    print(f"\n300x784 at 8% density, 64-entry codebook: {len(blob)} bytes vs {dense} dense "
+          f"({dense / len(blob):.1f}x); {describe(blob)[0]}")
+    assert len(blob) < dense / 30
+
+
+def test_lenet_300_100_encodes_and_decodes_well_under_a_second():
+    layers = {"fc1": random_layer((300, 784), 0.08, 64, seed=9), "fc2": random_layer((100, 300), 0.09, 64, seed=10),
+              "fc3": random_layer((10, 100), 0.26, 64, seed=11)}
+    start = time.perf_counter()
+    round_trip("lenet300", layers)
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize("layer, message", [
+    (QuantizedLayer(torch.tensor([0.0, 1.0]), torch.zeros(2)), "codes must be integers"),
+    (QuantizedLayer(torch.tensor([0, 2]), torch.zeros(2)), "codes must be -1 .* or 0..1"),
+    (QuantizedLayer(torch.tensor([0, -2]), torch.zeros(2)), "codes must be -1"),
+    (QuantizedLayer(torch.tensor([0, 1]), torch.zeros(2, dtype=torch.float64)), "codebook must be 1-D float32"),
+    (QuantizedLayer(torch.tensor([0, 1]), torch.zeros(2), torch.zeros(1, 2)), "bias must be 1-D float32"),
+    (QuantizedLayer(torch.tensor([0, 1]), torch.zeros(65537)), "codebook has 65537 entries, more than 65536"),
+])
+def test_encode_rejects_what_the_format_cannot_hold(layer, message):
+    with pytest.raises(EncodingError, match=f"layer 'w': {message}"):
+        encode("m", {"w": layer})
+
+
+# --------------------------------------------------------------------------------- bad files
+
+LAYER = QuantizedLayer(codes=torch.tensor([[0, -1, 0], [-1, 0, 0]]), codebook=torch.tensor([1.5, 2.5]),
+                       bias=torch.tensor([0.5, -0.5]))
+GOOD = encode("m", {"w": LAYER})
+# Offsets in GOOD: preamble 14, key 2+1, layer count 2, name 2+1, ndim 1.
+DIMS = 14 + 3 + 2 + 3 + 1
+CODE_TABLE = DIMS + 2 * 4 + 4 + 2 * 4 + 1 + 4  # dims, k, codebook, index bits, entries
+# The codes are all 0: the code table is max_length 1, counts [1], symbols [0] (1 byte each).
+
+
+def with_crc(body: bytes) -> bytes:
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def patched(offset: int, value: bytes) -> bytes:
+    """GOOD with bytes replaced at offset and a valid CRC: only the decoder's checks can catch it."""
+    body = GOOD[:-4]
+    return with_crc(body[:offset] + value + body[offset + len(value):])
+
+
+def test_the_good_file_layout_assumed_below():
+    assert GOOD[DIMS:DIMS + 8] == struct.pack("<II", 2, 3)
+    assert GOOD[CODE_TABLE:CODE_TABLE + 3] == bytes([1, 1, 0])
+
+
+@pytest.mark.parametrize("cut", [0, 3, 8, 11, 20, len(GOOD) // 2, len(GOOD) - 5, len(GOOD) - 1])
+def test_truncated_file(cut):
+    expected = "empty file" if cut == 0 else "truncated file"
+    with pytest.raises(EncodingError, match=expected):
+        decode(GOOD[:cut])
+
+
+def test_truncated_file_names_both_lengths():
+    with pytest.raises(EncodingError, match=f"truncated file: 30 bytes, the header says {len(GOOD)}"):
+        decode(GOOD[:30])
+
+
+@pytest.mark.parametrize("offset", [DIMS, CODE_TABLE + 5, len(GOOD) - 10])
+def test_flipped_byte_is_a_checksum_mismatch(offset):
+    bad = bytearray(GOOD)
+    bad[offset] ^= 0x10
+    stored = GOOD[-4:][::-1].hex()
+    with pytest.raises(EncodingError, match=f"checksum mismatch: the file says CRC32 0x{stored}, its contents give 0x"):
+        decode(bytes(bad))
+
+
+def test_wrong_magic():
+    with pytest.raises(EncodingError, match="not a hanprune compressed model \\(magic b'PK"):
+        decode(b"PK\x03\x04" + GOOD[4:])
+
+
+@pytest.mark.parametrize("version, message", [
+    (2, f"format version 2, newer than this reader supports \\(version {FORMAT_VERSION}\\)"),
+    (0, f"unknown format version 0 \\(this reader supports version {FORMAT_VERSION}\\)"),
+])
+def test_other_format_version(version, message):
+    # The version is checked before the CRC, so a newer file gets this message and not a checksum one.
+    bad = MAGIC + struct.pack("<H", version) + GOOD[10:]
+    with pytest.raises(EncodingError, match=message):
+        decode(bad)
+
+
+def test_empty_bytes():
+    with pytest.raises(EncodingError, match="empty file: not a hanprune compressed model"):
+        decode(b"")
+
+
+def test_trailing_garbage():
+    with pytest.raises(EncodingError, match=f"3 trailing bytes after the compressed model \\(the header says "
+                                            f"{len(GOOD)} bytes, the file has {len(GOOD) + 3}\\)"):
+        decode(GOOD + b"xyz")
+
+
+def test_entries_past_the_layer_size():
+    with pytest.raises(EncodingError, match="layer 'w' has an entry at position 5, past its 4 weights"):
+        decode(patched(DIMS, struct.pack("<II", 2, 2)))
+
+
+def test_code_out_of_codebook_range():
+    with pytest.raises(EncodingError, match="layer 'w' code symbol 7 out of range 0..2"):
+        decode(patched(CODE_TABLE + 2, bytes([7])))
+
+
+@pytest.mark.parametrize("offset, value, message", [
+    (CODE_TABLE - 5, bytes([17]), "17 index bits, allowed 1..16"),
+    (CODE_TABLE - 4, struct.pack("<I", 5), "code stream holds 4 entries, the layer says 5"),
+    (CODE_TABLE, bytes([32]), "codes up to 32 bits long"),
+    (DIMS + 8, struct.pack("<I", 70000), "70000-entry codebook"),
+    (len(GOOD) - 4 - 13, bytes([2]), "bias flag is 2"),
+    (14, b"\xff\xff", "runs past the end of the data"),
+])
+def test_other_inconsistencies_with_a_valid_checksum(offset, value, message):
+    with pytest.raises(EncodingError, match=message):
+        decode(patched(offset, value))
+
+
+def test_bytes_after_the_last_layer_with_a_valid_length_and_checksum():
+    body = GOOD[:-4] + b"\x00"
+    body = body[:10] + struct.pack("<I", len(body) + 4) + body[14:]
+    with pytest.raises(EncodingError, match="1 unread bytes after the last layer"):
+        decode(with_crc(body))

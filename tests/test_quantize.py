@@ -1,0 +1,125 @@
+"""Weight sharing and centroid fine-tuning (hanprune.quantize), and rebuilding a model from a file."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hanprune import encoding, io, pruning
+from hanprune.config import Training
+from hanprune.encoding import EncodingError
+from hanprune.models import build, prunable_layers
+from hanprune.quantize import kmeans_1d, load_into, load_quantized, quantized_layers, read_compressed, share_weights
+from hanprune.train import fit
+
+
+def test_kmeans_finds_separated_clusters_from_linear_init():
+    values = torch.cat([torch.full((50,), -1.0), torch.full((30,), 0.5), torch.full((20,), 2.0)])
+    codebook, codes = kmeans_1d(values, 3)
+    assert codebook.tolist() == [-1.0, 0.5, 2.0]
+    assert torch.equal(codebook[codes], values)
+
+
+def test_kmeans_initialises_linearly_and_keeps_empty_clusters():
+    # All values at the ends: the middle centroid (0.0 from the linear init) gets no member.
+    values = torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    codebook, codes = kmeans_1d(values, 3)
+    assert codebook.tolist() == [-1.0, 0.0, 1.0]
+    assert codes.tolist() == [0, 0, 2, 2]
+
+
+def _pruned_model(seed=0):
+    torch.manual_seed(seed)
+    model = build("lenet_300_100")
+    pruning.prune_by_std(model, {"fc1": 1.0, "fc2": 0.8, "fc3": 0.3}, pruning.weight_std(model))
+    masks = pruning.masks_of(model)
+    plain = build("lenet_300_100")
+    plain.load_state_dict(pruning.plain_state_dict(model))
+    return plain, masks
+
+
+def test_share_weights_keeps_sparsity_and_uses_at_most_2_to_the_bits_values():
+    model, masks = _pruned_model()
+    share_weights(model, {"fc1": 4, "fc2": 3, "fc3": 2}, masks)
+    for name, layer in prunable_layers(model).items():
+        w = layer.weight.detach()
+        assert torch.equal(w != 0, masks[name])
+        assert len(torch.unique(w[masks[name]])) <= 2 ** {"fc1": 4, "fc2": 3, "fc3": 2}[name]
+
+
+def test_finetuning_trains_codebooks_by_summed_gradients_and_nothing_else():
+    model, masks = _pruned_model()
+    share_weights(model, {"fc1": 3, "fc2": 3, "fc3": 3}, masks)
+    codes = {n: l.codes.clone() for n, l in quantized_layers(model).items()}
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    F.cross_entropy(model(x), y).backward()
+    fc2 = model.fc2.parametrizations.weight
+    # Gradient wrt the effective weight, recomputed on a plain copy with the same weights.
+    plain = load_into(build("lenet_300_100"), quantized_layers(model))
+    F.cross_entropy(plain(x), y).backward()
+    expected = torch.zeros(8).index_add_(0, codes["fc2"][codes["fc2"] >= 0], plain.fc2.weight.grad[codes["fc2"] >= 0])
+    assert torch.allclose(fc2[0].codebook.grad, expected, atol=1e-6)
+    assert fc2.original.grad is None
+    # A few SGD steps move the codebooks but never the codes or the zeros.
+    cfg = Training(seed=0, epochs=1, batch_size=16, lr=0.01, momentum=0.9, schedule="constant",
+                   regularization={"kind": "l2", "strength": 0.0})
+    before = {n: l.codebook.clone() for n, l in quantized_layers(model).items()}
+    data = (torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)))
+    fit(model, cfg, data, data)
+    after = quantized_layers(model)
+    assert any(not torch.equal(before[n], after[n].codebook) for n in after)
+    for name, layer in after.items():
+        assert torch.equal(layer.codes, codes[name])
+        assert torch.equal(prunable_layers(model)[name].weight.detach() != 0, masks[name])
+
+
+def _quantized_checkpoint(tmp_path):
+    model, masks = _pruned_model()
+    share_weights(model, {"fc1": 4, "fc2": 4, "fc3": 4}, masks)
+    layers = quantized_layers(model)
+    plain = load_into(build("lenet_300_100"), layers)
+    pruning.attach_masks(plain, {n: m.float() for n, m in masks.items()})
+    ckpt = pruning.checkpoint("lenet_300_100", plain, {n: 1.0 for n in layers}, [])
+    ckpt["quantized"] = {n: {"codes": l.codes.int(), "codebook": l.codebook} for n, l in layers.items()}
+    path = tmp_path / "quantized.pt"
+    io.save_torch(path, ckpt)
+    return path, ckpt, layers
+
+
+def test_quantized_checkpoint_round_trip_and_file_decodes_to_the_same_model(tmp_path):
+    path, _, layers = _quantized_checkpoint(tmp_path)
+    model, loaded = load_quantized(path, "lenet_300_100")
+    for name in layers:
+        assert torch.equal(loaded[name].weight(), layers[name].weight())
+    blob = tmp_path / "compressed.bin"
+    blob.write_bytes(encoding.encode("lenet_300_100", loaded))
+    _, decoded, _ = read_compressed(blob, "lenet_300_100")
+    x = torch.randn(16, 1, 28, 28)
+    model.eval(), decoded.eval()
+    assert torch.equal(model(x), decoded(x))
+    for name, layer in prunable_layers(decoded).items():
+        assert int(layer.weight.count_nonzero()) == int(layers[name].codes.ge(0).sum())
+
+
+def test_quantized_checkpoint_without_codes_or_with_wrong_codes_is_refused(tmp_path):
+    path, ckpt, _ = _quantized_checkpoint(tmp_path)
+    bare = {k: v for k, v in ckpt.items() if k != "quantized"}
+    io.save_torch(path, bare)
+    with pytest.raises(pruning.CheckpointError, match="quantize stage"):
+        load_quantized(path, "lenet_300_100")
+    ckpt["quantized"]["fc3"]["codebook"] = ckpt["quantized"]["fc3"]["codebook"] + 1
+    io.save_torch(path, ckpt)
+    with pytest.raises(pruning.CheckpointError, match="fc3 do not give its weights"):
+        load_quantized(path, "lenet_300_100")
+
+
+def test_read_compressed_names_the_file_and_the_problem(tmp_path):
+    path, _, layers = _quantized_checkpoint(tmp_path)
+    blob = tmp_path / "compressed.bin"
+    blob.write_bytes(encoding.encode("lenet_300_100", layers))
+    with pytest.raises(EncodingError, match=r"compressed.bin: holds model 'lenet_300_100', expected 'lenet5'"):
+        read_compressed(blob, "lenet5")
+    blob.write_bytes(encoding.encode("lenet5", layers))
+    with pytest.raises(EncodingError, match="compressed.bin: layers .* do not match"):
+        read_compressed(blob)
+    blob.write_bytes(b"not a model")
+    with pytest.raises(EncodingError, match="compressed.bin: "):
+        read_compressed(blob)
