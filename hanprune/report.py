@@ -107,7 +107,7 @@ def side_by_side(key: str, m: dict) -> str:
                     + [f"{n} kept" for n in layers], tablefmt="github")
 
 
-def compression_table(key: str, m: dict) -> str:
+def compression_table(key: str, m: dict, quantize: dict) -> str:
     """Deep Compression's steps as byte counts: dense float32, pruned (non-zero values only, as the
     reference implementation counts), pruned CSR with int32 indices, + weight sharing (the compressed
     file with fixed-width codes and index differences), + Huffman (the real compressed file)."""
@@ -121,6 +121,9 @@ def compression_table(key: str, m: dict) -> str:
              paper and f"{paper['huffman_kb']} KB ({paper['huffman']}x), error {paper['error']:.2f}%")]
     body = [[name, f"{size:,}", f"{dense / size:.1f}x", f"{100 * (1 - acc):.2f}%", ref or "-"] for name, size, acc, ref in rows]
     table = tabulate(body, headers=["step", "bytes", "compression", "test error", "Deep Compression"], tablefmt="github")
+    table += (f"\n\nWeight sharing with {', '.join(f'{n} {b}' for n, b in quantize['bits'].items())} bits; validation "
+              f"accuracy {quantize['val_accuracy_pruned']:.4f} pruned, {quantize['val_accuracy_quantized']:.4f} right after "
+              f"k-means, {quantize['val_accuracy_finetuned']:.4f} after fine-tuning the shared values.")
     if key in COMPRESSION_TARGETS:
         ratio, error = COMPRESSION_TARGETS[key]
         err = 100 * (1 - m["compressed_accuracy"])
@@ -217,7 +220,7 @@ def schedule_table(final_s: dict[str, float], sensitivity_csv: str, m: dict) -> 
 
 
 def render(models: dict[str, dict], iterations: dict[str, str], images: dict[str, dict[str, str]],
-           schedules: dict[str, str]) -> str:
+           schedules: dict[str, str], quantize: dict[str, dict]) -> str:
     parts = ["# Pruning report", "",
              "Han et al. 2015 magnitude pruning on MNIST, reproduced by this project's DVC pipeline. Test "
              "figures are from the final models only; every schedule decision used the validation split.", ""]
@@ -237,6 +240,6 @@ def render(models: dict[str, dict], iterations: dict[str, str], images: dict[str
                   "test error is measured on the model decoded from that file. The fixed-width row is that file's size "
                   "with its Huffman-coded streams replaced by the same entries at fixed width (computed, not written); "
                   "the pruned rows count values (and indices) as stated.", "",
-                  compression_table(key, m), ""]
+                  compression_table(key, m, quantize[key]), ""]
         parts += ["### The reference implementation's tables", "", model_tables(key, m), ""]
     return "\n".join(parts)

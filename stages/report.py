@@ -21,14 +21,15 @@ def main():
     p = config.load(args.params)
     out = Path(args.out)
     with open_run(p, "report", None, None) as mlrun:
-        models, iterations, images, schedules = {}, {}, {}, {}
+        models, iterations, images, schedules, quantize = {}, {}, {}, {}, {}
         for key in p.models:
             models[key] = json.loads(Path(args.metrics, f"{key}.json").read_text())
+            quantize[key] = json.loads(Path(args.metrics, "quantize", f"{key}.json").read_text())
             iterations[key] = Path(args.plots, key, "final", "iterations.csv").read_text()
             images[key] = report.figures(key, Path(args.plots, key), out, save_png)
             last = max((it for it in p.prune.values() if it.model == key), key=lambda it: it.iteration)
             schedules[key] = report.schedule_table(last.s, Path(args.plots, key, "sensitivity.csv").read_text(), models[key])
-        io.write_text(out / "REPORT.md", report.render(models, iterations, images, schedules))
+        io.write_text(out / "REPORT.md", report.render(models, iterations, images, schedules, quantize))
         mlrun.artifact(out / "REPORT.md")
         for names in images.values():
             for name in names.values():

@@ -171,17 +171,17 @@ def test_start_not_the_previous_checkpoint(tmp_path, project_params):
 
 
 def test_iteration_gap(tmp_path, project_params):
-    del project_params["prune"]["lenet5-iter3"]
+    del project_params["prune"]["lenet_300_100-iter3"]
     msg = _error(tmp_path, project_params)
     assert "iteration 3 is missing" in msg
-    assert "lenet5" in msg
+    assert "lenet_300_100" in msg
 
 
 def test_iteration_key_mismatch(tmp_path, project_params):
-    project_params["prune"]["lenet5-iter7"] = project_params["prune"].pop("lenet5-iter4")
+    project_params["prune"]["lenet_300_100-iter7"] = project_params["prune"].pop("lenet_300_100-iter5")
     msg = _error(tmp_path, project_params)
-    assert "prune.lenet5-iter7" in msg
-    assert "lenet5-iter4" in msg
+    assert "prune.lenet_300_100-iter7" in msg
+    assert "lenet_300_100-iter5" in msg
 
 
 def test_prune_model_not_in_models(tmp_path, project_params):
@@ -201,12 +201,12 @@ def test_final_not_last_checkpoint(tmp_path, project_params):
 
 def test_final_follows_added_iteration(tmp_path, project_params):
     """Adding a round as the params.yaml comment says: new entry + final pointing at it."""
-    project_params["prune"]["lenet5-iter5"] = dict(project_params["prune"]["lenet5-iter4"],
-                                                   iteration=5, start="models/lenet5/iter4.pt")
+    project_params["prune"]["lenet5-iter4"] = dict(project_params["prune"]["lenet5-iter3"],
+                                                   iteration=4, start="models/lenet5/iter3.pt")
     assert "lenet5.final" in _error(tmp_path, project_params)  # final not yet moved
-    project_params["models"]["lenet5"]["final"] = "models/lenet5/iter5.pt"
+    project_params["models"]["lenet5"]["final"] = "models/lenet5/iter4.pt"
     p = config.load(_write(tmp_path, project_params))
-    assert p.models["lenet5"].final == config.iteration_path("lenet5", 5)
+    assert p.models["lenet5"].final == config.iteration_path("lenet5", 4)
 
 
 def test_md5_must_list_the_four_files(tmp_path, project_params):

