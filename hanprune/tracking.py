@@ -108,6 +108,23 @@ class Run:
     def artifact(self, path, artifact_path=None):
         self._call(self.client.log_artifact, str(path), artifact_path)
 
+    def register_model(self, model, name: str, input_example, version_tags: dict):
+        """Log `model` as this run's MLflow model and register it as a new version of `name` in the
+        Model Registry, with `version_tags` on the version. The model is saved with torch.export
+        (MLflow's default; loading it never unpickles code); an input example of batch size 2 makes
+        the batch dimension dynamic."""
+        def log(run_id):
+            import mlflow
+            import torch
+            mlflow.set_tracking_uri(self.uri)
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pytorch.log_model(model, name="model", input_example=input_example,
+                                                pip_requirements=[f"torch=={torch.__version__}"],
+                                                registered_model_name=name)
+            for key, value in version_tags.items():
+                self.client.set_model_version_tag(name, info.registered_model_version, key, str(value))
+        self._call(log)
+
     def finish(self, status="FINISHED"):
         self._call(self.client.set_terminated, status)
 

@@ -5,7 +5,7 @@ import torch
 
 from common import config, open_run, parser, run, setup
 from hanprune import data, io, measure
-from hanprune.models import prunable_layers
+from hanprune.models import build, prunable_layers
 from hanprune.pruning import load_checkpoint
 from hanprune.quantize import read_compressed
 from hanprune.train import accuracy
@@ -66,6 +66,11 @@ def main():
             mlrun.metrics({f"layer.{name}.{k}": v for k, v in l.items()})
         mlrun.table([{"layer": n, **l} for n, l in layers.items()], "layers.json")
         mlrun.artifact(args.metrics)
+        mlrun.artifact(args.pruned, "checkpoint")
+        plain = build(args.model)
+        plain.load_state_dict(ckpt["state_dict"])
+        mlrun.register_model(plain.eval(), f"{args.model}-pruned", x[:2].numpy(),
+                             {k: metrics[k] for k in ("compression_ratio", "pruned_accuracy", "compressed_ratio")})
     print(f"evaluate {args.model}: test accuracy dense {dense_acc:.4f}, pruned {pruned_acc:.4f}; "
           f"{metrics['params_dense']} -> {metrics['params_nonzero']} params ({metrics['compression_ratio']:.1f}x), "
           f"FLOPs {metrics['flops_dense']} -> {metrics['flops_pruned']}; compressed file "

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from hanprune.models import prunable_layers
@@ -189,6 +190,26 @@ def test_mlflow_store_groups_stage_runs_under_a_parent_per_model(repo):
     parent = by_id[evaluate.data.tags["mlflow.parentRunId"]]
     steps = {m.step for m in client.get_metric_history(parent.info.run_id, "compression_ratio")}
     assert steps == {1, 2}
+    assert {"checkpoint/iter2.pt", "layers.json", "lenet_300_100.json"} <= {
+        a.path for path in ("", "checkpoint") for a in client.list_artifacts(evaluate.info.run_id, path)}
+
+
+def test_final_pruned_model_is_registered_and_loads_back_with_the_same_accuracy(repo):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from hanprune.data import load_split
+    repo, _, _ = repo
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    versions = MlflowClient(uri).search_model_versions("name = 'lenet_300_100-pruned'")
+    latest = max(versions, key=lambda v: int(v.version))  # from the last run: the exp run's workspace
+    m = json.loads((repo / "metrics" / "lenet_300_100.json").read_text())
+    assert float(latest.tags["compression_ratio"]) == pytest.approx(m["compression_ratio"])
+    assert float(latest.tags["pruned_accuracy"]) == pytest.approx(m["pruned_accuracy"])
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model(f"models:/lenet_300_100-pruned/{latest.version}")
+    x, y = load_split(repo / "data", train=False)
+    with torch.no_grad():
+        assert (model(x).argmax(1) == y).float().mean().item() == pytest.approx(m["pruned_accuracy"], abs=1e-9)
 
 
 def test_unreachable_tracking_warns_and_still_writes_outputs(repo, tmp_path):
@@ -248,3 +269,15 @@ def test_benchmark_smoke(repo, tmp_path):
         for key in ("batch1_speedup_sparse_vs_dense", "batch1000_speedup_sparse_vs_dense"):
             assert r["inference"][model][key] > 0
     assert "## Training" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_monitor_measures_each_stage_process(tmp_path):
+    """benchmarks/monitor.py attributes processes to stages by DVC_STAGE and records time and RSS."""
+    out = tmp_path / "stages.json"
+    cmd = "DVC_STAGE=first sleep 1; DVC_STAGE=second python -c 'b = bytearray(200 * 2**20); import time; time.sleep(1)'"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "monitor.py"), "--out", str(out), "--",
+                           "sh", "-c", cmd], capture_output=True, text=True, env=env(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    stages = json.loads(out.read_text())["stages"]
+    assert set(stages) == {"first", "second"}
+    assert 0.6 < stages["first"]["seconds"] < 2 and stages["second"]["peak_rss_mb"] > 200
