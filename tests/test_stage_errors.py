@@ -210,3 +210,37 @@ def test_help_and_usage_errors(capsys, monkeypatch, script):
     assert run_stage(capsys, monkeypatch, script, "--help")[0] == 0
     code, err = run_stage(capsys, monkeypatch, script, "--no-such-flag")
     assert code == 2 and "usage:" in err
+
+
+def test_no_network_with_torchvision_source_fails_fast_and_keeps_the_data(project, capsys, monkeypatch):
+    import time
+    import urllib.request
+
+    def offline(url, timeout):
+        assert timeout <= 10  # bounded: never a hang
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    edit_params(project, _set(["data", "source"], "torchvision"))
+    before = {p.name: p.read_bytes() for p in (project / "data" / "MNIST" / "raw").iterdir()}
+    start = time.perf_counter()
+    code, err = run_stage(capsys, monkeypatch, "download", "--out", "data")
+    assert time.perf_counter() - start < 30
+    assert code == 1 and "error: no MNIST source worked:\ntorchvision: torchvision mirrors unreachable; tried:" in err
+    assert "network is unreachable" in err
+    assert {p.name: p.read_bytes() for p in (project / "data" / "MNIST" / "raw").iterdir()} == before
+
+
+def test_disk_full_while_saving_keeps_the_old_checkpoint(project, capsys, monkeypatch):
+    import errno
+
+    def full(self, data):
+        self.open("wb").write(data[: len(data) // 2])  # half written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    code, err = run_stage(capsys, monkeypatch, *PRUNE)
+    monkeypatch.undo()
+    assert code == 1 and "No space left on device" in last_line(err) and last_line(err).startswith("error: ")
+    assert (project / "out.pt").read_bytes() == OLD
+    assert not list(project.glob(".out.pt.*"))  # no temporary file left behind
