@@ -7,7 +7,6 @@ the stage named there. Writes benchmarks/stages.json; benchmarks/run.py folds it
     python benchmarks/monitor.py --out benchmarks/stages.json -- dvc repro
 """
 import argparse
-import json
 import subprocess
 import sys
 import time
