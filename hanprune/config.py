@@ -1,6 +1,5 @@
 """params.yaml, validated. Every problem becomes one ConfigError naming the key and what is allowed."""
 import difflib
-import re
 from pathlib import Path
 from typing import Literal
 

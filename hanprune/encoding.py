@@ -54,6 +54,8 @@ uW is an unsigned integer of W bytes, W the smallest of 1, 2, 4 that can hold th
 The table lists only the symbols that occur. The code is canonical: starting with c = 0, for each
 length l = 1..L in turn, the next counts[l-1] symbols of the table get the l-bit codes c, c + 1,
 ..., c advancing past them, and then c is doubled. (A lone symbol gets the 1-bit code 0.) The
+code need not be complete: the fixed-width variant (encode(huffman=False), every symbol present
+at ceil(log2(A)) bits) is a section like any other. The
 stream is the n_entries codes concatenated, each written most significant bit first, packed
 into bytes most significant bit first; the padding bits of the last byte are zero. With
 n_entries = 0 the table is empty (L = 0) and n_bits is 0.
@@ -74,7 +76,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from bitarray import bitarray
+from bitarray import bitarray, frozenbitarray
 from bitarray.util import canonical_decode, canonical_huffman
 
 MAGIC = b"HANPRUNE"
@@ -138,16 +140,30 @@ def _huffman(frequencies: np.ndarray, what: str) -> _Code:
     return _Code(codewords, counts, symbols, n_bits)
 
 
+def _fixed_width(frequencies: np.ndarray, what: str) -> _Code:
+    """A fixed-width code written as a canonical code the decoder reads like any other: every
+    symbol present gets ceil(log2(alphabet)) bits (at least 1). Deep Compression's step before
+    Huffman coding; the alphabet includes the filler symbol, so k = 2**bits shared values take
+    bits + 1 bits here."""
+    present = np.flatnonzero(frequencies)
+    if present.size == 0:
+        return _Code({}, [0], [], 0)
+    length = max(1, (frequencies.size - 1).bit_length())
+    codewords = {int(s): frozenbitarray(format(i, f"0{length}b")) for i, s in enumerate(present)}
+    return _Code(codewords, [0] * length + [present.size], present.tolist(), int(frequencies.sum()) * length)
+
+
 def _section_size(code: _Code, alphabet: int) -> int:
     """Bytes of a Huffman section (table, bit count and stream)."""
     return 1 + (len(code.counts) - 1 + len(code.symbols)) * _width(alphabet) + 4 + (code.n_bits + 7) // 8
 
 
-def _layer_codes(symbols: np.ndarray, skipped: np.ndarray, k: int, index_bits: int | None,
+def _layer_codes(symbols: np.ndarray, skipped: np.ndarray, k: int, index_bits: int | None, make_code,
                  what: str) -> tuple[int, _Code, _Code]:
     """(index bits, symbol code, gap code) of a layer: with `index_bits` if given, else with the
-    index bits that make the two Huffman sections smallest (the smallest such on a tie).
-    symbols: the codes of the surviving weights; skipped: the pruned positions before each."""
+    index bits that make the two sections smallest (the smallest such on a tie). make_code is
+    _huffman or _fixed_width. symbols: the codes of the surviving weights; skipped: the pruned
+    positions before each."""
     symbol_counts = np.bincount(symbols, minlength=k + 1)
     symbol_codes = {}  # by number of fillers, the only thing the index bits change in the symbols
     best = None
@@ -157,10 +173,10 @@ def _layer_codes(symbols: np.ndarray, skipped: np.ndarray, k: int, index_bits: i
         if n_fillers not in symbol_codes:
             symbol_frequencies = symbol_counts.copy()
             symbol_frequencies[k] += n_fillers
-            symbol_codes[n_fillers] = _huffman(symbol_frequencies, what)
+            symbol_codes[n_fillers] = make_code(symbol_frequencies, what)
         gap_frequencies = np.bincount(skipped & max_gap, minlength=max_gap + 1)
         gap_frequencies[max_gap] += n_fillers
-        gap_code = _huffman(gap_frequencies, what)
+        gap_code = make_code(gap_frequencies, what)
         size = _section_size(symbol_codes[n_fillers], k + 1) + _section_size(gap_code, max_gap + 1)
         if best is None or size < best[0]:
             best = (size, bits, symbol_codes[n_fillers], gap_code)
@@ -226,7 +242,7 @@ def _checked_arrays(name: str, layer: QuantizedLayer) -> tuple[np.ndarray, np.nd
     return codes, layer.codebook.detach().cpu().numpy(), bias
 
 
-def _encode_layer(name: str, layer: QuantizedLayer, index_bits: int | None) -> bytes:
+def _encode_layer(name: str, layer: QuantizedLayer, index_bits: int | None, make_code) -> bytes:
     what = f"layer {name!r}"
     codes, codebook, bias = _checked_arrays(name, layer)
     k = codebook.size
@@ -234,7 +250,7 @@ def _encode_layer(name: str, layer: QuantizedLayer, index_bits: int | None) -> b
     positions = np.flatnonzero(flat >= 0)
     symbols = flat[positions]
     skipped = np.diff(positions, prepend=-1) - 1
-    index_bits, symbol_code, gap_code = _layer_codes(symbols, skipped, k, index_bits, what)
+    index_bits, symbol_code, gap_code = _layer_codes(symbols, skipped, k, index_bits, make_code, what)
     entry_symbols, entry_gaps = _entries(symbols, skipped, k, index_bits)
     parts = [_pack_string(name, f"{what}: the name"), struct.pack("<B", codes.ndim),
              np.asarray(codes.shape, "<u4").tobytes(), struct.pack("<I", k), codebook.astype("<f4").tobytes(),
@@ -248,15 +264,18 @@ def _encode_layer(name: str, layer: QuantizedLayer, index_bits: int | None) -> b
     return b"".join(parts)
 
 
-def encode(model_key: str, layers: dict[str, QuantizedLayer], index_bits: int | None = None) -> bytes:
+def encode(model_key: str, layers: dict[str, QuantizedLayer], index_bits: int | None = None,
+           huffman: bool = True) -> bytes:
     """The compressed file of a model's quantized layers (format above). `index_bits` forces the
-    gap width of every layer (for experiments); by default each layer gets its smallest."""
+    gap width of every layer (for experiments); by default each layer gets its smallest.
+    huffman=False writes fixed-width codes instead, in the same format (decode reads both)."""
     if index_bits is not None and index_bits not in INDEX_BITS:
         raise EncodingError(f"index_bits must be in 1..16, got {index_bits}")
     if len(layers) > U16_MAX:
         raise EncodingError(f"{len(layers)} layers, more than {U16_MAX}")
     body = b"".join([_pack_string(model_key, "the model key"), struct.pack("<H", len(layers)),
-                     *(_encode_layer(name, layer, index_bits) for name, layer in layers.items())])
+                     *(_encode_layer(name, layer, index_bits, _huffman if huffman else _fixed_width)
+                       for name, layer in layers.items())])
     total_length = PREAMBLE.size + len(body) + CRC_SIZE
     head = MAGIC + struct.pack("<H", FORMAT_VERSION) + _pack_u32(total_length, "the file length")
     data = head + body

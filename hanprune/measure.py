@@ -5,14 +5,12 @@ A conv weight is applied once per output position (padding positions included, a
 Biases, activations and pooling are not counted: the paper's columns (fc1 of LeNet-300-100:
 235K weights, 470K FLOP) leave them out.
 """
-import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .encoding import describe
-
 from .models import INPUT_SHAPE, prunable_layers
 
 FLOAT_BYTES = 4
@@ -85,19 +83,12 @@ def summary(dense: nn.Module, pruned: nn.Module, dense_accuracy: float, pruned_a
 
 
 def compressed_sizes(path, bytes_dense: int) -> dict:
-    """The compressed file's real size and ratio to dense float32, per layer too; and the size the
-    same file would have with fixed-width codes and index differences instead of Huffman sections
-    (Deep Compression's "quantised" step, computed from the file's own entries)."""
+    """The compressed file's real size and ratio to dense float32, and where its bytes go per layer."""
     blob = Path(path).read_bytes()
-    layers = describe(blob)
-    huffman = sum(l["bytes_codes"] + l["bytes_index"] for l in layers)
-    fixed = sum(math.ceil(l["entries"] * math.ceil(math.log2(l["codebook_size"] + 1)) / 8)
-                + math.ceil(l["entries"] * l["index_bits"] / 8) for l in layers)
     return {
         "compressed_bytes": len(blob),
         "compressed_ratio": bytes_dense / len(blob),
-        "bytes_quantized": len(blob) - huffman + fixed,
         "compressed_layers": {l["layer"]: {k: l[k] for k in ("nonzero", "entries", "index_bits", "codebook_size",
                                                             "bytes_codes", "bytes_index", "bytes_total")}
-                              for l in layers},
+                              for l in describe(blob)},
     }

@@ -1,6 +1,5 @@
 """The three MNIST networks. One definition each; pruning is a mask attached
 from outside (see pruning.py), never a separate class."""
-import torch
 from torch import nn
 import torch.nn.functional as F
 

@@ -108,19 +108,26 @@ def side_by_side(key: str, m: dict) -> str:
 
 
 def compression_table(key: str, m: dict, quantize: dict) -> str:
-    """Deep Compression's steps as byte counts: dense float32, pruned (non-zero values only, as the
-    reference implementation counts), pruned CSR with int32 indices, + weight sharing (the compressed
-    file with fixed-width codes and index differences), + Huffman (the real compressed file)."""
+    """Deep Compression's steps as the sizes of the files the encode stage wrote: dense float32,
+    pruned non-zero values only (as the reference implementation counts), pruned CSR, + weight
+    sharing (the compressed format with fixed-width codes), + Huffman coding (compressed.bin)."""
     paper = DEEP_COMPRESSION.get(key, {})
-    dense = m["bytes_dense"]
-    rows = [("dense float32", dense, m["dense_accuracy"], paper and f"{paper['dense_kb']} KB (1x)"),
-            ("pruned, non-zero values only", m["bytes_nonzero"], m["pruned_accuracy"], paper and f"{paper['pruned']}x"),
-            ("pruned, CSR (values + int32 indices)", m["bytes_csr"], m["pruned_accuracy"], ""),
-            ("+ weight sharing, fixed-width codes", m["bytes_quantized"], m["compressed_accuracy"], paper and f"{paper['quantized']}x"),
-            ("+ Huffman coding: compressed.bin", m["compressed_bytes"], m["compressed_accuracy"],
+    files = m["file_bytes"]
+    rows = [("dense float32", "storage/dense.f32", files["dense"], m["dense_accuracy"], paper and f"{paper['dense_kb']} KB (1x)"),
+            ("pruned, non-zero values only", "storage/values.f32", files["pruned_values"], m["pruned_accuracy"],
+             paper and f"{paper['pruned']}x"),
+            ("pruned, CSR (values + int32 indices)", "storage/csr.bin", files["pruned_csr"], m["pruned_accuracy"], ""),
+            ("+ weight sharing, fixed-width codes", "storage/fixed.bin", files["quantized_fixed"], m["compressed_accuracy"],
+             paper and f"{paper['quantized']}x"),
+            ("+ Huffman coding", "compressed.bin", files["compressed"], m["compressed_accuracy"],
              paper and f"{paper['huffman_kb']} KB ({paper['huffman']}x), error {paper['error']:.2f}%")]
-    body = [[name, f"{size:,}", f"{dense / size:.1f}x", f"{100 * (1 - acc):.2f}%", ref or "-"] for name, size, acc, ref in rows]
-    table = tabulate(body, headers=["step", "bytes", "compression", "test error", "Deep Compression"], tablefmt="github")
+    body = [[name, f"`{path}`", f"{size:,}", f"{files['dense'] / size:.1f}x", f"{100 * (1 - acc):.2f}%", ref or "-"]
+            for name, path, size, acc, ref in rows]
+    table = tabulate(body, headers=["step", f"file in models/{key}/", "bytes", "compression", "test error",
+                                    "Deep Compression"], tablefmt="github")
+    table += ("\n\nEvery size is a file the pipeline wrote (format in hanprune/storage.py and hanprune/encoding.py); "
+              "the encode stage loads back each loadable one and checks it before writing. The values-only file "
+              "has no positions and cannot be loaded: it is the reference implementation's count.")
     table += (f"\n\nWeight sharing with {', '.join(f'{n} {b}' for n, b in quantize['bits'].items())} bits; validation "
               f"accuracy {quantize['val_accuracy_pruned']:.4f} pruned, {quantize['val_accuracy_quantized']:.4f} right after "
               f"k-means, {quantize['val_accuracy_finetuned']:.4f} after fine-tuning the shared values.")

@@ -12,10 +12,11 @@ from hanprune import config, tracking  # noqa: E402
 from hanprune.data import DataError  # noqa: E402
 from hanprune.encoding import EncodingError  # noqa: E402
 from hanprune.pruning import CheckpointError  # noqa: E402
+from hanprune.storage import StorageError  # noqa: E402
 from hanprune.train import make_deterministic, pick_device  # noqa: E402
 
-KNOWN_ERRORS = (config.ConfigError, DataError, CheckpointError, EncodingError, tracking.TrackingError, OSError,
-                RuntimeError)
+KNOWN_ERRORS = (config.ConfigError, DataError, CheckpointError, EncodingError, StorageError, tracking.TrackingError,
+                OSError, RuntimeError)
 
 
 def parser(description: str) -> argparse.ArgumentParser:

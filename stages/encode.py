@@ -1,32 +1,58 @@
 """Stage encode: write the quantized model in the project's compressed format (sparse index
-differences, codebooks, Huffman coding; see hanprune/encoding.py) and check it decodes back exactly."""
+differences, codebooks, Huffman coding; see hanprune/encoding.py), and the storage forms before it
+(dense, pruned values, pruned CSR, fixed-width codes; see hanprune/storage.py) as real files.
+Every loadable file is read back and checked before anything is written."""
 import torch
 
 from common import open_run, config, parser, run
-from hanprune import encoding, io
+from hanprune import encoding, io, storage
+from hanprune.pruning import load_checkpoint, plain_state_dict
 from hanprune.quantize import load_quantized
+
+
+def same_weights(a, b) -> bool:
+    a, b = plain_state_dict(a), plain_state_dict(b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def decodes_to(blob: bytes, model_key: str, layers: dict) -> bool:
+    key, decoded = encoding.decode(blob)
+    return key == model_key and decoded.keys() == layers.keys() and all(
+        torch.equal(decoded[n].codes, l.codes) and torch.equal(decoded[n].codebook, l.codebook)
+        and torch.equal(decoded[n].weight(), l.weight()) for n, l in layers.items())
 
 
 def main():
     ap = parser(__doc__)
     ap.add_argument("model", help="model key")
+    ap.add_argument("--dense", required=True, help="dense checkpoint")
+    ap.add_argument("--pruned", required=True, help="final pruned checkpoint")
     ap.add_argument("--quantized", required=True, help="checkpoint written by the quantize stage")
     ap.add_argument("--out", required=True, help="compressed model file to write")
+    ap.add_argument("--storage", required=True, help="directory for the other storage forms")
     args = ap.parse_args()
     p = config.load(args.params)
+    dense, _ = load_checkpoint(args.dense, args.model)
+    pruned, _ = load_checkpoint(args.pruned, args.model)
     _, layers = load_quantized(args.quantized, args.model)
+    files = {"dense": storage.dense_bytes(dense), "pruned_values": storage.values_bytes(pruned),
+             "pruned_csr": storage.csr_bytes(pruned), "quantized_fixed": encoding.encode(args.model, layers, huffman=False)}
     blob = encoding.encode(args.model, layers)
-    key, decoded = encoding.decode(blob)
-    for name, layer in layers.items():
-        back = decoded[name]
-        if key != args.model or not (torch.equal(back.codes, layer.codes) and torch.equal(back.codebook, layer.codebook)
-                                     and torch.equal(back.weight(), layer.weight())):
-            raise RuntimeError(f"{args.out}: {name} does not decode to the quantized weights; nothing written")
+    checks = {"dense": same_weights(storage.load_dense(files["dense"], args.model), dense),
+              "pruned_csr": same_weights(storage.load_csr(files["pruned_csr"], args.model), pruned),
+              "quantized_fixed": decodes_to(files["quantized_fixed"], args.model, layers),
+              "compressed": decodes_to(blob, args.model, layers)}
+    failed = [name for name, ok in checks.items() if not ok]
+    if failed:
+        raise RuntimeError(f"{', '.join(failed)}: does not load back to the model it stores; nothing written")
     with open_run(p, f"encode@{args.model}", args.model, None) as mlrun:
+        for name, data in files.items():
+            io.write_bytes(f"{args.storage}/{storage.FILES[name]}", data)
         io.write_bytes(args.out, blob)
-        mlrun.metrics({"compressed_bytes": len(blob)})
+        mlrun.metrics({"compressed_bytes": len(blob), **{f"{name}_bytes": len(data) for name, data in files.items()}})
         mlrun.artifact(args.out)
-    print(f"encode {args.model}: {len(blob)} bytes -> {args.out}")
+    sizes = ", ".join(f"{name} {len(data)}" for name, data in files.items())
+    print(f"encode {args.model}: {len(blob)} bytes -> {args.out} ({sizes} bytes in {args.storage})")
 
 
 if __name__ == "__main__":

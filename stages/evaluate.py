@@ -1,10 +1,12 @@
 """Stage evaluate: test accuracy of the dense model, the final pruned model and the model decoded
 from the compressed file, and what each costs layer by layer (parameters, bytes, FLOPs).
 Writes the model's DVC metrics and plot data."""
+import os
+
 import torch
 
 from common import config, open_run, parser, run, setup
-from hanprune import data, io, measure
+from hanprune import data, io, measure, storage
 from hanprune.models import build, prunable_layers
 from hanprune.pruning import load_checkpoint
 from hanprune.quantize import read_compressed
@@ -25,6 +27,7 @@ def main():
     ap.add_argument("--dense", required=True, help="dense checkpoint")
     ap.add_argument("--pruned", required=True, help="final pruned checkpoint")
     ap.add_argument("--compressed", required=True, help="compressed model file (encode stage)")
+    ap.add_argument("--storage", required=True, help="directory of the other storage forms (encode stage)")
     ap.add_argument("--metrics", required=True, help="metrics JSON to write")
     ap.add_argument("--plots", required=True, help="directory for this model's plot data")
     args = ap.parse_args()
@@ -42,6 +45,8 @@ def main():
         metrics = measure.summary(dense, pruned, dense_acc, pruned_acc)
         metrics.update(measure.compressed_sizes(args.compressed, metrics["bytes_dense"]),
                        compressed_accuracy=compressed_acc)
+        metrics["file_bytes"] = {**{name: os.path.getsize(f"{args.storage}/{file}") for name, file in storage.FILES.items()},
+                                 "compressed": metrics["compressed_bytes"]}
         metrics["iterations"] = len(ckpt["history"])
         layers = metrics["layers"]
         # Plot data: accuracy and compression per iteration, kept % per layer, weight distribution.

@@ -108,10 +108,10 @@ def shapes(max_size=5000):
 @settings(max_examples=60, deadline=None)
 @given(shape=shapes(), density=st.floats(0.01, 1) | st.sampled_from([0.5, 0.02, 0.005, 0.001, 1.0, 0.0]),
        k=st.integers(1, 256), index_bits=st.none() | st.integers(1, 4) | st.integers(1, 16),
-       bias=st.booleans(), seed=st.integers(0, 2**32 - 1))
-def test_random_sparse_layers_round_trip(shape, density, k, index_bits, bias, seed):
+       bias=st.booleans(), seed=st.integers(0, 2**32 - 1), huffman=st.booleans())
+def test_random_sparse_layers_round_trip(shape, density, k, index_bits, bias, seed, huffman):
     layer = random_layer(shape, density, k, seed=seed, bias=bias)
-    blob = round_trip("m", {"w": layer}, index_bits=index_bits)
+    blob = round_trip("m", {"w": layer}, index_bits=index_bits, huffman=huffman)
     row, = describe(blob)
     if index_bits is not None:
         assert row["index_bits"] == index_bits
@@ -133,6 +133,21 @@ def test_automatic_index_bits_is_the_smallest_file():
     forced = {b: len(encode("m", layers, index_bits=b)) for b in range(1, 17)}
     assert len(encode("m", layers)) == min(forced.values())
     assert describe(encode("m", layers))[0]["index_bits"] == min(forced, key=forced.get)
+
+
+def test_fixed_width_codes_take_the_same_bits_per_entry_and_huffman_is_never_larger():
+    layer = random_layer((100, 300), 0.1, 64, seed=12)
+    fixed = round_trip("m", {"w": layer}, index_bits=5, huffman=False)
+    row, = describe(fixed)
+    fillers = expected_fillers(layer.codes, 5)
+    present = len(torch.unique(layer.codes[layer.codes >= 0])) + (fillers > 0)
+    bits = 7  # 64 shared values and the filler symbol
+    # max length, counts and table (1 byte each: alphabet 65), stream length, stream
+    assert row["bytes_codes"] == 1 + bits + present + 4 + math.ceil(row["entries"] * bits / 8)
+    assert row["bytes_index"] >= 4 + math.ceil(row["entries"] * 5 / 8)
+    huffman = round_trip("m", {"w": layer}, index_bits=5)
+    assert len(huffman) <= len(fixed)
+    assert describe(huffman)[0]["entries"] == row["entries"]
 
 
 def test_lenet_300_100_layer_compresses_over_30x():

@@ -88,13 +88,19 @@ def test_first_repro_runs_every_stage_and_writes_metrics(repo):
         compressed = repo / "models" / model / "compressed.bin"
         assert m["compressed_bytes"] == compressed.stat().st_size
         assert m["compressed_ratio"] == pytest.approx(m["bytes_dense"] / m["compressed_bytes"])
-        assert m["compressed_bytes"] < m["bytes_quantized"] < m["bytes_nonzero"]
+        files = m["file_bytes"]
+        for name, file in [("dense", "storage/dense.f32"), ("pruned_values", "storage/values.f32"),
+                           ("pruned_csr", "storage/csr.bin"), ("quantized_fixed", "storage/fixed.bin"),
+                           ("compressed", "compressed.bin")]:
+            assert files[name] == (repo / "models" / model / file).stat().st_size
+        assert files["dense"] == m["bytes_dense"] and files["pruned_csr"] == m["bytes_csr"]
+        assert files["compressed"] < files["quantized_fixed"] < files["pruned_values"] < files["pruned_csr"] < files["dense"]
         assert 0 <= m["compressed_accuracy"] <= 1
         assert sum(l["nonzero"] for l in m["compressed_layers"].values()) == sum(
             l["weights_nonzero"] for l in m["layers"].values())
     report = (repo / "reports" / "REPORT.md").read_text()
     assert "## lenet_300_100" in report and "Han et al. 2015" in report
-    assert "+ Huffman coding: compressed.bin" in report
+    assert "| + Huffman coding " in report and "`storage/csr.bin`" in report
     for png in re.findall(r"\]\(([^)]+\.png)\)", report):
         assert (repo / "reports" / png).stat().st_size > 1000
 

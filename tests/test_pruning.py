@@ -157,6 +157,24 @@ def test_pruned_weights_stay_zero_through_retraining(kind):
     assert not torch.equal(after["fc3.weight"], before["fc3.weight"])
 
 
+def test_conv_training_keeps_masks_and_returns_standard_layout():
+    """fit trains convolutions in channels-last layout; the masks hold there too, and the model
+    comes back in the standard layout, so checkpoints do not depend on how it was trained."""
+    torch.manual_seed(0)
+    model = build("lenet5_caffe")
+    pruning.prune_by_std(model, {"conv2": 1.0}, pruning.weight_std(model))
+    keep = model.conv2.weight_mask.bool().clone()
+    before = model.conv2.weight_orig.detach().clone()
+    cfg = Training(seed=0, epochs=1, batch_size=16, lr=0.1, momentum=0.9, schedule="cosine",
+                   regularization={"kind": "l2", "strength": 0.01})
+    fit(model, cfg, _tiny_data(64, 1), _tiny_data(32, 2))
+    for t in (model.conv2.weight_orig, model.conv2.weight_mask, model.conv1.weight):
+        assert t.is_contiguous()
+    state = pruning.plain_state_dict(model)
+    assert (state["conv2.weight"][~keep] == 0).all()
+    assert not torch.equal(state["conv2.weight"][keep], before[keep])
+
+
 # --- checkpoints --------------------------------------------------------------------------------
 
 def _pruned_model():

@@ -198,7 +198,7 @@ def test_bad_compressed_file(project, capsys, monkeypatch):
     blob[len(blob) // 2] ^= 0xFF
     (project / "compressed.bin").write_bytes(bytes(blob))
     code, err = run_stage(capsys, monkeypatch, "evaluate", "lenet_300_100", "--dense", str(_ckpt(project)),
-                          "--pruned", str(_ckpt(project)), "--compressed", "compressed.bin",
+                          "--pruned", str(_ckpt(project)), "--compressed", "compressed.bin", "--storage", "storage",
                           "--metrics", "metrics.json", "--plots", "plots")
     assert code == 1 and last_line(err).startswith("error: compressed.bin: ") and "CRC" in last_line(err)
     assert (project / "metrics.json").read_bytes() == OLD
