@@ -1,5 +1,7 @@
 """MLflow logging that never costs a DVC output: if the store is unreachable the stage warns once
 and goes on, unless tracking is required, in which case it fails before any work is done."""
+import contextlib
+import fcntl
 import os
 import sys
 import warnings
@@ -30,6 +32,26 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """For a SQLite store, an exclusive lock (a file beside the database) held while a process
+    opens the store and finds or creates the experiment and the parent run: stages of parallel
+    experiments (`dvc queue start -j 2`) would otherwise race to create the tables, the experiment
+    or a parent. Other stores take no lock: a server creates its tables once, and a lost race to
+    create the experiment is handled in Run._experiment."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri[len("sqlite:///"):] + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class Run:
     """One MLflow run. All methods are no-ops when the store could not be reached.
 
@@ -42,19 +64,31 @@ class Run:
         self.uri, self.run, self.parent_id = uri, None, None
         try:
             from mlflow.tracking import MlflowClient
-            self.client = MlflowClient(uri)
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-            tags = {k: str(v) for k, v in tags.items()}
-            if group:
-                self.parent_id = self._parent(exp_id, {k: str(v) for k, v in group.items()})
-                tags["mlflow.parentRunId"] = self.parent_id
+            with _store_lock(uri):
+                self.client = MlflowClient(uri)
+                exp_id = self._experiment(experiment)
+                tags = {k: str(v) for k, v in tags.items()}
+                if group:
+                    self.parent_id = self._parent(exp_id, {k: str(v) for k, v in group.items()})
+                    tags["mlflow.parentRunId"] = self.parent_id
             self.run = self.client.create_run(exp_id, run_name=name, tags=tags)
         except Exception as e:  # noqa: BLE001 - any store failure is reported the same way
             message = f"MLflow tracking store {uri} unreachable: {type(e).__name__}: {str(e)[:300]}"
             if required:
                 raise TrackingError(message + " (tracking.required is true)") from None
             print(f"warning: {message}; continuing without tracking", file=sys.stderr)
+
+    def _experiment(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except Exception:  # noqa: BLE001 - another process (e.g. a parallel experiment) created it first
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def _parent(self, exp_id: str, group: dict) -> str:
         query = " and ".join(f"tags.{k} = '{v}'" for k, v in group.items())

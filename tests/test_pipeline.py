@@ -224,7 +224,7 @@ def test_unreachable_tracking_warns_and_still_writes_outputs(repo, tmp_path):
     out = tmp_path / "m.json"
     proc = sh(repo, sys.executable, "stages/evaluate.py", "lenet_300_100", "--dense", "models/lenet_300_100/dense.pt",
               "--pruned", "models/lenet_300_100/iter1.pt", "--compressed", "models/lenet_300_100/compressed.bin",
-              "--metrics", str(out), "--plots", str(tmp_path / "plots"),
+              "--storage", "models/lenet_300_100/storage", "--metrics", str(out), "--plots", str(tmp_path / "plots"),
               MLFLOW_TRACKING_URI="http://127.0.0.1:9")
     assert "warning: MLflow tracking store http://127.0.0.1:9 unreachable" in proc.stderr
     assert json.loads(out.read_text())["compression_ratio"] > 1
@@ -340,3 +340,52 @@ def test_against_a_real_mlflow_server(repo, tmp_path):
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_two_queued_experiments_run_in_parallel_into_one_new_store(repo):
+    """`dvc exp run --queue` twice, `dvc queue start -j 2`: both experiments finish, and every
+    stage run of both is in the project's store (found from DVC_ROOT, as the stages run in
+    temporary copies), complete, under its own parent. The store does not exist beforehand, so
+    the two workers' first stages race to create it."""
+    import time
+    from mlflow.tracking import MlflowClient
+    repo, params, _ = repo
+    assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "before the queue", "--allow-empty")
+    head = sh(repo, "git", "rev-parse", "HEAD").stdout.strip()
+    (repo / "mlflow.db").rename(repo / "mlflow-before-queue.db")
+    names = {"q-five-bits": 5, "q-four-bits": 4}
+    for name, bits in names.items():
+        sh(repo, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"models.lenet_300_100.quantize.bits.fc1={bits}")
+    sh(repo, "dvc", "queue", "start", "-j", "2")
+    deadline = time.monotonic() + 600
+    while True:
+        status = sh(repo, "dvc", "queue", "status").stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        assert time.monotonic() < deadline, f"queue not done after 600 s:\n{status}"
+        time.sleep(3)
+    logs = {name: sh(repo, "dvc", "queue", "logs", name, check=False).stdout[-3000:] for name in names}
+    for name in names:
+        assert re.search(rf"{name}\s.*Success", status), f"{name} did not succeed:\n{status}\n{logs[name]}"
+    assert set(names) <= set(re.findall(r"q-\w+-bits", sh(repo, "dvc", "exp", "show", "--json").stdout))
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(params["tracking"]["experiment"])
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    by_id = {r.info.run_id: r for r in runs}
+    expected = {"quantize@lenet_300_100", "encode@lenet_300_100", "evaluate@lenet_300_100", "report"}
+    for name, bits in names.items():
+        children = [r for r in runs if r.data.tags.get("dvc_exp_name") == name and "mlflow.parentRunId" in r.data.tags]
+        assert {r.info.run_name for r in children} == expected, logs[name]
+        assert len(children) == len(expected)  # one run per stage: none lost, none doubled
+        for r in children:
+            assert r.info.status == "FINISHED", (name, r.info.run_name, r.info.status)
+            parent = by_id[r.data.tags["mlflow.parentRunId"]]
+            assert parent.data.tags["dvc_exp_name"] == name and parent.data.tags["git_commit"] == head
+        quantize = next(r for r in children if r.info.run_name == "quantize@lenet_300_100")
+        assert quantize.data.params["quantize.bits.fc1"] == str(bits)
+        evaluate = next(r for r in children if r.info.run_name == "evaluate@lenet_300_100")
+        assert {"compressed_ratio", "compression_ratio", "layer.fc1.kept"} <= set(evaluate.data.metrics)
+    assert len(client.search_model_versions("name = 'lenet_300_100-pruned'")) == len(names)
