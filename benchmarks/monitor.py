@@ -1,12 +1,16 @@
 """Run a command (normally `dvc repro`) and measure every DVC stage it runs: wall time and peak
-resident memory (RSS) of the stage's processes, sampled from /proc every 0.1 s (Linux).
+resident memory (RSS) of the stage's processes, sampled from /proc every 0.2 s (Linux).
 
 DVC puts DVC_STAGE=<stage> into the environment of each stage command, so a process belongs to
 the stage named there. Writes benchmarks/stages.json; benchmarks/run.py folds it into results.json.
 
     python benchmarks/monitor.py --out benchmarks/stages.json -- dvc repro
+
+Stages that DVC restored from its run-cache instead of running are not measured; time them with
+`--add ... -- dvc repro -f -s <stage>...`, which adds their figures (and wall time) to the file.
 """
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -57,6 +61,7 @@ def stage_and_rss(pid: int) -> tuple[str | None, int]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/stages.json", help="JSON to write")
+    ap.add_argument("--add", action="store_true", help="add to the stages already in --out instead of replacing them")
     ap.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
     args = ap.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -81,6 +86,12 @@ def main():
     result = {"command": " ".join(command), "returncode": proc.returncode, "wall_seconds": total,
               "stages": {name: {"seconds": s["last_seen"] - s["first_seen"] + INTERVAL,
                                 "peak_rss_mb": s["peak_rss_bytes"] / 2 ** 20} for name, s in stages.items()}}
+    if args.add and Path(args.out).exists():
+        before = json.loads(Path(args.out).read_text())
+        result = {"command": f"{before['command']} + {result['command']}",
+                  "returncode": before["returncode"] or result["returncode"],
+                  "wall_seconds": before["wall_seconds"] + result["wall_seconds"],
+                  "stages": {**before["stages"], **result["stages"]}}
     io.write_json(args.out, result)
     print(f"monitor: {len(stages)} stages in {total:.0f} s, peak RSS "
           f"{max((s['peak_rss_mb'] for s in result['stages'].values()), default=0):.0f} MB -> {args.out}")

@@ -288,6 +288,16 @@ def test_monitor_measures_each_stage_process(tmp_path):
     stages = json.loads(out.read_text())["stages"]
     assert set(stages) == {"first", "second"}
     assert 0.6 < stages["first"]["seconds"] < 2 and stages["second"]["peak_rss_mb"] > 200
+    wall = json.loads(out.read_text())["wall_seconds"]
+    # --add: a later run of some stages adds to the file (a re-measured stage replaces its entry)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "monitor.py"), "--add", "--out", str(out), "--",
+                           "sh", "-c", "DVC_STAGE=second sleep 1; DVC_STAGE=third sleep 1"],
+                          capture_output=True, text=True, env=env(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    added = json.loads(out.read_text())
+    assert set(added["stages"]) == {"first", "second", "third"}
+    assert added["stages"]["first"] == stages["first"] and added["stages"]["second"]["peak_rss_mb"] < 100
+    assert added["wall_seconds"] > wall + 1.5
 
 
 def free_port() -> int:
