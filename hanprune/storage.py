@@ -60,7 +60,7 @@ class _Cursor:
         n = count * np.dtype(dtype).itemsize
         if self.offset + n > len(self.data):
             raise StorageError(f"{self.what}: {len(self.data)} bytes, too short for this model "
-                               f"(needs more than {self.offset + n})")
+                               f"(needs at least {self.offset + n})")
         self.offset += n
         return np.frombuffer(self.data, dtype, count, self.offset - n)
 

@@ -358,7 +358,6 @@ def test_two_queued_experiments_run_in_parallel_into_one_new_store(repo):
     temporary copies), complete, under its own parent. The store does not exist beforehand, so
     the two workers' first stages race to create it."""
     import time
-    from mlflow.tracking import MlflowClient
     repo, params, _ = repo
     assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
     sh(repo, "git", "add", "-A")
@@ -381,21 +380,27 @@ def test_two_queued_experiments_run_in_parallel_into_one_new_store(repo):
         assert re.search(rf"{name}\s.*Success", status), f"{name} did not succeed:\n{status}\n{logs[name]}"
     assert set(names) <= set(re.findall(r"q-\w+-bits", sh(repo, "dvc", "exp", "show", "--json").stdout))
 
-    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(params["tracking"]["experiment"])
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    by_id = {r.info.run_id: r for r in runs}
+    # Read the new store in a fresh process: this one holds MLflow's cached connection to the file
+    # that was moved aside.
+    read = ("import json, sys; from mlflow.tracking import MlflowClient; c = MlflowClient(sys.argv[1]); "
+            "e = c.get_experiment_by_name(sys.argv[2]); print(json.dumps({'runs': [{'id': r.info.run_id, "
+            "'name': r.info.run_name, 'status': r.info.status, 'tags': r.data.tags, 'params': r.data.params, "
+            "'metrics': sorted(r.data.metrics)} for r in c.search_runs([e.experiment_id], max_results=1000)], "
+            "'versions': len(c.search_model_versions(\"name = 'lenet_300_100-pruned'\"))}))")
+    store = json.loads(sh(repo, sys.executable, "-c", read, f"sqlite:///{repo / 'mlflow.db'}",
+                          params["tracking"]["experiment"]).stdout.strip().splitlines()[-1])
+    by_id = {r["id"]: r for r in store["runs"]}
     expected = {"quantize@lenet_300_100", "encode@lenet_300_100", "evaluate@lenet_300_100", "report"}
     for name, bits in names.items():
-        children = [r for r in runs if r.data.tags.get("dvc_exp_name") == name and "mlflow.parentRunId" in r.data.tags]
-        assert {r.info.run_name for r in children} == expected, logs[name]
+        children = [r for r in store["runs"] if r["tags"].get("dvc_exp_name") == name and "mlflow.parentRunId" in r["tags"]]
+        assert {r["name"] for r in children} == expected, logs[name]
         assert len(children) == len(expected)  # one run per stage: none lost, none doubled
         for r in children:
-            assert r.info.status == "FINISHED", (name, r.info.run_name, r.info.status)
-            parent = by_id[r.data.tags["mlflow.parentRunId"]]
-            assert parent.data.tags["dvc_exp_name"] == name and parent.data.tags["git_commit"] == head
-        quantize = next(r for r in children if r.info.run_name == "quantize@lenet_300_100")
-        assert quantize.data.params["quantize.bits.fc1"] == str(bits)
-        evaluate = next(r for r in children if r.info.run_name == "evaluate@lenet_300_100")
-        assert {"compressed_ratio", "compression_ratio", "layer.fc1.kept"} <= set(evaluate.data.metrics)
-    assert len(client.search_model_versions("name = 'lenet_300_100-pruned'")) == len(names)
+            assert r["status"] == "FINISHED", (name, r["name"], r["status"])
+            parent = by_id[r["tags"]["mlflow.parentRunId"]]
+            assert parent["tags"]["dvc_exp_name"] == name and parent["tags"]["git_commit"] == head
+        quantize = next(r for r in children if r["name"] == "quantize@lenet_300_100")
+        assert quantize["params"]["quantize.bits.fc1"] == str(bits)
+        evaluate = next(r for r in children if r["name"] == "evaluate@lenet_300_100")
+        assert {"compressed_ratio", "compression_ratio", "layer.fc1.kept"} <= set(evaluate["metrics"])
+    assert store["versions"] == len(names)
