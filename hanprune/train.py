@@ -1,4 +1,5 @@
 """Training and evaluation on in-memory tensors: no DataLoader, no per-sample transforms."""
+import os
 import sys
 import time
 
@@ -17,10 +18,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_deterministic(seed: int, threads: int) -> None:
+def make_deterministic(seed: int, threads: int, device: torch.device) -> None:
+    """Seed and fix the thread count. On CUDA also force deterministic kernels (cuBLAS needs its
+    workspace setting for that). The CPU kernels used here are deterministic for a fixed thread
+    count without the flag, and setting it imports torch._dynamo: 2.5 s per stage."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
 
 
 @torch.no_grad()
@@ -32,10 +38,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    """SGD with momentum; L2 regularisation is SGD's weight decay, L1 is added to the loss."""
+    """SGD with momentum; L2 regularisation is SGD's weight decay, L1 is added to the loss. The
+    fused kernel updates all parameters in one call (about 10% of an epoch of lenet_300_100)."""
     l2 = cfg.regularization.strength if cfg.regularization.kind == "l2" else 0.0
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                           nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=l2)
+                           nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=l2, fused=True)
 
 
 def make_schedule(optimizer, cfg, steps: int):
@@ -51,10 +58,9 @@ def random_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> tor
     pixels (MNIST's background) fill the uncovered edge."""
     n, _, h, w = x.shape
     padded = F.pad(x, (shift,) * 4, mode="replicate")
-    dy, dx = torch.randint(0, 2 * shift + 1, (2, n, 1), generator=generator).to(x.device)
-    rows = (torch.arange(h, device=x.device) + dy)[:, :, None]
-    cols = (torch.arange(w, device=x.device) + dx)[:, None, :]
-    return padded[torch.arange(n, device=x.device)[:, None, None], 0, rows, cols].unsqueeze(1)
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, n), generator=generator).to(x.device)
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # (n, c, 2s+1, 2s+1, h, w), a view
+    return windows[torch.arange(n, device=x.device), :, dy, dx]
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:

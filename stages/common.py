@@ -56,9 +56,9 @@ def git_commit() -> str:
 
 def setup(params, seed: int):
     """Seed, fix threads and deterministic algorithms; return the torch device."""
-    threads = params.run.threads or os.cpu_count()
-    make_deterministic(seed, threads)
-    return pick_device(params.run.device)
+    device = pick_device(params.run.device)
+    make_deterministic(seed, params.run.threads or os.cpu_count(), device)
+    return device
 
 
 def open_run(params, name: str, model: str | None, data_md5: str | None) -> tracking.Run:

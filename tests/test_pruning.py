@@ -10,7 +10,7 @@ from hanprune import pruning
 from hanprune.config import Training
 from hanprune.models import build, prunable_layers
 from hanprune.pruning import CheckpointError, StdThreshold
-from hanprune.train import fit
+from hanprune.train import fit, random_shift
 
 
 # --- the rule -----------------------------------------------------------------------------------
@@ -173,6 +173,37 @@ def test_conv_training_keeps_masks_and_returns_standard_layout():
     state = pruning.plain_state_dict(model)
     assert (state["conv2.weight"][~keep] == 0).all()
     assert not torch.equal(state["conv2.weight"][keep], before[keep])
+
+
+def test_random_shift_translates_each_image_by_its_own_offset():
+    """Each output image is its input translated by (dy, dx) in [-2, 2], with the edge pixels
+    filling the uncovered border: the same as slicing that image's replicate-padded copy."""
+    x = torch.randn(50, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    out = random_shift(x, 2, torch.Generator().manual_seed(3))
+    dy, dx = torch.randint(0, 5, (2, 50), generator=torch.Generator().manual_seed(3))
+    padded = torch.nn.functional.pad(x, (2,) * 4, mode="replicate")
+    for i in range(50):
+        assert torch.equal(out[i], padded[i, :, dy[i]:dy[i] + 28, dx[i]:dx[i] + 28])
+    assert len({(a, b) for a, b in zip(dy.tolist(), dx.tolist())}) > 10  # offsets really vary
+    assert torch.equal(x, random_shift(x, 0, torch.Generator()))
+
+
+@pytest.mark.parametrize("key", ["lenet_300_100", "lenet5"])
+def test_training_on_the_cpu_is_repeatable_to_the_bit(key):
+    """Same seed, same thread count: the same bytes, without torch.use_deterministic_algorithms
+    (which make_deterministic only sets on CUDA)."""
+    cfg = Training(seed=0, epochs=1, batch_size=16, lr=0.05, momentum=0.9, schedule="cosine",
+                   regularization={"kind": "l2", "strength": 0.001}, shift=2)
+    states = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build(key)
+        pruning.prune_by_std(model, {"fc1": 1.0}, pruning.weight_std(model))
+        fit(model, cfg, _tiny_data(96, 1), _tiny_data(32, 2))
+        states.append(pruning.plain_state_dict(model))
+    assert not torch.are_deterministic_algorithms_enabled()
+    for name, tensor in states[0].items():
+        assert tensor.numpy().tobytes() == states[1][name].numpy().tobytes(), name
 
 
 # --- checkpoints --------------------------------------------------------------------------------
