@@ -32,7 +32,7 @@ def make_deterministic(seed: int, threads: int, device: torch.device) -> None:
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
     model.eval()
-    correct = sum((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
+    correct = sum((model(channels_last(x[i:i + batch_size])).argmax(1) == y[i:i + batch_size]).sum().item()
                   for i in range(0, len(x), batch_size))
     return correct / len(x)
 
@@ -64,10 +64,11 @@ def random_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> tor
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
-    """A copy of the image batch x in channels-last strides. x.contiguous(memory_format=...) would
-    leave a one-channel batch as it is (it counts as channels-last already), and then a convolution
-    whose weight is computed (weight_orig * mask, which also comes out in the standard strides)
-    runs in the slow standard layout."""
+    """A copy of the image batch x in channels-last strides, in which oneDNN's CPU convolutions are
+    faster for these small networks, in training and in inference (lenet5_caffe's test accuracy:
+    0.8 s instead of 1.5 s). x.contiguous(memory_format=...) would leave a one-channel batch as it
+    is (it counts as channels-last already), and then a convolution whose weight is in the
+    standard strides (a plain model, or weight_orig * mask) runs in the slow standard layout."""
     return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
 
 
