@@ -178,10 +178,10 @@ def test_iteration_gap(tmp_path, project_params):
 
 
 def test_iteration_key_mismatch(tmp_path, project_params):
-    project_params["prune"]["lenet_300_100-iter7"] = project_params["prune"].pop("lenet_300_100-iter5")
+    project_params["prune"]["lenet_300_100-iter7"] = project_params["prune"].pop("lenet_300_100-iter4")
     msg = _error(tmp_path, project_params)
     assert "prune.lenet_300_100-iter7" in msg
-    assert "lenet_300_100-iter5" in msg
+    assert "lenet_300_100-iter4" in msg
 
 
 def test_prune_model_not_in_models(tmp_path, project_params):
@@ -192,11 +192,11 @@ def test_prune_model_not_in_models(tmp_path, project_params):
 
 
 def test_final_not_last_checkpoint(tmp_path, project_params):
-    project_params["models"]["lenet_300_100"]["final"] = "models/lenet_300_100/iter4.pt"
+    project_params["models"]["lenet_300_100"]["final"] = "models/lenet_300_100/iter3.pt"
     msg = _error(tmp_path, project_params)
     assert "models.lenet_300_100.final" in msg
-    assert "'models/lenet_300_100/iter4.pt'" in msg
-    assert "expected 'models/lenet_300_100/iter5.pt'" in msg
+    assert "'models/lenet_300_100/iter3.pt'" in msg
+    assert "expected 'models/lenet_300_100/iter4.pt'" in msg
 
 
 def test_final_follows_added_iteration(tmp_path, project_params):
