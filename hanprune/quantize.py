@@ -38,6 +38,23 @@ def kmeans_1d(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return codebook.float(), codes
 
 
+class _Lookup(torch.autograd.Function):
+    """codebook[codes], whose backward sums the gradient of each code with bincount, in a fixed
+    order. Indexing's own backward accumulates in parallel in whatever order threads finish, so
+    two identical fine-tuning runs came out different in the last bits."""
+
+    @staticmethod
+    def forward(ctx, codebook, codes):
+        ctx.save_for_backward(codes)
+        ctx.k = len(codebook)
+        return codebook[codes]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (codes,) = ctx.saved_tensors
+        return torch.bincount(codes.flatten(), grad.flatten(), minlength=ctx.k).to(grad.dtype), None
+
+
 class SharedWeight(nn.Module):
     """Parametrization: weight = codebook[codes] where codes >= 0, exactly zero where pruned."""
 
@@ -47,7 +64,7 @@ class SharedWeight(nn.Module):
         self.codebook = nn.Parameter(codebook)
 
     def forward(self, _original):
-        return torch.where(self.codes >= 0, self.codebook[self.codes.clamp(min=0)], 0.0)
+        return torch.where(self.codes >= 0, _Lookup.apply(self.codebook, self.codes.clamp(min=0)), 0.0)
 
 
 def share_weights(model: nn.Module, bits: dict[str, int], masks: dict[str, torch.Tensor]) -> None:
