@@ -64,7 +64,11 @@ class SharedWeight(nn.Module):
         self.codebook = nn.Parameter(codebook)
 
     def forward(self, _original):
-        return torch.where(self.codes >= 0, _Lookup.apply(self.codebook, self.codes.clamp(min=0)), 0.0)
+        codes = self.codes.clamp(min=0)
+        # On CUDA, bincount with weights is the non-deterministic one, and indexing's backward is
+        # deterministic under the flag that train.make_deterministic sets there.
+        shared = _Lookup.apply(self.codebook, codes) if codes.device.type == "cpu" else self.codebook[codes]
+        return torch.where(self.codes >= 0, shared, 0.0)
 
 
 def share_weights(model: nn.Module, bits: dict[str, int], masks: dict[str, torch.Tensor]) -> None:
