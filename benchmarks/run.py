@@ -4,6 +4,9 @@ dense vs pruned inference (masked and real sparse kernels), and pipeline overhea
     python benchmarks/run.py                 # full run on real MNIST, writes results.json and RESULTS.md
     python benchmarks/run.py --quick ...     # one repetition of everything (the smoke test uses this)
 
+The numeric mode (hanprune/runtime.py) is fixed when torch loads: this process runs in the fast mode,
+and the portable mode's cost is measured in child processes, one epoch each (--epoch KEY [--portable]).
+
 Everything is compared within one run on one machine: these machines are shared and noisy.
 """
 import argparse
@@ -17,15 +20,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import scipy.sparse
-from scipy.sparse import _sparsetools
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from hanprune import runtime  # noqa: E402
+
+runtime.configure("--portable" in sys.argv)
+import numpy as np  # noqa: E402
+import scipy.sparse  # noqa: E402
+from scipy.sparse import _sparsetools  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 from hanprune import config, data, io, measure  # noqa: E402
 from hanprune.models import build, prunable_layers  # noqa: E402
@@ -100,6 +106,19 @@ def bench_training(key, cfg, root, x, y, reps, baseline_reps, flops_per_second, 
     return {"seconds_per_epoch": project, "plain_loop_seconds_per_epoch": plain, "baseline_seconds_per_epoch": baseline,
             "speedup_vs_baseline": baseline / project, "bound_seconds_per_epoch": bound,
             "fraction_of_bound": bound / project, "images": len(x)}
+
+
+def bench_numerics(key, args, reps) -> dict:
+    """Seconds per epoch of the project's loop in the fast and the portable mode, each in a child
+    process (median of reps): what run.portable costs."""
+    def epoch(mode: list[str]) -> float:
+        cmd = [sys.executable, __file__, "--epoch", key, "--data", args.data, "--params", args.params,
+               "--threads", str(args.threads), *mode, *(["--quick"] if args.quick else [])]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+    fast = statistics.median(epoch([]) for _ in range(reps))
+    portable = statistics.median(epoch(["--portable"]) for _ in range(reps))
+    return {"fast_seconds_per_epoch": fast, "portable_seconds_per_epoch": portable, "portable_cost": portable / fast - 1}
 
 
 class SparseLinear(nn.Module):
@@ -255,6 +274,14 @@ def render(r: dict) -> str:
     lines += [tabulate(rows, headers=["model", "this project (s)", "plain in-memory loop (s)",
                                       "torchvision DataLoader baseline (s)", "speed-up", "hardware bound (s)",
                                       "fraction of bound"], tablefmt="github"), "",
+              "## The portable numeric mode's cost", "",
+              "One epoch of the same loop, each in its own process: the fast mode (torch's defaults: AVX-512 "
+              "kernels where the CPU has them, oneDNN convolutions) against `run.portable: true` (AVX2 kernels, "
+              "MKL's reproducible mode, ATen's own convolutions), which gives the same bytes on any x86-64 CPU "
+              "with AVX2 (hanprune/runtime.py).", "",
+              tabulate([[k, f"{n['fast_seconds_per_epoch']:.2f}", f"{n['portable_seconds_per_epoch']:.2f}",
+                         f"{100 * n['portable_cost']:+.0f}%"] for k, n in r["numerics"].items()],
+                       headers=["model", "fast mode (s)", "portable mode (s)", "cost"], tablefmt="github"), "",
               "## Inference, dense vs final pruned model", "",
               "Batch 1: median / p95 latency per image. Batch 1000: images per second. `torch_csr` and `scipy_csr` "
               "replace the Linear layers of the torch model with sparse kernels; convolutions stay dense. For "
@@ -304,20 +331,28 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "benchmarks"), help="directory for results.json and RESULTS.md")
     ap.add_argument("--stages", default=str(ROOT / "benchmarks" / "stages.json"),
                     help="per-stage time and peak RSS of the full run, from monitor.py")
+    ap.add_argument("--epoch", metavar="KEY", help="only time one epoch of KEY's training and print it as JSON")
+    ap.add_argument("--portable", action="store_true", help="with --epoch: in the portable numeric mode")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    runtime.start("cpu", args.threads, args.portable, 0)
     reps, calls, limit = (1, 200, 2000) if args.quick else (3, 1000, None)
     params = config.load(args.params)
     x, y = data.load_split(args.data, train=True)
+    if args.epoch:
+        n = limit or len(x)
+        print(json.dumps({"seconds": project_epoch(args.epoch, params.models[args.epoch].pretrain, x[:n], y[:n])}))
+        return
     test_x, _ = data.load_split(args.data, train=False)
     flops = gemm_flops(512 if args.quick else 2048, reps=3 if args.quick else 10)
     results = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                            "threads": torch.get_num_threads()},
                "date": time.strftime("%Y-%m-%d"), "gemm_n": 512 if args.quick else 2048,
-               "gemm_gflops": flops / 1e9, "train": {}, "inference": {}}
+               "gemm_gflops": flops / 1e9, "train": {}, "numerics": {}, "inference": {}}
     for key in args.models:
         print(f"training {key} ...", flush=True)
         results["train"][key] = bench_training(key, params.models[key].pretrain, args.data, x, y, reps, 1, flops, limit)
+        print(f"numeric modes {key} ...", flush=True)
+        results["numerics"][key] = bench_numerics(key, args, reps)
         project = Path(args.params).parent
         final = params.models[key].final
         print(f"inference {key} ({final}) ...", flush=True)

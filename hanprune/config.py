@@ -7,10 +7,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .data import FILES, SOURCES
+from .errors import HanpruneError
 from .models import MODELS, build, prunable_layers
 
 
-class ConfigError(Exception):
+class ConfigError(HanpruneError):
     pass
 
 
@@ -56,11 +57,21 @@ class Data(Strict):
 class Run(Strict):
     device: Literal["auto", "cpu", "cuda"]
     threads: int = Field(ge=0, description="0 = all cores")
+    portable: bool = Field(False, description="the same bytes on any x86-64 CPU with AVX2 (hanprune/runtime.py)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.portable and self.threads == 0:
+            raise ValueError("portable mode needs a fixed thread count: set run.threads >= 1 (0 = all cores "
+                             "differs between machines)")
+        return self
 
 
 class Tracking(Strict):
     experiment: str
     required: bool = False
+    register_max_drop: float = Field(0.5, ge=0, le=1, description=(
+        "do not register the pruned model if its validation accuracy is more than this below the dense model's"))
 
 
 class Quantize(Strict):
@@ -186,12 +197,30 @@ def _format(e: ValidationError) -> str:
     return f"{loc}: {err['msg']} (got {err.get('input')!r})"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping, as DVC does (PyYAML would keep
+    the last value silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        first = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in first:
+                raise ConfigError(f"line {line}: duplicate key {key!r} (first at line {first[key]})")
+            first[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load(path="params.yaml") -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"

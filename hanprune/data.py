@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .io import write_bytes
+from .errors import HanpruneError
 
 FILES = {  # name -> (bytes, md5) of the official uncompressed files
     "train-images-idx3-ubyte": (47040016, "6bbc9ace898e44ae57da46a324031adb"),
@@ -32,7 +33,7 @@ SOURCES = ("auto", "torchvision", "pypi", "local")
 MEAN, STD = 0.1307, 0.3081  # the usual MNIST normalisation
 
 
-class DataError(Exception):
+class DataError(HanpruneError):
     pass
 
 
@@ -199,11 +200,21 @@ def load_split(root, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(labels.astype(np.int64))
 
 
-def dataset_md5(root) -> str:
-    """One md5 over the four raw files, to tag runs with the data they saw."""
+def verified_md5(root, expected: dict[str, str]) -> str:
+    """Check the four raw files against `expected` (file name -> md5), reading each once, and
+    return one md5 over all four (in FILES order), to tag runs with the data they saw."""
+    raw = Path(root) / "MNIST" / "raw"
     h = hashlib.md5()
     for name in FILES:
-        h.update((Path(root) / "MNIST" / "raw" / name).read_bytes())
+        path = raw / name
+        if not path.exists():
+            raise DataError(f"{path}: missing; run the download stage")
+        blob = path.read_bytes()
+        actual = md5(blob)
+        if actual != expected[name]:
+            raise DataError(f"{path}: md5 mismatch: expected {expected[name]} (data.md5), got {actual}; "
+                            "the file changed after download: re-run the download stage or `dvc checkout`")
+        h.update(blob)
     return h.hexdigest()
 
 
@@ -220,3 +231,9 @@ class Splits:
         self.train = (x[train], y[train])
         self.val = (x[val], y[val])
         self.test = load_split(root, train=False)
+
+    def to(self, device) -> "Splits":
+        for name in ("train", "val", "test"):
+            x, y = getattr(self, name)
+            setattr(self, name, (x.to(device), y.to(device)))
+        return self

@@ -79,6 +79,8 @@ import torch
 from bitarray import bitarray, frozenbitarray
 from bitarray.util import canonical_decode, canonical_huffman
 
+from .errors import HanpruneError
+
 MAGIC = b"HANPRUNE"
 FORMAT_VERSION = 1
 
@@ -91,7 +93,7 @@ MIN_FILE_SIZE = PREAMBLE.size + 2 + 2 + CRC_SIZE  # an empty model key and no la
 U16_MAX, U32_MAX = 0xFFFF, 0xFFFFFFFF
 
 
-class EncodingError(Exception):
+class EncodingError(HanpruneError):
     """A model that cannot be encoded, or a file that cannot be decoded."""
 
 

@@ -4,7 +4,9 @@ import contextlib
 import io
 import json
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -24,11 +26,20 @@ def atomic_path(path):
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        _test_pause(path)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _test_pause(path: Path):
+    """A hook for the kill test: HANPRUNE_TEST_PAUSE_BEFORE_RENAME=<file name> holds the write of
+    that file between the complete temporary file and the rename, so a test can kill it there."""
+    if os.environ.get("HANPRUNE_TEST_PAUSE_BEFORE_RENAME") == path.name:
+        print(f"paused before renaming onto {path}", file=sys.stderr, flush=True)
+        time.sleep(600)
 
 
 def write_bytes(path, data: bytes):

@@ -5,12 +5,9 @@ A conv weight is applied once per output position (padding positions included, a
 Biases, activations and pooling are not counted: the paper's columns (fc1 of LeNet-300-100:
 235K weights, 470K FLOP) leave them out.
 """
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from .encoding import describe
 from .models import INPUT_SHAPE, prunable_layers
 
 FLOAT_BYTES = 4
@@ -27,7 +24,7 @@ def output_positions(model: nn.Module) -> dict[str, int]:
         hooks.append(layer.register_forward_hook(hook))
     with torch.no_grad():
         model.eval()
-        model(torch.zeros(1, *INPUT_SHAPE))
+        model(torch.zeros(1, *INPUT_SHAPE, device=next(model.parameters()).device))
     for h in hooks:
         h.remove()
     return positions
@@ -63,32 +60,21 @@ def totals(layers: dict[str, dict]) -> dict:
     return {k: sum(l[k] for l in layers.values()) for k in keys}
 
 
-def summary(dense: nn.Module, pruned: nn.Module, dense_accuracy: float, pruned_accuracy: float) -> dict:
+def summary(dense: nn.Module, pruned: nn.Module, test_dense: float, test_pruned: float) -> dict:
     """The evaluate stage's metrics: whole-model figures of both models and the pruned model's layers."""
     layers = layer_stats(pruned)
     total_dense, total = totals(layer_stats(dense)), totals(layers)
     return {
-        "dense_accuracy": dense_accuracy,
-        "pruned_accuracy": pruned_accuracy,
+        "test_dense": test_dense,
+        "test_pruned": test_pruned,
         "params_dense": total_dense["params"],
         "params_nonzero": total["nonzero"],
-        "compression_ratio": total_dense["params"] / total["nonzero"],
+        "compression": total_dense["params"] / total["nonzero"],
         "bytes_dense": total_dense["bytes_dense"],
         "bytes_nonzero": total["bytes_nonzero"],
         "bytes_csr": total["bytes_csr"],
         "flops_dense": total_dense["flops_dense"],
         "flops_pruned": total["flops_pruned"],
+        "flops_kept": total["flops_pruned"] / total_dense["flops_dense"],
         "layers": layers,
-    }
-
-
-def compressed_sizes(path, bytes_dense: int) -> dict:
-    """The compressed file's real size and ratio to dense float32, and where its bytes go per layer."""
-    blob = Path(path).read_bytes()
-    return {
-        "compressed_bytes": len(blob),
-        "compressed_ratio": bytes_dense / len(blob),
-        "compressed_layers": {l["layer"]: {k: l[k] for k in ("nonzero", "entries", "index_bits", "codebook_size",
-                                                            "bytes_codes", "bytes_index", "bytes_total")}
-                              for l in describe(blob)},
     }

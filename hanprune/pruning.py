@@ -4,11 +4,14 @@ The rule (StdThreshold) only computes a mask. Applying it, keeping pruned weight
 training (weight = weight_orig * weight_mask, recomputed before every forward) and combining masks
 across rounds is torch's re-parametrisation; this module adds the checkpoint format around it.
 """
+import math
+
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
 from .models import MODELS, build, prunable_layers
+from .errors import HanpruneError
 
 CHECKPOINT_FORMAT = 1
 
@@ -34,8 +37,22 @@ def weight_std(model: nn.Module) -> dict[str, float]:
     return {name: m.weight.detach().std().item() for name, m in prunable_layers(model).items()}
 
 
+class PruningError(HanpruneError):
+    pass
+
+
 def prune_by_std(model: nn.Module, s: dict[str, float], std: dict[str, float]) -> None:
+    """One prune round. Refuses (PruningError, model untouched) an s that would leave a layer
+    with no weights at all: retraining a dead network would only waste the epochs."""
     layers = prunable_layers(model)
+    for name, value in s.items():
+        m = layers[name]
+        w = m.weight_orig[m.weight_mask.bool()] if hasattr(m, "weight_mask") else m.weight  # the survivors
+        largest = w.detach().abs().max().item() if w.numel() else 0.0
+        if value * std[name] > largest:
+            allowed = math.floor(largest / std[name] * 1000) / 1000
+            raise PruningError(f"s.{name} = {value:g} removes every remaining weight of {name} (threshold "
+                               f"{value * std[name]:.4g} > largest |w| {largest:.4g}); allowed: s <= {allowed:g}")
     for name, value in s.items():
         StdThreshold.apply(layers[name], "weight", s=value, std=std[name])
 
@@ -66,7 +83,7 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-class CheckpointError(Exception):
+class CheckpointError(HanpruneError):
     pass
 
 
@@ -120,7 +137,7 @@ def sensitivity(model: nn.Module, s_grid: list[float], score) -> list[dict]:
     for layer in prunable_layers(model):
         for s in s_grid:
             pruned = copy.deepcopy(model)
-            prune_by_std(pruned, {layer: s}, std)
+            StdThreshold.apply(prunable_layers(pruned)[layer], "weight", s=s, std=std[layer])  # may empty it
             kept = prunable_layers(pruned)[layer].weight_mask.mean().item()
             rows.append({"layer": layer, "s": s, "kept": kept, "score": score(pruned)})
     return rows

@@ -66,7 +66,7 @@ class SharedWeight(nn.Module):
     def forward(self, _original):
         codes = self.codes.clamp(min=0)
         # On CUDA, bincount with weights is the non-deterministic one, and indexing's backward is
-        # deterministic under the flag that train.make_deterministic sets there.
+        # deterministic under the flag that runtime.start sets there.
         shared = _Lookup.apply(self.codebook, codes) if codes.device.type == "cpu" else self.codebook[codes]
         return torch.where(self.codes >= 0, shared, 0.0)
 

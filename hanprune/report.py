@@ -8,19 +8,19 @@ from tabulate import tabulate
 
 # Han et al. 2015, Tables 1-3 (errors in %, kept in % of weights).
 PAPER = {
-    "lenet_300_100": {"dense_error": 1.64, "pruned_error": 1.59, "compression": 12.0, "flops_kept": 8,
-                      "kept": {"fc1": 8, "fc2": 9, "fc3": 26}},
-    "lenet5_caffe": {"dense_error": 0.80, "pruned_error": 0.77, "compression": 12.0, "flops_kept": 16,
-                     "kept": {"conv1": 66, "conv2": 12, "fc1": 8, "fc2": 19}},
+    "lenet_300_100": {"dense_error": 1.64, "pruned_error": 1.59, "compression": 12.0, "flops_kept_percent": 8,
+                      "kept_percent": {"fc1": 8, "fc2": 9, "fc3": 26}},
+    "lenet5_caffe": {"dense_error": 0.80, "pruned_error": 0.77, "compression": 12.0, "flops_kept_percent": 16,
+                     "kept_percent": {"conv1": 66, "conv2": 12, "fc1": 8, "fc2": 19}},
 }
 # The public reference implementation's README (neural-pruning), accuracies in %.
 REFERENCE = {
     "lenet_300_100": {"dense_error": 100 - 95.62, "pruned_error": 100 - 94.76, "compression": 8.21,
-                      "flops_kept": 100 * 64.61 / 532.91,
-                      "kept": {"fc1": 12.5, "fc2": 6.4, "fc3": 72.9}},
+                      "flops_kept_percent": 100 * 64.61 / 532.91,
+                      "kept_percent": {"fc1": 12.5, "fc2": 6.4, "fc3": 72.9}},
     "lenet5": {"dense_error": 100 - 97.00, "pruned_error": 100 - 96.40, "compression": 7.50,
-               "flops_kept": 100 * 279.96 / 845.95,
-               "kept": {"conv1": 51.3, "conv2": 27.5, "fc1": 12.5, "fc2": 6.4, "fc3": 72.9}},
+               "flops_kept_percent": 100 * 279.96 / 845.95,
+               "kept_percent": {"conv1": 51.3, "conv2": 27.5, "fc1": 12.5, "fc2": 6.4, "fc3": 72.9}},
 }
 
 # Han, Mao & Dally 2016 (Deep Compression), Table 1: bytes after each step and the final test error.
@@ -28,7 +28,7 @@ DEEP_COMPRESSION = {
     "lenet_300_100": {"dense_kb": 1070, "pruned": 12, "quantized": 32, "huffman": 40, "huffman_kb": 27, "error": 1.58},
     "lenet5_caffe": {"dense_kb": 1720, "pruned": 12, "quantized": 33, "huffman": 39, "huffman_kb": 44, "error": 0.74},
 }
-# Issue 7's floors: compressed_ratio at least this with test error at most this (%).
+# Issue 7's floors: file_compression at least this with test error at most this (%).
 COMPRESSION_TARGETS = {"lenet_300_100": (40.0, 1.64), "lenet5_caffe": (39.0, 0.80)}
 
 # The project's floors (issue 3): test error at most this (%), compression at least this.
@@ -39,11 +39,11 @@ def target_line(key: str, m: dict) -> str:
     if key not in TARGETS:
         return ""
     max_error, min_ratio = TARGETS[key]
-    err = 100 * (1 - m["pruned_accuracy"])
-    dense_err = 100 * (1 - m["dense_accuracy"])
-    ok = err <= max_error and dense_err <= max_error and m["compression_ratio"] >= min_ratio
+    err = 100 * (1 - m["test_pruned"])
+    dense_err = 100 * (1 - m["test_dense"])
+    ok = err <= max_error and dense_err <= max_error and m["compression"] >= min_ratio
     return (f"Target: dense and pruned test error ≤ {max_error:.2f}% at ≥ {min_ratio:.0f}x. Measured: dense "
-            f"{dense_err:.2f}%, pruned {err:.2f}% at {m['compression_ratio']:.1f}x: **{'met' if ok else 'NOT met'}**.")
+            f"{dense_err:.2f}%, pruned {err:.2f}% at {m['compression']:.1f}x: **{'met' if ok else 'NOT met'}**.")
 
 
 def _pct(before, after):
@@ -72,9 +72,9 @@ def model_tables(key: str, m: dict) -> str:
     csr.append(["**TOTAL**", f"**{m['bytes_dense'] / 1000:.2f}**", f"**{m['bytes_nonzero'] / 1000:.2f}**",
                 f"**{m['bytes_csr'] / 1000:.2f}**"])
     flops = [(n, l["flops_dense"], l["flops_pruned"]) for n, l in layers.items()]
-    summary = [[key, f"{100 * m['dense_accuracy']:.2f}%", f"{m['params_dense'] / 1000:.2f}", "1.00x"],
-               [f"{key} (pruned)", f"{100 * m['pruned_accuracy']:.2f}%", f"{m['params_nonzero'] / 1000:.2f}",
-                f"{m['compression_ratio']:.2f}x"]]
+    summary = [[key, f"{100 * m['test_dense']:.2f}%", f"{m['params_dense'] / 1000:.2f}", "1.00x"],
+               [f"{key} (pruned)", f"{100 * m['test_pruned']:.2f}%", f"{m['params_nonzero'] / 1000:.2f}",
+                f"{m['compression']:.2f}x"]]
     return "\n\n".join([
         "#### Parameter Count Comparison", _change_table(params, "Parameters (K)", 1000),
         "#### Model Size Comparison",
@@ -94,15 +94,15 @@ def model_tables(key: str, m: dict) -> str:
 
 def side_by_side(key: str, m: dict) -> str:
     layers = m["layers"]
-    ours = {"dense_error": 100 * (1 - m["dense_accuracy"]), "pruned_error": 100 * (1 - m["pruned_accuracy"]),
-            "compression": m["compression_ratio"], "flops_kept": 100 * m["flops_pruned"] / m["flops_dense"],
-            "kept": {n: 100 * l["kept"] for n, l in layers.items()}}
+    ours = {"dense_error": 100 * (1 - m["test_dense"]), "pruned_error": 100 * (1 - m["test_pruned"]),
+            "compression": m["compression"], "flops_kept_percent": 100 * m["flops_kept"],
+            "kept_percent": {n: 100 * l["kept"] for n, l in layers.items()}}
     rows = []
     for label, ref in [("this run", ours), ("Han et al. 2015", PAPER.get(key)), ("reference implementation", REFERENCE.get(key))]:
         if ref is None:
             continue
         rows.append([label, f"{ref['dense_error']:.2f}%", f"{ref['pruned_error']:.2f}%", f"{ref['compression']:.1f}x",
-                     f"{ref['flops_kept']:.1f}%"] + [f"{ref['kept'][n]:.1f}%" if n in ref["kept"] else "-" for n in layers])
+                     f"{ref['flops_kept_percent']:.1f}%"] + [f"{ref['kept_percent'][n]:.1f}%" if n in ref["kept_percent"] else "-" for n in layers])
     return tabulate(rows, headers=["", "dense error", "pruned error", "compression", "FLOPs kept"]
                     + [f"{n} kept" for n in layers], tablefmt="github")
 
@@ -113,13 +113,13 @@ def compression_table(key: str, m: dict, quantize: dict) -> str:
     sharing (the compressed format with fixed-width codes), + Huffman coding (compressed.bin)."""
     paper = DEEP_COMPRESSION.get(key, {})
     files = m["file_bytes"]
-    rows = [("dense float32", "storage/dense.f32", files["dense"], m["dense_accuracy"], paper and f"{paper['dense_kb']} KB (1x)"),
-            ("pruned, non-zero values only", "storage/values.f32", files["pruned_values"], m["pruned_accuracy"],
+    rows = [("dense float32", "storage/dense.f32", files["dense"], m["test_dense"], paper and f"{paper['dense_kb']} KB (1x)"),
+            ("pruned, non-zero values only", "storage/values.f32", files["pruned_values"], m["test_pruned"],
              paper and f"{paper['pruned']}x"),
-            ("pruned, CSR (values + int32 indices)", "storage/csr.bin", files["pruned_csr"], m["pruned_accuracy"], ""),
-            ("+ weight sharing, fixed-width codes", "storage/fixed.bin", files["quantized_fixed"], m["compressed_accuracy"],
+            ("pruned, CSR (values + int32 indices)", "storage/csr.bin", files["pruned_csr"], m["test_pruned"], ""),
+            ("+ weight sharing, fixed-width codes", "storage/fixed.bin", files["quantized_fixed"], m["test_compressed"],
              paper and f"{paper['quantized']}x"),
-            ("+ Huffman coding", "compressed.bin", files["compressed"], m["compressed_accuracy"],
+            ("+ Huffman coding", "compressed.bin", files["compressed"], m["test_compressed"],
              paper and f"{paper['huffman_kb']} KB ({paper['huffman']}x), error {paper['error']:.2f}%")]
     body = [[name, f"`{path}`", f"{size:,}", f"{files['dense'] / size:.1f}x", f"{100 * (1 - acc):.2f}%", ref or "-"]
             for name, path, size, acc, ref in rows]
@@ -129,21 +129,21 @@ def compression_table(key: str, m: dict, quantize: dict) -> str:
               "the encode stage loads back each loadable one and checks it before writing. The values-only file "
               "has no positions and cannot be loaded: it is the reference implementation's count.")
     table += (f"\n\nWeight sharing with {', '.join(f'{n} {b}' for n, b in quantize['bits'].items())} bits; validation "
-              f"accuracy {quantize['val_accuracy_pruned']:.4f} pruned, {quantize['val_accuracy_quantized']:.4f} right after "
-              f"k-means, {quantize['val_accuracy_finetuned']:.4f} after fine-tuning the shared values.")
+              f"accuracy {quantize['val_before']:.4f} pruned, {quantize['val_shared']:.4f} right after "
+              f"k-means, {quantize['val_finetuned']:.4f} after fine-tuning the shared values.")
     if key in COMPRESSION_TARGETS:
         ratio, error = COMPRESSION_TARGETS[key]
-        err = 100 * (1 - m["compressed_accuracy"])
-        ok = m["compressed_ratio"] >= ratio and err <= error
+        err = 100 * (1 - m["test_compressed"])
+        ok = m["file_compression"] >= ratio and err <= error
         table += (f"\n\nTarget: compressed file ≥ {ratio:.0f}x smaller than dense float32 at test error ≤ {error:.2f}%. "
-                  f"Measured: {m['compressed_ratio']:.1f}x at {err:.2f}%: **{'met' if ok else 'NOT met'}**.")
+                  f"Measured: {m['file_compression']:.1f}x at {err:.2f}%: **{'met' if ok else 'NOT met'}**.")
     return table
 
 
 def iteration_table(iterations_csv: str) -> str:
     rows = list(csv.DictReader(_io.StringIO(iterations_csv)))
-    body = [[r["iteration"], _fmt_pct(r["val_accuracy_pruned"]), _fmt_pct(r["val_accuracy_retrained"]),
-             f"{float(r['compression_ratio']):.2f}x"] for r in rows]
+    body = [[r["iteration"], _fmt_pct(r["val_pruned"]), _fmt_pct(r["val_retrained"]),
+             f"{float(r['compression']):.2f}x"] for r in rows]
     return tabulate(body, headers=["iteration", "val acc. after pruning", "val acc. after retraining",
                                    "compression"], tablefmt="github")
 
@@ -156,6 +156,12 @@ def _fmt_pct(v):
     return f"{100 * float(v):.2f}%" if v else "-"
 
 
+def _legend_below(ax, handles_labels):
+    """A legend under the axes, outside the data (the figure is saved with a tight bounding box)."""
+    handles, labels = handles_labels
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(len(labels), 5), frameon=False)
+
+
 def figures(key: str, plots_dir: Path, out_dir: Path, save) -> dict[str, str]:
     """Draw the model's PNGs from its plot data in plots_dir (the sensitivity scan, and final/ from
     evaluate); `save(fig, path)` writes one atomically. Returns {title: file name}."""
@@ -163,6 +169,7 @@ def figures(key: str, plots_dir: Path, out_dir: Path, save) -> dict[str, str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     made = {}
     scan = _rows(plots_dir / "sensitivity.csv")
@@ -171,7 +178,7 @@ def figures(key: str, plots_dir: Path, out_dir: Path, save) -> dict[str, str]:
         pts = sorted((100 - float(r["kept_percent"]), 100 * float(r["val_accuracy"])) for r in scan if r["layer"] == layer)
         ax.plot(*zip(*pts), "o-", label=layer, markersize=3)
     ax.set_xlabel("weights pruned away in that layer (%)"), ax.set_ylabel("validation accuracy (%)")
-    ax.legend(loc="lower left")
+    _legend_below(ax, ax.get_legend_handles_labels())
     ax.set_title(f"{key}: sensitivity, one layer pruned, no retraining")
     made["Sensitivity (paper's Figure 6)"] = save(fig, out_dir / f"{key}_sensitivity.png")
 
@@ -179,12 +186,16 @@ def figures(key: str, plots_dir: Path, out_dir: Path, save) -> dict[str, str]:
     its = _rows(plots_dir / "iterations.csv")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     xs = [int(r["iteration"]) for r in its]
-    ax.plot(xs[1:], [100 * float(r["val_accuracy_retrained"]) for r in its[1:]], "o-", label="after retraining")
-    ax.plot(xs[1:], [100 * float(r["val_accuracy_pruned"]) for r in its[1:]], "x--", label="right after pruning")
-    ax.set_xlabel("iteration"), ax.set_ylabel("validation accuracy (%)"), ax.legend(loc="lower left")
+    ax.plot(xs[1:], [100 * float(r["val_retrained"]) for r in its[1:]], "o-", label="after retraining")
+    ax.plot(xs[1:], [100 * float(r["val_pruned"]) for r in its[1:]], "x--", label="right after pruning")
+    ax.set_xlabel("iteration"), ax.set_ylabel("validation accuracy (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2 = ax.twinx()
-    ax2.plot(xs, [float(r["compression_ratio"]) for r in its], "s:", color="gray")
+    ax2.plot(xs, [float(r["compression"]) for r in its], "s:", color="gray", label="compression (right axis)")
     ax2.set_ylabel("compression (x)", color="gray")
+    handles, labels = ax.get_legend_handles_labels()
+    handles2, labels2 = ax2.get_legend_handles_labels()
+    _legend_below(ax, (handles + handles2, labels + labels2))
     ax.set_title(f"{key}: accuracy and compression per iteration")
     made["Accuracy and compression per iteration"] = save(fig, out_dir / f"{key}_iterations.png")
 
@@ -193,7 +204,9 @@ def figures(key: str, plots_dir: Path, out_dir: Path, save) -> dict[str, str]:
     for layer in dict.fromkeys(r["layer"] for r in kept):
         pts = [(int(r["iteration"]), float(r["kept_percent"])) for r in kept if r["layer"] == layer]
         ax.plot(*zip(*pts), "o-", label=layer)
-    ax.set_xlabel("iteration"), ax.set_ylabel("weights kept (%)"), ax.set_yscale("log"), ax.legend()
+    ax.set_xlabel("iteration"), ax.set_ylabel("weights kept (%)"), ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _legend_below(ax, ax.get_legend_handles_labels())
     ax.set_title(f"{key}: kept weights per layer")
     made["Kept weights per layer"] = save(fig, out_dir / f"{key}_kept.png")
 

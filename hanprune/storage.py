@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .models import build, prunable_layers
+from .errors import HanpruneError
 
 
 # The file name of each form in the pipeline's storage directory (models/<model>/storage/).
@@ -24,7 +25,7 @@ FILES = {"dense": "dense.f32", "pruned_values": "values.f32", "pruned_csr": "csr
          "quantized_fixed": "fixed.bin"}
 
 
-class StorageError(Exception):
+class StorageError(HanpruneError):
     pass
 
 

@@ -2,17 +2,23 @@
 and goes on, unless tracking is required, in which case it fails before any work is done."""
 import contextlib
 import fcntl
+import functools
 import os
 import sys
 import warnings
 from pathlib import Path
+
+from .errors import HanpruneError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
-class TrackingError(Exception):
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+class TrackingError(HanpruneError):
     pass
 
 
@@ -52,6 +58,20 @@ def _store_lock(uri: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _best_effort(method):
+    """A Run method that is a no-op when the store could not be reached, and whose failure (the
+    store went away) costs one warning, never an exception."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if self.run is None:
+            return
+        try:
+            method(self, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any store failure is reported the same way
+            warnings.warn(f"MLflow logging to {self.uri} failed: {type(e).__name__}: {str(e)[:300]}")
+    return call
+
+
 class Run:
     """One MLflow run. All methods are no-ops when the store could not be reached.
 
@@ -61,7 +81,7 @@ class Run:
 
     def __init__(self, uri: str, experiment: str, name: str, tags: dict, required: bool,
                  group: dict | None = None):
-        self.uri, self.run, self.parent_id = uri, None, None
+        self.uri, self.client, self.run, self.parent_id = uri, None, None, None
         try:
             from mlflow.tracking import MlflowClient
             with _store_lock(uri):
@@ -73,22 +93,28 @@ class Run:
                     tags["mlflow.parentRunId"] = self.parent_id
             self.run = self.client.create_run(exp_id, run_name=name, tags=tags)
         except Exception as e:  # noqa: BLE001 - any store failure is reported the same way
-            message = f"MLflow tracking store {uri} unreachable: {type(e).__name__}: {str(e)[:300]}"
+            reason = " ".join(str(e).split())[:300]  # one line, whatever the store said
+            message = f"MLflow tracking store {uri} unreachable: {type(e).__name__}: {reason}"
             if required:
                 raise TrackingError(message + " (tracking.required is true)") from None
             print(f"warning: {message}; continuing without tracking", file=sys.stderr)
 
     def _experiment(self, name: str) -> str:
+        """The experiment's id, created if need be, and marked as model training (EXPERIMENT_KIND),
+        so MLflow 3's UI opens it on its runs rather than on the GenAI overview."""
         exp = self.client.get_experiment_by_name(name)
-        if exp:
-            return exp.experiment_id
-        try:
-            return self.client.create_experiment(name)
-        except Exception:  # noqa: BLE001 - another process (e.g. a parallel experiment) created it first
+        if exp is None:
+            try:
+                self.client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+            except Exception:  # noqa: BLE001 - another process (e.g. a parallel experiment) created it first
+                pass
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
-                raise
-            return exp.experiment_id
+                raise TrackingError(f"could not create or find the experiment {name!r}")
+        key, kind = EXPERIMENT_KIND
+        if exp.tags.get(key) != kind:
+            self.client.set_experiment_tag(exp.experiment_id, key, kind)
+        return exp.experiment_id
 
     def _parent(self, exp_id: str, group: dict) -> str:
         query = " and ".join(f"tags.{k} = '{v}'" for k, v in group.items())
@@ -105,20 +131,14 @@ class Run:
     def id(self):
         return self.run.info.run_id if self.run else None
 
-    def _call(self, fn, *args, **kwargs):
-        if self.run is None:
-            return
-        try:
-            fn(self.run.info.run_id, *args, **kwargs)
-        except Exception as e:  # noqa: BLE001
-            warnings.warn(f"MLflow logging to {self.uri} failed: {e}")
-
+    @_best_effort
     def params(self, params: dict):
         from mlflow.entities import Param
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
-            self._call(self.client.log_batch, params=items[i:i + 100])
+            self.client.log_batch(self.id, params=items[i:i + 100])
 
+    @_best_effort
     def metrics(self, metrics: dict, step: int = 0, on_parent: bool = False):
         """Log numeric metrics (nested dicts flattened to a.b.c) at `step`; also on the parent run
         with on_parent, so the parent charts them across steps (e.g. prune iterations)."""
@@ -128,39 +148,48 @@ class Run:
         items = [Metric(k, float(v), now, step) for k, v in flatten(metrics).items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         for i in range(0, len(items), 500):
-            self._call(self.client.log_batch, metrics=items[i:i + 500])
+            self.client.log_batch(self.id, metrics=items[i:i + 500])
             if on_parent and self.parent_id:
-                self._call(lambda _: self.client.log_batch(self.parent_id, metrics=items[i:i + 500]))
+                self.client.log_batch(self.parent_id, metrics=items[i:i + 500])
 
+    @_best_effort
     def run_tags(self, tags: dict):
         for k, v in tags.items():
-            self._call(self.client.set_tag, k, str(v))
+            self.client.set_tag(self.id, k, str(v))
 
+    @_best_effort
     def table(self, rows: list[dict], artifact_file: str):
-        self._call(lambda run_id: self.client.log_table(run_id, data=_columns(rows), artifact_file=artifact_file))
+        self.client.log_table(self.id, data=_columns(rows), artifact_file=artifact_file)
 
+    @_best_effort
     def artifact(self, path, artifact_path=None):
-        self._call(self.client.log_artifact, str(path), artifact_path)
+        self.client.log_artifact(self.id, str(path), artifact_path)
 
+    @_best_effort
     def register_model(self, model, name: str, input_example, version_tags: dict):
         """Log `model` as this run's MLflow model and register it as a new version of `name` in the
         Model Registry, with `version_tags` on the version. The model is saved with torch.export
         (MLflow's default; loading it never unpickles code); an input example of batch size 2 makes
-        the batch dimension dynamic."""
-        def log(run_id):
-            import mlflow
-            import torch
-            mlflow.set_tracking_uri(self.uri)
-            with mlflow.start_run(run_id=run_id):
-                info = mlflow.pytorch.log_model(model, name="model", input_example=input_example,
-                                                pip_requirements=[f"torch=={torch.__version__}"],
-                                                registered_model_name=name)
-            for key, value in version_tags.items():
-                self.client.set_model_version_tag(name, info.registered_model_version, key, str(value))
-        self._call(log)
+        the batch dimension dynamic. The torch requirement is the version pip reports: torch.__version__
+        may carry a local tag (2.14.1+cu130) that the installed distribution's version lacks, and
+        MLflow would warn of a mismatch."""
+        import importlib.metadata
+        import mlflow
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=self.id):
+            info = mlflow.pytorch.log_model(model, name="model", input_example=input_example,
+                                            pip_requirements=[f"torch=={importlib.metadata.version('torch')}"],
+                                            registered_model_name=name)
+        for key, value in version_tags.items():
+            self.client.set_model_version_tag(name, info.registered_model_version, key, str(value))
 
+    @_best_effort
     def finish(self, status="FINISHED"):
-        self._call(self.client.set_terminated, status)
+        """End the run, and move the parent's end to now, so that the parent spans its children."""
+        self.client.set_terminated(self.id, status)
+        if self.parent_id:
+            end = self.client.get_run(self.id).info.end_time
+            self.client.set_terminated(self.parent_id, "FINISHED", end_time=end)
 
     def __enter__(self):
         return self

@@ -1,5 +1,4 @@
 """Training and evaluation on in-memory tensors: no DataLoader, no per-sample transforms."""
-import os
 import sys
 import time
 
@@ -8,25 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import prunable_layers
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device(name)
-
-
-def make_deterministic(seed: int, threads: int, device: torch.device) -> None:
-    """Seed and fix the thread count. On CUDA also force deterministic kernels (cuBLAS needs its
-    workspace setting for that). The CPU kernels used here are deterministic for a fixed thread
-    count without the flag, and setting it imports torch._dynamo: 2.5 s per stage."""
-    torch.manual_seed(seed)
-    torch.set_num_threads(threads)
-    if device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
 
 
 @torch.no_grad()

@@ -1,22 +1,37 @@
-"""Glue shared by the stage scripts: params, device and threads, MLflow run tags, error exits.
-This is the only place that knows about DVC (its environment variables)."""
+"""Glue shared by the stage scripts: the opening every stage shares (params, numeric mode, device
+and seeds, verified data, MLflow run), error exits. This is the only place that knows about DVC
+(its environment variables)."""
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hanprune import config, tracking  # noqa: E402
-from hanprune.data import DataError  # noqa: E402
-from hanprune.encoding import EncodingError  # noqa: E402
-from hanprune.pruning import CheckpointError  # noqa: E402
-from hanprune.storage import StorageError  # noqa: E402
-from hanprune.train import make_deterministic, pick_device  # noqa: E402
+from hanprune import runtime  # noqa: E402  (imports no torch)
 
-KNOWN_ERRORS = (config.ConfigError, DataError, CheckpointError, EncodingError, StorageError, tracking.TrackingError,
-                OSError, RuntimeError)
+
+def _portable_requested(argv: list[str]) -> bool:
+    """run.portable of the params file given on the command line, read before torch is imported.
+    A file that cannot be read counts as false here; config.load reports what is wrong with it."""
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--params=")), None)
+    if path is None:
+        path = argv[argv.index("--params") + 1] if "--params" in argv[:-1] else "params.yaml"
+    try:
+        return yaml.safe_load(Path(path).read_text())["run"]["portable"] is True
+    except (OSError, yaml.YAMLError, TypeError, KeyError):
+        return False
+
+
+runtime.configure(_portable_requested(sys.argv))
+
+from hanprune import config, data, tracking  # noqa: E402
+from hanprune.errors import HanpruneError  # noqa: E402
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -26,12 +41,39 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def run(main):
-    """Run a stage's main(); known failures become one 'error: ...' line and exit code 1."""
+    """Run a stage's main(). The project's own errors and file errors become one 'error: ...' line
+    and exit code 1; anything else is a bug: its traceback, one line saying so, exit code 2."""
     try:
         main()
-    except KNOWN_ERRORS as e:
+    except (HanpruneError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        print("error: this is a bug in hanprune, not a problem with your input; please report it with the "
+              "traceback above", file=sys.stderr)
+        sys.exit(2)
+
+
+def load_params(path, model: str | None = None) -> config.Params:
+    p = config.load(path)
+    if model is not None and model not in p.models:
+        raise config.ConfigError(f"model {model!r} is not in params models: {', '.join(p.models)}")
+    return p
+
+
+@contextlib.contextmanager
+def opening(p: config.Params, name: str, model: str | None = None, seed: int = 0, data_root=None):
+    """What every stage does first: numeric mode, device, seed and threads (hanprune.runtime); the
+    data, checked against data.md5 and moved to the device (with data_root); the MLflow run.
+    Yields (device, splits or None, run)."""
+    device = runtime.start(p.run.device, p.run.threads, p.run.portable, seed)
+    md5 = splits = None
+    if data_root is not None:
+        md5 = data.verified_md5(data_root, p.data.md5)
+        splits = data.Splits(data_root, p.data.val_size, p.data.val_seed).to(device)
+    with open_run(p, name, model, md5) as mlrun:
+        yield device, splits, mlrun
 
 
 def repo_root() -> Path:
@@ -52,13 +94,6 @@ def git_commit() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def setup(params, seed: int):
-    """Seed, fix threads and deterministic algorithms; return the torch device."""
-    device = pick_device(params.run.device)
-    make_deterministic(seed, params.run.threads or os.cpu_count(), device)
-    return device
 
 
 def open_run(params, name: str, model: str | None, data_md5: str | None) -> tracking.Run:

@@ -4,7 +4,7 @@ differences, codebooks, Huffman coding; see hanprune/encoding.py), and the stora
 Every loadable file is read back and checked before anything is written."""
 import torch
 
-from common import open_run, config, parser, run
+from common import load_params, opening, parser, run
 from hanprune import encoding, io, storage
 from hanprune.pruning import load_checkpoint, plain_state_dict
 from hanprune.quantize import load_quantized
@@ -31,7 +31,7 @@ def main():
     ap.add_argument("--out", required=True, help="compressed model file to write")
     ap.add_argument("--storage", required=True, help="directory for the other storage forms")
     args = ap.parse_args()
-    p = config.load(args.params)
+    p = load_params(args.params, args.model)
     dense, _ = load_checkpoint(args.dense, args.model)
     pruned, _ = load_checkpoint(args.pruned, args.model)
     _, layers = load_quantized(args.quantized, args.model)
@@ -44,8 +44,8 @@ def main():
               "compressed": decodes_to(blob, args.model, layers)}
     failed = [name for name, ok in checks.items() if not ok]
     if failed:
-        raise RuntimeError(f"{', '.join(failed)}: does not load back to the model it stores; nothing written")
-    with open_run(p, f"encode@{args.model}", args.model, None) as mlrun:
+        raise encoding.EncodingError(f"{', '.join(failed)}: does not load back to the model it stores; nothing written")
+    with opening(p, f"encode@{args.model}", args.model) as (_, _, mlrun):
         for name, data in files.items():
             io.write_bytes(f"{args.storage}/{storage.FILES[name]}", data)
         io.write_bytes(args.out, blob)

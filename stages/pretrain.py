@@ -1,6 +1,6 @@
 """Stage pretrain: train the dense model and write its checkpoint and per-epoch curve."""
-from common import config, epoch_logger, open_run, parser, run, setup
-from hanprune import data, io
+from common import epoch_logger, load_params, opening, parser, run
+from hanprune import io
 from hanprune.models import build
 from hanprune.pruning import checkpoint, weight_std
 from hanprune.train import accuracy, fit
@@ -13,19 +13,14 @@ def main():
     ap.add_argument("--out", required=True, help="checkpoint to write")
     ap.add_argument("--plot", required=True, help="per-epoch CSV to write")
     args = ap.parse_args()
-    p = config.load(args.params)
-    if args.model not in p.models:
-        raise config.ConfigError(f"model {args.model!r} is not in params models: {', '.join(p.models)}")
+    p = load_params(args.params, args.model)
     cfg = p.models[args.model].pretrain
-    device = setup(p, cfg.seed)
-    splits = data.Splits(args.data, p.data.val_size, p.data.val_seed)
-    on = lambda t: (t[0].to(device), t[1].to(device))  # noqa: E731
-    with open_run(p, f"pretrain@{args.model}", args.model, data.dataset_md5(args.data)) as mlrun:
+    with opening(p, f"pretrain@{args.model}", args.model, cfg.seed, args.data) as (device, splits, mlrun):
         mlrun.params({"pretrain": cfg.model_dump(), "data": p.data.model_dump(exclude={"md5"}), "run": p.run.model_dump()})
         model = build(args.model).to(device)
-        epochs = fit(model, cfg, on(splits.train), on(splits.val), on(splits.test), device,
+        epochs = fit(model, cfg, splits.train, splits.val, splits.test, device,
                      log=epoch_logger(mlrun, f"pretrain {args.model}"))
-        test_acc = accuracy(model, *on(splits.test))
+        test_acc = accuracy(model, *splits.test)
         io.save_torch(args.out, checkpoint(args.model, model, weight_std(model), history=[]))
         io.write_text(args.plot, "epoch,train_loss,val_accuracy,test_accuracy\n" + "".join(
             f"{e['epoch']},{e['train_loss']:.6f},{e['val_accuracy']:.6f},{e['test_accuracy']:.6f}\n" for e in epochs))

@@ -3,9 +3,10 @@
 Reads the previous round's checkpoint, removes weights with |w| < s * std (of the dense layer) per layer, retrains the
 survivors (pruned weights stay exactly zero), and writes the new checkpoint, whose masks and
 history carry everything the next round and the evaluation need."""
-from common import config, epoch_logger, open_run, parser, run, setup
-from hanprune import data, io, measure
-from hanprune.pruning import checkpoint, load_checkpoint, prune_by_std
+from common import epoch_logger, load_params, opening, parser, run
+from hanprune import io, measure
+from hanprune.config import ConfigError
+from hanprune.pruning import PruningError, checkpoint, load_checkpoint, prune_by_std
 from hanprune.train import accuracy, fit
 
 
@@ -18,44 +19,44 @@ def main():
     ap.add_argument("--metrics", required=True, help="JSON metrics of this round to write")
     ap.add_argument("--plot", required=True, help="per-epoch CSV to write")
     args = ap.parse_args()
-    p = config.load(args.params)
+    p = load_params(args.params)
     if args.iteration not in p.prune:
-        raise config.ConfigError(f"prune.{args.iteration}: no such iteration in {args.params}; "
-                                 f"have: {', '.join(p.prune)}")
+        raise ConfigError(f"prune.{args.iteration}: no such iteration in {args.params}; have: {', '.join(p.prune)}")
     it = p.prune[args.iteration]
     cfg = p.models[it.model].retrain.model_copy(update={"epochs": it.epochs, "lr": it.lr})
-    device = setup(p, cfg.seed)
-    splits = data.Splits(args.data, p.data.val_size, p.data.val_seed)
-    on = lambda t: (t[0].to(device), t[1].to(device))  # noqa: E731
-    val = on(splits.val)
     model, ckpt = load_checkpoint(args.start, it.model)
-    model.to(device)
-    with open_run(p, f"prune@{args.iteration}", it.model, data.dataset_md5(args.data)) as mlrun:
+    with opening(p, f"prune@{args.iteration}", it.model, cfg.seed, args.data) as (device, splits, mlrun):
         mlrun.params({"prune": it.model_dump(), "retrain": cfg.model_dump()})
-        val_before = accuracy(model, *val)
-        prune_by_std(model, it.s, ckpt["dense_std"])
-        val_pruned = accuracy(model, *val)
-        epochs = fit(model, cfg, on(splits.train), val, None, device,
+        model.to(device)
+        val_before = accuracy(model, *splits.val)
+        try:
+            prune_by_std(model, it.s, ckpt["dense_std"])
+        except PruningError as e:  # name the params key: prune.<iteration>.s.<layer>
+            raise PruningError(f"prune.{args.iteration}.{e}") from None
+        val_pruned = accuracy(model, *splits.val)
+        epochs = fit(model, cfg, splits.train, splits.val, None, device,
                      log=epoch_logger(mlrun, f"prune {args.iteration}"))
         layers = measure.layer_stats(model)
         total = measure.totals(layers)
+        # The checkpoint's history keeps the whole record; the DVC metrics the figures a person compares.
         record = {
             "iteration": it.iteration,
-            "val_accuracy_before": val_before,
-            "val_accuracy_pruned": val_pruned,
-            "val_accuracy_retrained": epochs[-1]["val_accuracy"],
+            "val_before": val_before,
+            "val_pruned": val_pruned,
+            "val_retrained": epochs[-1]["val_accuracy"],
             "params_nonzero": total["nonzero"],
-            "compression_ratio": total["params"] / total["nonzero"],
+            "compression": total["params"] / total["nonzero"],
             "kept": {name: l["kept"] for name, l in layers.items()},
         }
+        headline = {k: record[k] for k in ("val_pruned", "val_retrained", "compression", "kept")}
         io.save_torch(args.out, checkpoint(it.model, model, ckpt["dense_std"], ckpt["history"] + [record]))
-        io.write_json(args.metrics, record)
+        io.write_json(args.metrics, headline)
         io.write_text(args.plot, "epoch,train_loss,val_accuracy\n" + "".join(
             f"{e['epoch']},{e['train_loss']:.6f},{e['val_accuracy']:.6f}\n" for e in epochs))
         mlrun.metrics({k: v for k, v in record.items() if k != "iteration"}, step=it.iteration, on_parent=True)
         mlrun.table([{"layer": n, **l} for n, l in layers.items()], "layers.json")
     print(f"prune {args.iteration}: val {val_before:.4f} -> pruned {val_pruned:.4f} -> retrained "
-          f"{record['val_accuracy_retrained']:.4f}, {record['compression_ratio']:.1f}x, kept "
+          f"{record['val_retrained']:.4f}, {record['compression']:.1f}x, kept "
           + " ".join(f"{n} {k:.1%}" for n, k in record["kept"].items()) + f" -> {args.out}")
 
 

@@ -2,8 +2,8 @@
 
 Clusters each layer's surviving weights into 2**bits shared values, fine-tunes the shared values
 (codes and sparsity pattern fixed) and writes a checkpoint that also holds codes and codebooks."""
-from common import config, epoch_logger, open_run, parser, run, setup
-from hanprune import data, io
+from common import epoch_logger, load_params, opening, parser, run
+from hanprune import io
 from hanprune.models import build
 from hanprune.pruning import attach_masks, checkpoint, load_checkpoint
 from hanprune.quantize import load_into, quantized_layers, share_weights
@@ -18,36 +18,30 @@ def main():
     ap.add_argument("--out", required=True, help="quantized checkpoint to write")
     ap.add_argument("--metrics", required=True, help="JSON metrics to write")
     args = ap.parse_args()
-    p = config.load(args.params)
-    if args.model not in p.models:
-        raise config.ConfigError(f"model {args.model!r} is not in params models: {', '.join(p.models)}")
+    p = load_params(args.params, args.model)
     q = p.models[args.model].quantize
-    device = setup(p, q.finetune.seed)
-    splits = data.Splits(args.data, p.data.val_size, p.data.val_seed)
-    on = lambda t: (t[0].to(device), t[1].to(device))  # noqa: E731
-    val = on(splits.val)
     _, ckpt = load_checkpoint(args.pruned, args.model)
     model = build(args.model)
     model.load_state_dict(ckpt["state_dict"])
-    with open_run(p, f"quantize@{args.model}", args.model, data.dataset_md5(args.data)) as mlrun:
+    with opening(p, f"quantize@{args.model}", args.model, q.finetune.seed, args.data) as (device, splits, mlrun):
         mlrun.params({"quantize": q.model_dump()})
-        val_pruned = accuracy(model.to(device), *val)
+        val_before = accuracy(model.to(device), *splits.val)
         share_weights(model.cpu(), q.bits, ckpt["masks"])
-        val_quantized = accuracy(model.to(device), *val)
-        epochs = fit(model, q.finetune, on(splits.train), val, None, device,
+        val_shared = accuracy(model.to(device), *splits.val)
+        epochs = fit(model, q.finetune, splits.train, splits.val, None, device,
                      log=epoch_logger(mlrun, f"quantize {args.model}"))
         layers = quantized_layers(model.cpu())
         plain = load_into(build(args.model), layers)
         attach_masks(plain, {name: m.float() for name, m in ckpt["masks"].items()})
         saved = checkpoint(args.model, plain, ckpt["dense_std"], ckpt["history"])
         saved["quantized"] = {name: {"codes": l.codes.int(), "codebook": l.codebook} for name, l in layers.items()}
-        record = {"val_accuracy_pruned": val_pruned, "val_accuracy_quantized": val_quantized,
-                  "val_accuracy_finetuned": epochs[-1]["val_accuracy"], "bits": q.bits}
+        record = {"val_before": val_before, "val_shared": val_shared,
+                  "val_finetuned": epochs[-1]["val_accuracy"]}
         io.save_torch(args.out, saved)
         io.write_json(args.metrics, record)
-        mlrun.metrics({k: v for k, v in record.items() if k != "bits"})
-    print(f"quantize {args.model}: val {val_pruned:.4f} -> shared weights {val_quantized:.4f} -> "
-          f"fine-tuned {record['val_accuracy_finetuned']:.4f}, bits "
+        mlrun.metrics(record)
+    print(f"quantize {args.model}: val {val_before:.4f} -> shared weights {val_shared:.4f} -> "
+          f"fine-tuned {record['val_finetuned']:.4f}, bits "
           + " ".join(f"{n} {b}" for n, b in q.bits.items()) + f" -> {args.out}")
 
 

@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from common import config, open_run, parser, run
+from common import load_params, opening, parser, run
 from hanprune import io, report
 
 
@@ -18,13 +18,14 @@ def main():
     ap.add_argument("--plots", default="plots", help="directory of <model>/ plot data")
     ap.add_argument("--out", default="reports", help="output directory")
     args = ap.parse_args()
-    p = config.load(args.params)
+    p = load_params(args.params)
     out = Path(args.out)
-    with open_run(p, "report", None, None) as mlrun:
+    with opening(p, "report") as (_, _, mlrun):
         models, iterations, images, schedules, quantize = {}, {}, {}, {}, {}
         for key in p.models:
-            models[key] = json.loads(Path(args.metrics, f"{key}.json").read_text())
-            quantize[key] = json.loads(Path(args.metrics, "quantize", f"{key}.json").read_text())
+            models[key] = json.loads(Path(args.plots, key, "final", "detail.json").read_text())
+            quantize[key] = {**json.loads(Path(args.metrics, "quantize", f"{key}.json").read_text()),
+                             "bits": p.models[key].quantize.bits}
             iterations[key] = Path(args.plots, key, "final", "iterations.csv").read_text()
             images[key] = report.figures(key, Path(args.plots, key), out, save_png)
             last = max((it for it in p.prune.values() if it.model == key), key=lambda it: it.iteration)

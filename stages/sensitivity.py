@@ -1,7 +1,7 @@
 """Stage sensitivity: prune one layer at a time at a grid of s, without retraining, and measure
 validation accuracy (the paper's Figure 6). Explains the per-layer s chosen in params.yaml."""
-from common import config, open_run, parser, run, setup
-from hanprune import data, io
+from common import load_params, opening, parser, run
+from hanprune import io
 from hanprune.pruning import load_checkpoint, sensitivity
 from hanprune.train import accuracy
 
@@ -13,14 +13,11 @@ def main():
     ap.add_argument("--dense", required=True, help="dense checkpoint")
     ap.add_argument("--out", required=True, help="CSV to write: layer, s, kept_percent, val_accuracy")
     args = ap.parse_args()
-    p = config.load(args.params)
-    device = setup(p, 0)
-    splits = data.Splits(args.data, p.data.val_size, p.data.val_seed)
-    x, y = splits.val[0].to(device), splits.val[1].to(device)
+    p = load_params(args.params, args.model)
     model, _ = load_checkpoint(args.dense, args.model)
-    with open_run(p, f"sensitivity@{args.model}", args.model, data.dataset_md5(args.data)) as mlrun:
+    with opening(p, f"sensitivity@{args.model}", args.model, 0, args.data) as (device, splits, mlrun):
         mlrun.params({"s_grid": p.sensitivity.s})
-        rows = sensitivity(model.to(device), p.sensitivity.s, lambda m: accuracy(m, x, y))
+        rows = sensitivity(model.to(device), p.sensitivity.s, lambda m: accuracy(m, *splits.val))
         io.write_text(args.out, "layer,s,kept_percent,val_accuracy\n" + "".join(
             f"{r['layer']},{r['s']},{100 * r['kept']:.3f},{r['score']:.4f}\n" for r in rows))
         mlrun.table(rows, "sensitivity.json")

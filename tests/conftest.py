@@ -4,16 +4,30 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `hanprune` and `tests.tiny` importable however pytest is started
     sys.path.insert(0, str(ROOT))
 
+from hanprune import runtime  # noqa: E402
+
+runtime.configure(True)  # params.yaml runs in the portable mode; its settings must precede torch's import
+import torch  # noqa: E402
+
 torch.set_num_threads(1)
 
 PARAMS_FILE = ROOT / "params.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_settings():
+    """A test (or a stage run in-process) that sets the thread count or turns oneDNN off leaves
+    them as they were for the next test."""
+    threads, mkldnn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    yield
+    torch.set_num_threads(threads)
+    torch.backends.mkldnn.enabled = mkldnn
 
 
 @pytest.fixture(scope="session")

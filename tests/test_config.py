@@ -237,3 +237,37 @@ def test_augmentation_shift_range(tmp_path, project_params):
     project_params["models"]["lenet5"]["pretrain"]["shift"] = 9
     msg = _error(tmp_path, project_params)
     assert "models.lenet5.pretrain.shift" in msg and "less than or equal to 4" in msg
+
+
+@pytest.mark.parametrize("text, line, key, first", [
+    ("data: {root: a}\nrun: {}\ndata: {root: b}\n", 3, "data", 1),
+    ("models:\n  lenet5:\n    final: a\n    pretrain: {}\n    final: b\n", 5, "final", 3),
+    ("prune:\n  x: {s: {fc1: 0.5, fc1: 0.7}}\n", 2, "fc1", 2),
+])
+def test_duplicate_key_is_refused_with_its_lines(tmp_path, text, line, key, first):
+    """PyYAML keeps the last of two equal keys silently; DVC refuses them, so a stage run by hand must too."""
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        config.load(path)
+    assert str(e.value) == f"{path}: line {line}: duplicate key {key!r} (first at line {first})"
+
+
+def test_merge_key_overridden_is_not_a_duplicate(tmp_path, project_params):
+    del project_params["tracking"]
+    text = yaml.safe_dump(project_params, sort_keys=False) + "tracking: {<<: {experiment: x, required: true}, experiment: y}\n"
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    p = config.load(path)
+    assert p.tracking.experiment == "y" and p.tracking.required
+
+
+@pytest.mark.parametrize("drop, allowed", [(-0.1, "greater than or equal to 0"), (1.5, "less than or equal to 1")])
+def test_register_max_drop_range(tmp_path, project_params, drop, allowed):
+    project_params["tracking"]["register_max_drop"] = drop
+    assert f"tracking.register_max_drop: Input should be {allowed} (got {drop})" in _error(tmp_path, project_params)
+
+
+def test_register_max_drop_default(tmp_path, project_params):
+    del project_params["tracking"]["register_max_drop"]
+    assert config.load(_write(tmp_path, project_params)).tracking.register_max_drop == 0.5

@@ -319,3 +319,30 @@ def test_splits_on_tiny_mnist(raw_root):
     s = data.Splits(raw_root, val_size=10, val_seed=0)
     assert len(s.val[0]) == 10 and len(s.train[0]) == N_TRAIN - 10
     assert len(s.test[0]) == N_TEST
+
+
+# --- re-verifying the data a stage reads ----------------------------------------------------------
+
+def test_verified_md5_returns_one_md5_over_the_four_files(raw_root, tiny):
+    _, md5 = tiny
+    blobs = b"".join((raw_root / "MNIST" / "raw" / name).read_bytes() for name in FILES)
+    assert data.verified_md5(raw_root, md5) == hashlib.md5(blobs).hexdigest()
+
+
+def test_verified_md5_names_the_changed_file_and_both_md5(raw_root, tiny):
+    _, md5 = tiny
+    path = raw_root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    blob = bytearray(path.read_bytes())
+    blob[8] = (blob[8] + 1) % 10  # one label changed: still a valid IDX file
+    path.write_bytes(bytes(blob))
+    with pytest.raises(DataError) as e:
+        data.verified_md5(raw_root, md5)
+    assert str(e.value) == (f"{path}: md5 mismatch: expected {md5[path.name]} (data.md5), got "
+                            f"{hashlib.md5(blob).hexdigest()}; the file changed after download: "
+                            "re-run the download stage or `dvc checkout`")
+
+
+def test_verified_md5_missing_file(raw_root, tiny):
+    (raw_root / "MNIST" / "raw" / "train-labels-idx1-ubyte").unlink()
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte: missing; run the download stage"):
+        data.verified_md5(raw_root, tiny[1])

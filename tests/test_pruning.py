@@ -104,6 +104,34 @@ def test_second_round_smaller_s_prunes_nothing_new():
     assert int((~first).sum()) == 599
 
 
+
+def test_s_that_empties_a_layer_is_refused_before_any_layer_is_touched():
+    model = _known_model()  # fc3: largest |w| is 1.0
+    with pytest.raises(pruning.PruningError) as e:
+        pruning.prune_by_std(model, {"fc1": 0.5, "fc3": 2.5}, {"fc1": 0.05, "fc3": 0.5})
+    assert str(e.value) == ("s.fc3 = 2.5 removes every remaining weight of fc3 (threshold 1.25 > largest |w| 1); "
+                            "allowed: s <= 2")
+    assert pruning.masks_of(model) == {}  # fc1, named first, was not pruned either
+    pruning.prune_by_std(model, {"fc3": 2.0}, {"fc3": 0.5})  # the bound itself keeps the largest weight
+    assert int(pruning.masks_of(model)["fc3"].sum()) == 1
+
+
+def test_emptying_check_looks_only_at_surviving_weights():
+    model = _known_model()
+    pruning.prune_by_std(model, {"fc3": 0.6}, {"fc3": 1.0})
+    first = pruning.masks_of(model)["fc3"].clone()
+    with torch.no_grad():
+        model.fc3.weight_orig[~first] = 5.0  # pruned entries' hidden values do not count
+    with pytest.raises(pruning.PruningError, match=r"threshold 1.5 > largest \|w\| 1\); allowed: s <= 1$"):
+        pruning.prune_by_std(model, {"fc3": 1.5}, {"fc3": 1.0})
+    assert torch.equal(pruning.masks_of(model)["fc3"], first)
+
+
+def test_sensitivity_may_empty_a_layer():
+    """The scan (the paper's Figure 6) goes on to s where a layer has no weights left: a data point, not an error."""
+    rows = pruning.sensitivity(_known_model(), [3.0], lambda m: 0.0)
+    assert [r["kept"] for r in rows if r["layer"] == "fc3"] == [0.0]
+
 # --- retraining keeps pruned weights at zero ------------------------------------------------------
 
 def _tiny_data(n, seed):
@@ -191,7 +219,7 @@ def test_random_shift_translates_each_image_by_its_own_offset():
 @pytest.mark.parametrize("key", ["lenet_300_100", "lenet5"])
 def test_training_on_the_cpu_is_repeatable_to_the_bit(key):
     """Same seed, same thread count: the same bytes, without torch.use_deterministic_algorithms
-    (which make_deterministic only sets on CUDA)."""
+    (which runtime.start only sets on CUDA)."""
     cfg = Training(seed=0, epochs=1, batch_size=16, lr=0.05, momentum=0.9, schedule="cosine",
                    regularization={"kind": "l2", "strength": 0.001}, shift=2)
     states = []

@@ -143,3 +143,23 @@ def test_shared_weight_gradient_is_the_per_code_sum_and_repeatable_to_the_bit():
     reference = codebook.clone().requires_grad_()
     reference[codes].backward(grad)
     assert torch.allclose(torch.frombuffer(bytearray(grads[0]), dtype=torch.float32), reference.grad, atol=1e-3)
+
+
+@pytest.mark.parametrize("key", ["lenet_300_100", "lenet5"])
+def test_after_weight_sharing_every_surviving_weight_has_its_nearest_centroid(key):
+    """k-means converged: each surviving weight's code names the codebook entry nearest to it
+    (ties within float rounding allowed), and pruned weights stay zero with code -1."""
+    torch.manual_seed(0)
+    model = build(key)
+    pruning.prune_by_std(model, {name: 0.8 for name in prunable_layers(model)}, pruning.weight_std(model))
+    masks = pruning.masks_of(model)
+    original = {name: m.weight.detach().clone() for name, m in prunable_layers(model).items()}
+    plain = build(key)
+    plain.load_state_dict(pruning.plain_state_dict(model))
+    share_weights(plain, {name: 4 for name in masks}, masks)
+    for name, q in quantized_layers(plain).items():
+        w, survivors = original[name], masks[name]
+        assert (q.codes[~survivors] == -1).all() and (q.codes[survivors] >= 0).all()
+        distance = (w[survivors].double().unsqueeze(1) - q.codebook.double()).abs()  # (survivors, k)
+        chosen = distance.gather(1, q.codes[survivors].unsqueeze(1)).squeeze(1)
+        assert (chosen <= distance.min(1).values + 1e-6).all(), name

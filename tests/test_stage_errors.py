@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from hanprune import encoding, io, pruning
+from hanprune import encoding, io, pruning, storage
 from hanprune.models import build
 from tests.tiny import tiny_params, write_tiny_mnist
 
@@ -113,6 +113,15 @@ def test_yaml_syntax_error_points_at_line_and_column(project, capsys, monkeypatc
     assert (project / "out.pt").read_bytes() == OLD
 
 
+def test_duplicate_key_in_params_is_refused_with_both_lines(project, capsys, monkeypatch):
+    lines = (project / "params.yaml").read_text().splitlines()
+    first = lines.index("run:") + 1
+    (project / "params.yaml").write_text("\n".join(lines + ["run: {device: cpu, threads: 1}"]) + "\n")
+    code, err = run_stage(capsys, monkeypatch, *PRUNE)
+    assert code == 1 and err == f"error: params.yaml: line {len(lines) + 1}: duplicate key 'run' (first at line {first})\n"
+    assert (project / "out.pt").read_bytes() == OLD
+
+
 def _raw(project, name):
     return project / "data" / "MNIST" / "raw" / name
 
@@ -129,10 +138,18 @@ BAD_DATA = {
 }
 
 
+def _pin_md5(project):
+    """data.md5 of the files as they are now: the structure checks, not the md5 check, must catch them."""
+    import hashlib
+    md5 = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in _raw(project, "").iterdir()}
+    edit_params(project, lambda p: p["data"]["md5"].update(md5))
+
+
 @pytest.mark.parametrize("case", BAD_DATA)
 def test_bad_data(project, capsys, monkeypatch, case):
     damage, message = BAD_DATA[case]
     damage(project)
+    _pin_md5(project)
     code, err = run_stage(capsys, monkeypatch, *PRUNE)
     assert code == 1 and err.startswith("error: ") and message in err
     assert (project / "out.pt").read_bytes() == OLD
@@ -147,6 +164,95 @@ def test_download_wrong_md5_names_file_and_both_hashes(project, capsys, monkeypa
     assert code == 1 and last_line(err).startswith("error: ")
     assert "t10k-labels-idx1-ubyte: md5 mismatch: expected " + expected in last_line(err)
     assert _raw(project, "t10k-labels-idx1-ubyte").read_bytes() == before
+
+
+EVALUATE = ["evaluate", "lenet_300_100", "--dense", "models/lenet_300_100/dense.pt", "--pruned", "models/lenet_300_100/dense.pt",
+            "--compressed", "compressed.bin", "--storage", "storage", "--metrics", "metrics.json", "--plots", "plots"]
+PRETRAIN = ["pretrain", "lenet_300_100", "--out", "out.pt", "--plot", "plot.csv"]
+
+
+def _write_compressed(path, model):
+    layers = {name: encoding.QuantizedLayer(torch.zeros(m.weight.shape, dtype=torch.int64), torch.zeros(1), m.bias.detach())
+              for name, m in [("fc1", model.fc1), ("fc2", model.fc2), ("fc3", model.fc3)]}
+    path.write_bytes(encoding.encode("lenet_300_100", layers))
+
+
+@pytest.mark.parametrize("stage", [EVALUATE, PRETRAIN, PRUNE])
+def test_data_changed_after_download_is_refused(project, capsys, monkeypatch, stage):
+    """One flipped label (still a valid IDX file with labels 0..9) is only caught by data.md5."""
+    _write_compressed(project / "compressed.bin", build("lenet_300_100"))
+    labels = _raw(project, "t10k-labels-idx1-ubyte")
+    blob = bytearray(labels.read_bytes())
+    blob[8] = (blob[8] + 1) % 10
+    labels.write_bytes(bytes(blob))
+    expected = yaml.safe_load((project / "params.yaml").read_text())["data"]["md5"]["t10k-labels-idx1-ubyte"]
+    code, err = run_stage(capsys, monkeypatch, *stage)
+    assert code == 1 and err.count("error: ") == 1 and last_line(err).startswith(f"error: {labels.relative_to(project)}: md5 mismatch: ")
+    assert f"expected {expected} (data.md5), got " in last_line(err)
+    assert "re-run the download stage or `dvc checkout`" in last_line(err)
+    assert (project / "out.pt").read_bytes() == OLD and (project / "metrics.json").read_bytes() == OLD
+
+
+def test_s_that_empties_a_layer_stops_the_round_before_training(project, capsys, monkeypatch):
+    edit_params(project, _set(["prune", "lenet_300_100-iter1", "s", "fc3"], 1000))
+    code, err = run_stage(capsys, monkeypatch, *PRUNE)
+    assert code == 1 and err.count("error: ") == 1
+    assert last_line(err).startswith("error: prune.lenet_300_100-iter1.s.fc3 = 1000 removes every remaining weight "
+                                     "of fc3 (threshold ")
+    assert "; allowed: s <= " in last_line(err)
+    assert "epoch" not in capsys.readouterr().out  # and no epoch was trained
+    assert (project / "out.pt").read_bytes() == OLD
+
+
+def _evaluate_module(monkeypatch) -> dict:
+    monkeypatch.syspath_prepend(str(ROOT / "stages"))
+    return runpy.run_path(str(ROOT / "stages" / "evaluate.py"))  # not as __main__: main() does not run
+
+
+def _round(before, retrained):
+    return {"iteration": 1, "val_before": before, "val_pruned": 0.1,
+            "val_retrained": retrained, "params_nonzero": 1, "compression": 2.0,
+            "kept": {"fc1": 0.5, "fc2": 0.5, "fc3": 0.5}}
+
+
+def test_not_registered_reason(monkeypatch):
+    reason = _evaluate_module(monkeypatch)["not_registered_reason"]
+    dense_then_dead = [_round(0.99, 0.9), {**_round(0.9, 0.11), "iteration": 2}]
+    assert reason(dense_then_dead, 0.5) == ("validation accuracy 0.1100 is 88.00 points below the dense model's 0.9900 "
+                                            "(tracking.register_max_drop = 0.5)")
+    assert reason(dense_then_dead, 0.9) is None  # within the limit
+    assert reason([_round(0.75, 0.25)], 0.5) is None  # exactly at the limit
+    assert reason([_round(0.99, 0.985)], 0.0) == ("validation accuracy 0.9850 is 0.50 points below the dense "
+                                                  "model's 0.9900 (tracking.register_max_drop = 0)")
+    assert reason([_round(0.99, 0.995)], 0.0) is None  # better than dense
+    assert reason([], 0.0) is None  # nothing pruned: nothing to compare
+
+
+def test_pruned_model_far_below_dense_is_not_registered(project, capsys, monkeypatch):
+    """A layer pruned to (almost) nothing gave 11 % accuracy and still a new lenet5-pruned version."""
+    from mlflow import MlflowClient
+    model = build("lenet_300_100")
+    std = pruning.weight_std(model)
+    pruning.prune_by_std(model, {"fc1": 1.0}, std)
+    io.save_torch(project / "pruned.pt", pruning.checkpoint("lenet_300_100", model, std, [_round(0.99, 0.11)]))
+    _write_compressed(project / "compressed.bin", model)
+    for name in storage.FILES.values():
+        (project / "storage" / name).parent.mkdir(exist_ok=True)
+        (project / "storage" / name).write_bytes(b"x")
+    uri = f"sqlite:///{project}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(sys, "argv", ["stages/evaluate.py", *EVALUATE[1:]])
+    sys.argv[sys.argv.index("--pruned") + 1] = "pruned.pt"
+    monkeypatch.syspath_prepend(str(ROOT / "stages"))
+    runpy.run_path(str(ROOT / "stages" / "evaluate.py"), run_name="__main__")
+    reason = ("validation accuracy 0.1100 is 88.00 points below the dense model's 0.9900 "
+              "(tracking.register_max_drop = 0.5)")
+    assert f"evaluate lenet_300_100: not registered: {reason}\n" in capsys.readouterr().out
+    client = MlflowClient(uri)
+    assert client.search_registered_models() == []
+    (run,) = client.search_runs([client.get_experiment_by_name("han-pruning").experiment_id],
+                                "tags.dvc_stage = 'evaluate@lenet_300_100'")
+    assert run.data.tags["registered"] == "false" and run.data.tags["not_registered_reason"] == reason
 
 
 def _ckpt(project):

@@ -29,10 +29,10 @@ def tiny_params(params_file: Path, local_dir: Path, md5: dict, iterations: dict[
     prune rounds per model (models not listed are dropped)."""
     p = yaml.safe_load(params_file.read_text())
     p["data"].update(source="local", local_dir=str(local_dir), md5=md5, val_size=100)
-    p["run"]["threads"] = 1
+    p["run"]["threads"] = 2  # the thread count of the real pipeline: thread-order effects show
     p["models"] = {k: v for k, v in p["models"].items() if k in iterations}
     for key, n in iterations.items():
-        p["models"][key]["pretrain"].update(epochs=2, batch_size=32)  # 2: a stage can be killed mid-way
+        p["models"][key]["pretrain"].update(epochs=6, batch_size=32)  # enough to learn the tiny data
         p["models"][key]["retrain"].update(epochs=1, batch_size=32)
         p["models"][key]["quantize"]["finetune"].update(epochs=1, batch_size=32)
         p["models"][key]["final"] = f"models/{key}/iter{n}.pt"

@@ -1,0 +1,64 @@
+"""The one owner of a process's numeric mode, device and seeds.
+
+configure(portable) must run before torch is imported: the kernel libraries read their settings
+when they load. start(...) then picks the device, seeds and fixes the thread count, once per process.
+
+Portable mode gives the same bytes on any x86-64 CPU with AVX2 at a fixed thread count. Each knob
+was found by measurement (README, "Reproducibility"):
+- ATen's own vectorised kernels (sums, losses, SGD) are compiled for AVX2 and AVX-512 and differ in
+  their bits: ATEN_CPU_CAPABILITY=avx2 pins the AVX2 ones;
+- MKL's GEMM kernels differ by instruction set: its conditional numerical reproducibility mode
+  (MKL_CBWR=AVX2,STRICT) pins one code path, documented to give the same results on every CPU that
+  has it, for a fixed thread count;
+- oneDNN's convolutions promise run-to-run determinism on one platform only, so in portable mode
+  convolutions run on ATen's own kernels (im2col and MKL's GEMM) instead.
+"""
+import os
+
+from .errors import HanpruneError
+
+PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT"}
+
+
+class RuntimeConfigError(HanpruneError):
+    pass
+
+
+def configure(portable: bool) -> None:
+    """Set the portable mode's library settings in the environment (before torch is imported)."""
+    if portable:
+        os.environ.update(PORTABLE_ENV)
+
+
+def pick_device(name: str):
+    import torch
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeConfigError("run.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def start(device: str, threads: int, portable: bool, seed: int):
+    """Pick the device, check the numeric mode, seed and fix the thread count; return the device.
+    On CUDA also force deterministic kernels (cuBLAS needs its workspace setting for that). The CPU
+    kernels used here are deterministic for a fixed thread count without the flag, and setting it
+    imports torch._dynamo: 2.5 s per stage."""
+    import torch
+    dev = pick_device(device)
+    if portable:
+        capability = torch.backends.cpu.get_cpu_capability()
+        unset = {k: v for k, v in PORTABLE_ENV.items() if os.environ.get(k) != v}
+        if capability != "AVX2" or unset:
+            raise RuntimeConfigError(
+                f"run.portable is true but torch runs its {capability} kernels"
+                + (f" and {', '.join(f'{k}={v}' for k, v in unset.items())} is not set" if unset else "")
+                + ": portable mode needs a CPU with AVX2 and runtime.configure(True) before torch is "
+                  "imported (stages/common.py does it); or set run.portable: false")
+        torch.backends.mkldnn.enabled = False
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads or os.cpu_count())
+    if dev.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    return dev

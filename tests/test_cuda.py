@@ -1,0 +1,83 @@
+"""Every stage on CUDA (`pytest -m cuda`; skipped without a CUDA device): the tiny pipeline through
+every stage kind, the same bytes from two runs, and checkpoints moving between the CPU and CUDA.
+The stages run as `dvc repro` would run them (their dvc.yaml commands), without DVC or MLflow, so
+this also runs on a GPU machine that has neither."""
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.tiny import tiny_params, write_tiny_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "lenet5"  # a conv model: convolutions, pooling, weight sharing of conv layers
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def commands(key: str) -> list[list[str]]:
+    m = f"models/{key}"
+    return [
+        ["pretrain.py", key, "--data", "data", "--out", f"{m}/dense.pt", "--plot", f"plots/{key}/pretrain.csv"],
+        ["sensitivity.py", key, "--data", "data", "--dense", f"{m}/dense.pt", "--out", f"plots/{key}/sensitivity.csv"],
+        ["prune.py", f"{key}-iter1", "--data", "data", "--start", f"{m}/dense.pt", "--out", f"{m}/iter1.pt",
+         "--metrics", f"metrics/prune/{key}-iter1.json", "--plot", f"plots/{key}/retrain1.csv"],
+        ["quantize.py", key, "--data", "data", "--pruned", f"{m}/iter1.pt", "--out", f"{m}/quantized.pt",
+         "--metrics", f"metrics/quantize/{key}.json"],
+        ["encode.py", key, "--dense", f"{m}/dense.pt", "--pruned", f"{m}/iter1.pt", "--quantized", f"{m}/quantized.pt",
+         "--out", f"{m}/compressed.bin", "--storage", f"{m}/storage"],
+        ["evaluate.py", key, "--data", "data", "--dense", f"{m}/dense.pt", "--pruned", f"{m}/iter1.pt",
+         "--compressed", f"{m}/compressed.bin", "--storage", f"{m}/storage", "--metrics", f"metrics/{key}.json",
+         "--plots", f"plots/{key}/final"],
+        ["report.py", "--metrics", "metrics", "--plots", "plots", "--out", "reports"],
+    ]
+
+
+def project(tmp: Path, device: str) -> Path:
+    md5 = write_tiny_mnist(tmp / "data" / "MNIST" / "raw")
+    p = tiny_params(ROOT / "params.yaml", tmp / "data" / "MNIST" / "raw", md5, {KEY: 1})
+    p["run"]["device"] = device
+    (tmp / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    return tmp
+
+
+def run(tmp: Path, *cmds: list[str], device: str | None = None):
+    if device:
+        p = yaml.safe_load((tmp / "params.yaml").read_text())
+        p["run"]["device"] = device
+        (tmp / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}  # no store: one warning per stage
+    for cmd in cmds:
+        proc = subprocess.run([sys.executable, str(ROOT / "stages" / cmd[0]), *cmd[1:]], cwd=tmp, env=env,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, f"{cmd[0]} on {device}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+
+
+def digests(tmp: Path) -> dict[str, str]:
+    return {str(f.relative_to(tmp)): hashlib.md5(f.read_bytes()).hexdigest()
+            for f in sorted((tmp / "models").rglob("*")) if f.is_file()}
+
+
+def test_every_stage_kind_runs_on_cuda(tmp_path):
+    tmp = project(tmp_path, "cuda")
+    run(tmp, *commands(KEY))
+    assert (tmp / "reports" / "REPORT.md").exists() and (tmp / f"models/{KEY}/compressed.bin").stat().st_size > 0
+
+
+def test_two_cuda_runs_give_the_same_bytes(tmp_path):
+    first, second = project(tmp_path / "a", "cuda"), project(tmp_path / "b", "cuda")
+    for tmp in (first, second):
+        run(tmp, *commands(KEY)[:4])  # pretrain, sensitivity, prune, quantize
+    assert digests(first) == digests(second)
+
+
+@pytest.mark.parametrize("first,then", [("cpu", "cuda"), ("cuda", "cpu")])
+def test_a_checkpoint_continues_on_the_other_device(tmp_path, first, then):
+    tmp = project(tmp_path, first)
+    run(tmp, *commands(KEY)[:2], device=first)  # pretrain, sensitivity
+    run(tmp, *commands(KEY)[2:], device=then)  # prune onward
+    assert (tmp / "reports" / "REPORT.md").exists()

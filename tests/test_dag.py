@@ -1,0 +1,245 @@
+"""The DVC graph is right: each stage's deps are exactly the project code it runs, its params cover
+what its data loading and numerics read, and every tracked file under metrics/, plots/ and reports/
+is an output of some stage (no orphans left from a dropped stage or round).
+
+Deps are derived, not copied by hand: the transitive closure of project-internal imports from the
+stage script (stages/common.py, hanprune/*), counting every import in the file, including those
+inside functions (imported lazily, they still run and can change an output). hanprune/tracking.py
+is left out on purpose: it only logs to MLflow and cannot change a stage's outputs, so listing it
+would only re-run stages for nothing. A false dep costs up to 20 minutes of training; a missing one
+leaves a stale output that `dvc status` does not report.
+"""
+import ast
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "hanprune"
+STAGES_DIR = ROOT / "stages"          # the stage scripts run from here: it is sys.path[0]
+NOT_DEPS = {"hanprune/tracking.py"}   # MLflow logging only: cannot change an output
+DATA_PARAMS = {"run", "data.md5", "data.val_size", "data.val_seed"}
+
+
+def _rel(path: Path) -> str:
+    return path.resolve().relative_to(ROOT).as_posix()
+
+
+def _module_file(dotted: str) -> Path | None:
+    """The project file that `import dotted` executes last (package __init__ or module), or None
+    when it is not a project module (stdlib, third party, a namespace package without __init__)."""
+    parts = dotted.split(".")
+    if parts[0] == PACKAGE:
+        base = ROOT.joinpath(*parts)
+    elif len(parts) == 1 and (STAGES_DIR / f"{parts[0]}.py").is_file():
+        base = STAGES_DIR / parts[0]
+    else:
+        return None
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _package_inits(dotted: str) -> list[Path]:
+    """The __init__.py files that importing `dotted` runs on the way (hanprune/ has none today)."""
+    parts = dotted.split(".")
+    inits = []
+    for i in range(1, len(parts) + 1):
+        f = ROOT.joinpath(*parts[:i], "__init__.py")
+        if parts[0] == PACKAGE and f.is_file():
+            inits.append(f)
+    return inits
+
+
+def _module_name(path: Path) -> str:
+    rel = path.resolve().relative_to(ROOT)
+    if rel.parts[0] == "stages":
+        return rel.stem
+    parts = list(rel.with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _direct_imports(path: Path) -> set[Path]:
+    """Project files imported anywhere in `path` (module level or inside functions)."""
+    found: set[Path] = set()
+
+    def add(dotted: str):
+        found.update(_package_inits(dotted))
+        f = _module_file(dotted)
+        if f is not None:
+            found.add(f)
+
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                add(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                pkg = _module_name(path).split(".")
+                if path.name != "__init__.py":
+                    pkg = pkg[:-1]
+                pkg = pkg[:len(pkg) - (node.level - 1)]
+                base = ".".join(pkg + ([node.module] if node.module else []))
+            else:
+                base = node.module
+            add(base)
+            for alias in node.names:   # `from hanprune import data`: data may be a module
+                if alias.name != "*" and _module_file(f"{base}.{alias.name}") is not None:
+                    add(f"{base}.{alias.name}")
+    found.discard(path)
+    return found
+
+
+def import_closure(script: Path) -> set[str]:
+    """The stage script and every project file it imports, transitively; paths from the root."""
+    seen: set[Path] = set()
+    todo = [script]
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        todo.extend(_direct_imports(f) - seen)
+    return {_rel(f) for f in seen}
+
+
+def stage_specs(dvc_yaml: dict):
+    """(name, spec) of each stage, with the `do` block for foreach stages."""
+    for name, stage in dvc_yaml["stages"].items():
+        yield name, stage["do"] if "foreach" in stage else stage
+
+
+def stage_script(spec: dict) -> str:
+    cmd = spec["cmd"] if isinstance(spec["cmd"], str) else spec["cmd"][0]
+    tokens = shlex.split(cmd)
+    i = next(i for i, t in enumerate(tokens) if Path(t).name.startswith("python"))
+    return tokens[i + 1]
+
+
+def expected_py_deps(spec: dict, root: Path = ROOT) -> set[str]:
+    return import_closure(root / stage_script(spec)) - NOT_DEPS
+
+
+def _dep_name(dep) -> str:
+    return dep if isinstance(dep, str) else next(iter(dep))
+
+
+def _sorted_py(paths: set[str], script: str) -> list[str]:
+    first = [p for p in (script, "stages/common.py") if p in paths]
+    return first + sorted(paths - set(first))
+
+
+def check_deps(dvc_yaml: dict) -> list[str]:
+    """One message per stage whose .py deps differ from its import closure."""
+    problems = []
+    for name, spec in stage_specs(dvc_yaml):
+        deps = [_dep_name(d) for d in spec.get("deps", [])]
+        listed = {d for d in deps if d.endswith(".py")}
+        script = stage_script(spec)
+        expected = expected_py_deps(spec)
+        if listed == expected:
+            continue
+        corrected = _sorted_py(expected, script) + [d for d in deps if not d.endswith(".py")]
+        indent = " " * (8 if "foreach" in dvc_yaml["stages"][name] else 6)
+        problems.append(
+            f"stage {name}: deps do not match the imports of {script}\n"
+            f"  add:    {sorted(expected - listed)}\n"
+            f"  remove: {sorted(listed - expected)}\n"
+            f"  corrected deps:\n" + "".join(f"{indent}- {d}\n" for d in corrected))
+    return problems
+
+
+def _loads_data(script: Path) -> bool:
+    """Does the script read args.data: pass it to opening(...) (stages/common.py), which verifies the
+    data and splits it, or load it in any other way?"""
+    return any(isinstance(node, ast.Attribute) and node.attr == "data"
+               and isinstance(node.value, ast.Name) and node.value.id == "args"
+               for node in ast.walk(ast.parse(script.read_text())))
+
+
+def check_params(dvc_yaml: dict) -> list[str]:
+    problems = []
+    for name, spec in stage_specs(dvc_yaml):
+        if not _loads_data(ROOT / stage_script(spec)):
+            continue
+        params = {p for p in spec.get("params", []) if isinstance(p, str)}
+        missing = sorted(DATA_PARAMS - params)
+        if missing:
+            problems.append(f"stage {name} loads the data (args.data): add params {missing}")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def dvc_yaml() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())
+
+
+def test_import_closure_follows_common_and_relative_imports():
+    closure = import_closure(ROOT / "stages/sensitivity.py")
+    # through stages/common.py (config -> models, data -> io) and pruning's relative imports
+    assert {"stages/common.py", "hanprune/config.py", "hanprune/data.py", "hanprune/io.py",
+            "hanprune/models.py", "hanprune/pruning.py", "hanprune/train.py"} <= closure
+    assert "hanprune/tracking.py" in closure      # imported, but excluded from the deps
+
+
+def test_each_stage_lists_exactly_the_code_it_imports(dvc_yaml):
+    """Missing: a change to that file leaves the output stale and `dvc status` silent.
+    Extra: a change to that file re-runs the stage (up to 20 minutes) for nothing."""
+    problems = check_deps(dvc_yaml)
+    assert not problems, "\n" + "\n".join(problems)
+
+
+def test_stages_that_load_data_list_the_params_it_depends_on(dvc_yaml):
+    """opening() verifies the data against data.md5, splits it with data.val_size/val_seed, and sets
+    device, threads and numeric mode from `run`: all decide the bits of a training or evaluation."""
+    problems = check_params(dvc_yaml)
+    assert not problems, "\n".join(problems)
+
+
+def _git_ls_files(*paths: str) -> list[str]:
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--", *paths], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    return [p for p in out.split("\0") if p]
+
+
+@pytest.fixture(scope="module")
+def dvc_stages():
+    repo_mod = pytest.importorskip("dvc.repo")
+    with repo_mod.Repo(str(ROOT)) as repo:
+        yield [(s.addressing, [_rel(Path(o.fs_path)) for o in s.outs], [_rel(Path(d.fs_path)) for d in s.deps])
+               for s in repo.index.stages]
+
+
+def _covered(path: str, outs: list[str]) -> bool:
+    return any(path == o or path.startswith(o + "/") for o in outs)
+
+
+def test_every_tracked_result_is_an_output_of_a_stage(dvc_stages):
+    """A file left in metrics/, plots/ or reports/ by a dropped stage or round shows in
+    `dvc metrics show`, `dvc plots` and the report as if it were a result of the current pipeline."""
+    outs = [o for _, stage_outs, _ in dvc_stages for o in stage_outs]
+    orphans = [f for f in _git_ls_files("metrics", "plots", "reports") if not _covered(f, outs)]
+    assert not orphans, f"tracked but produced by no stage of dvc.yaml (git rm them): {orphans}"
+
+
+def test_every_dep_is_produced_by_a_stage_or_tracked(dvc_stages):
+    """A dep that nothing produces and git does not hold fails in a fresh clone (a typo in a path,
+    or a stage that starts from a checkpoint no stage writes)."""
+    outs = [o for _, stage_outs, _ in dvc_stages for o in stage_outs]
+    tracked = _git_ls_files()
+    problems: dict[str, list[str]] = {}
+    for name, _, deps in dvc_stages:
+        for dep in deps:
+            produced = _covered(dep, outs) or any(o.startswith(dep + "/") for o in outs)
+            if not produced and not any(t == dep or t.startswith(dep + "/") for t in tracked):
+                problems.setdefault(dep, []).append(name)
+    assert not problems, "deps neither produced by a stage nor tracked by git (git add them?):\n" + "".join(
+        f"  {dep} (dep of {len(names)} stages, e.g. {names[0]})\n" for dep, names in problems.items())
