@@ -1,4 +1,5 @@
-"""Stage report: reports/REPORT.md and its PNG figures from every model's metrics and plot data."""
+"""Stage report: reports/REPORT.md and its PNG figures (reports/figures/) from every model's metrics
+and plot data."""
 import json
 from pathlib import Path
 
@@ -27,7 +28,8 @@ def main():
             quantize[key] = {**json.loads(Path(args.metrics, "quantize", f"{key}.json").read_text()),
                              "bits": p.models[key].quantize.bits}
             iterations[key] = Path(args.plots, key, "final", "iterations.csv").read_text()
-            images[key] = report.figures(key, Path(args.plots, key), out, save_png)
+            made = report.figures(key, Path(args.plots, key), out / "figures", save_png)
+            images[key] = {title: f"figures/{name}" for title, name in made.items()}
             last = max((it for it in p.prune.values() if it.model == key), key=lambda it: it.iteration)
             schedules[key] = report.schedule_table(last.s, Path(args.plots, key, "sensitivity.csv").read_text(), models[key])
         io.write_text(out / "REPORT.md", report.render(models, iterations, images, schedules, quantize))

@@ -456,3 +456,19 @@ def test_two_queued_experiments_run_in_parallel_into_one_new_store(repo):
         evaluate = next(r for r in children if r["name"] == "evaluate@lenet_300_100")
         assert {"file_compression", "compression", "layer.fc1.kept"} <= set(evaluate["metrics"])
     assert store["versions"] == len(names)
+
+
+def test_seed_band_report_from_experiments(repo, tmp_path):
+    """benchmarks/seeds.py summarises the baseline and the experiments it is pointed at (here the two
+    queued ones, which change bits rather than seeds) from their commits, one table per model."""
+    repo, params, _ = repo
+    out = tmp_path / "SEEDS.md"
+    proc = sh(repo, sys.executable, str(ROOT / "benchmarks" / "seeds.py"), "report", "--prefix", "q-", "--out", str(out))
+    assert "3 runs (baseline, q-" in proc.stdout
+    text = out.read_text()
+    m = json.loads((repo / "metrics" / "lenet_300_100.json").read_text())
+    for model in params["models"]:
+        assert f"## {model}" in text
+    row = next(line for line in text.splitlines() if line.startswith("| compressed file (x) |"))
+    assert f"{m['file_compression']:.2f}" in row  # the baseline's own figure is one of the runs
+    assert "| selection rule held" in text
