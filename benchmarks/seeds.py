@@ -64,16 +64,17 @@ def outcome(rev: str, params: dict, model: str) -> dict:
 
 
 def runs(prefix: str) -> list[tuple[str, str, dict]]:
-    """(name, commit, params) of the baseline commit and its experiments named <prefix>*."""
+    """(name, commit, params) of the baseline commit and its finished experiments named <prefix>*,
+    in name order (a queued or running experiment's commit holds the baseline's results)."""
     shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True,
                                       check=True).stdout)
     base = next(row for row in shown if row["rev"] != "workspace")
     found = [("baseline", base["rev"], base["data"]["params"]["params.yaml"]["data"])]
     for exp in base.get("experiments") or []:
-        rev = exp["revs"][0]
-        if (rev.get("name") or "").startswith(prefix):
+        rev, state = exp["revs"][0], (exp.get("executor") or {}).get("state", "success")
+        if (rev.get("name") or "").startswith(prefix) and state == "success":
             found.append((rev["name"], rev["rev"], rev["data"]["params"]["params.yaml"]["data"]))
-    return found
+    return found[:1] + sorted(found[1:])
 
 
 def band(values: list[float]) -> str:

@@ -1,0 +1,25 @@
+"""benchmarks/seeds.py: which runs make the seed band (the report itself is run end to end on the
+tiny pipeline's experiments in test_pipeline.py)."""
+import json
+import runpy
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_runs_are_the_baseline_and_the_finished_experiments_of_the_prefix(monkeypatch):
+    seeds = runpy.run_path(str(ROOT / "benchmarks" / "seeds.py"))
+    params = {"models": {}}
+
+    def exp(name, state):
+        return {"revs": [{"name": name, "rev": f"{name}-sha", "data": {"params": {"params.yaml": {"data": params}}}}],
+                "executor": state and {"state": state}}
+    shown = [{"rev": "workspace"},
+             {"rev": "base-sha", "data": {"params": {"params.yaml": {"data": params}}},
+              "experiments": [exp("seed-2", "success"), exp("seed-3", "queued"), exp("seed-4", "running"),
+                              exp("other", "success"), exp("seed-1", None)]}]
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, json.dumps(shown), ""))
+    found = seeds["runs"]("seed-")
+    assert [(name, rev) for name, rev, _ in found] == [("baseline", "base-sha"), ("seed-1", "seed-1-sha"),
+                                                       ("seed-2", "seed-2-sha")]
