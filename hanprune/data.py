@@ -200,22 +200,29 @@ def load_split(root, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(labels.astype(np.int64))
 
 
+def dataset_md5(files: dict[str, bytes]) -> str:
+    """One md5 over the four raw files (in FILES order), to tag runs with the data they saw."""
+    h = hashlib.md5()
+    for name in FILES:
+        h.update(files[name])
+    return h.hexdigest()
+
+
 def verified_md5(root, expected: dict[str, str]) -> str:
     """Check the four raw files against `expected` (file name -> md5), reading each once, and
-    return one md5 over all four (in FILES order), to tag runs with the data they saw."""
+    return their dataset_md5."""
     raw = Path(root) / "MNIST" / "raw"
-    h = hashlib.md5()
+    files = {}
     for name in FILES:
         path = raw / name
         if not path.exists():
             raise DataError(f"{path}: missing; run the download stage")
-        blob = path.read_bytes()
-        actual = md5(blob)
+        files[name] = path.read_bytes()
+        actual = md5(files[name])
         if actual != expected[name]:
             raise DataError(f"{path}: md5 mismatch: expected {expected[name]} (data.md5), got {actual}; "
                             "the file changed after download: re-run the download stage or `dvc checkout`")
-        h.update(blob)
-    return h.hexdigest()
+    return dataset_md5(files)
 
 
 class Splits:

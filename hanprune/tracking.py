@@ -5,6 +5,7 @@ import fcntl
 import functools
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -142,7 +143,6 @@ class Run:
     def metrics(self, metrics: dict, step: int = 0, on_parent: bool = False):
         """Log numeric metrics (nested dicts flattened to a.b.c) at `step`; also on the parent run
         with on_parent, so the parent charts them across steps (e.g. prune iterations)."""
-        import time
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in flatten(metrics).items()
@@ -185,10 +185,10 @@ class Run:
 
     @_best_effort
     def finish(self, status="FINISHED"):
-        """End the run, and move the parent's end to now, so that the parent spans its children."""
-        self.client.set_terminated(self.id, status)
+        """End the run, and the parent at the same moment, so that the parent spans its children."""
+        end = int(time.time() * 1000)
+        self.client.set_terminated(self.id, status, end_time=end)
         if self.parent_id:
-            end = self.client.get_run(self.id).info.end_time
             self.client.set_terminated(self.parent_id, "FINISHED", end_time=end)
 
     def __enter__(self):
