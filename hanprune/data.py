@@ -200,29 +200,22 @@ def load_split(root, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(labels.astype(np.int64))
 
 
-def dataset_md5(files: dict[str, bytes]) -> str:
-    """One md5 over the four raw files (in FILES order), to tag runs with the data they saw."""
-    h = hashlib.md5()
-    for name in FILES:
-        h.update(files[name])
-    return h.hexdigest()
-
-
 def verified_md5(root, expected: dict[str, str]) -> str:
     """Check the four raw files against `expected` (file name -> md5), reading each once, and
-    return their dataset_md5."""
+    return one md5 over all four (in FILES order), to tag runs with the data they saw."""
     raw = Path(root) / "MNIST" / "raw"
-    files = {}
+    h = hashlib.md5()
     for name in FILES:
         path = raw / name
         if not path.exists():
             raise DataError(f"{path}: missing; run the download stage")
-        files[name] = path.read_bytes()
-        actual = md5(files[name])
+        blob = path.read_bytes()
+        actual = md5(blob)
         if actual != expected[name]:
             raise DataError(f"{path}: md5 mismatch: expected {expected[name]} (data.md5), got {actual}; "
                             "the file changed after download: re-run the download stage or `dvc checkout`")
-    return dataset_md5(files)
+        h.update(blob)
+    return h.hexdigest()
 
 
 class Splits:

@@ -13,7 +13,7 @@ def main():
         source, files = data.fetch(p.source, p.md5, p.local_dir)
         raw = data.write_raw(files, args.out)
         mlrun.params({"data": p.model_dump(exclude={"md5"}), "source_used": source})
-        mlrun.run_tags({"dataset_md5": data.dataset_md5(files)})  # fetch verified each file
+        mlrun.run_tags({"dataset_md5": data.verified_md5(args.out, p.md5)})
     print(f"download: {len(files)} files from {source} into {raw}, md5 verified")
 
 
