@@ -207,13 +207,54 @@ def test_random_shift_translates_each_image_by_its_own_offset():
     """Each output image is its input translated by (dy, dx) in [-2, 2], with the edge pixels
     filling the uncovered border: the same as slicing that image's replicate-padded copy."""
     x = torch.randn(50, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    out = random_shift(x, 2, torch.Generator().manual_seed(3))
     dy, dx = torch.randint(0, 5, (2, 50), generator=torch.Generator().manual_seed(3))
+    out = random_shift(x, 2, dy, dx)
     padded = torch.nn.functional.pad(x, (2,) * 4, mode="replicate")
     for i in range(50):
         assert torch.equal(out[i], padded[i, :, dy[i]:dy[i] + 28, dx[i]:dx[i] + 28])
     assert len({(a, b) for a, b in zip(dy.tolist(), dx.tolist())}) > 10  # offsets really vary
-    assert torch.equal(x, random_shift(x, 0, torch.Generator()))
+
+
+def test_one_draw_per_epoch_gives_the_numbers_of_one_draw_per_batch():
+    """The loop draws an epoch's shifts at once and gives batch i the next 2 * len(batch) of them:
+    the numbers that drawing (2, len(batch)) per batch gave, on which the committed results rest."""
+    n, size = 1000, 64
+    per_batch = torch.Generator().manual_seed(7)
+    expected = torch.cat([torch.randint(0, 5, (2, min(size, n - i)), generator=per_batch).flatten()
+                          for i in range(0, n, size)])
+    assert torch.equal(torch.randint(0, 5, (2 * n,), generator=torch.Generator().manual_seed(7)), expected)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "inv", "constant"])
+@pytest.mark.parametrize("momentum,nesterov,reg", [(0.9, False, "l2"), (0.9, True, "l2"), (0.0, False, "l2"),
+                                                     (0.9, False, "l1")])
+def test_sgd_and_rates_give_the_bits_of_torch_optim(schedule, momentum, nesterov, reg):
+    """hanprune.train.SGD and learning_rates stand in for torch.optim.SGD(fused=True) and its LR
+    schedulers (which import torch._dynamo): 200 steps of both give the same bits."""
+    import torch.optim.lr_scheduler as sched
+    from hanprune.train import SGD, learning_rates
+    cfg = Training(seed=0, epochs=1, batch_size=8, lr=0.05, momentum=momentum, nesterov=nesterov,
+                   schedule=schedule, regularization={"kind": reg, "strength": 0.001}, shift=0)
+    steps = 200
+    ours, theirs = build("lenet_300_100"), build("lenet_300_100")
+    theirs.load_state_dict(ours.state_dict())
+    opt = torch.optim.SGD(theirs.parameters(), lr=cfg.lr, momentum=momentum, nesterov=nesterov,
+                          weight_decay=0.001 if reg == "l2" else 0.0, fused=True)
+    schedule_of = {"cosine": lambda: sched.CosineAnnealingLR(opt, T_max=steps),
+                   "inv": lambda: sched.LambdaLR(opt, lambda i: (1 + 1e-4 * i) ** -0.75),
+                   "constant": lambda: sched.LambdaLR(opt, lambda i: 1.0)}[schedule]()
+    sgd = SGD(ours.parameters(), cfg)
+    x = torch.randn(8, 784, generator=torch.Generator().manual_seed(1))
+    for step, lr in enumerate(learning_rates(cfg, steps)):
+        assert lr == opt.param_groups[0]["lr"], f"step {step}"
+        for model in (ours, theirs):
+            model.zero_grad(set_to_none=True)
+            model(x * (step % 7)).square().mean().backward()
+        sgd.step(lr)
+        opt.step()
+        schedule_of.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("key", ["lenet_300_100", "lenet5"])
