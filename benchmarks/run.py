@@ -255,6 +255,73 @@ def bench_pipeline(reps):
     return {"noop_repro_seconds": statistics.median(times)}
 
 
+def cuda_gemm_flops(device, n: int = 8192, reps: int = 10) -> float:
+    """FLOP/s of a float32 matmul on the GPU (TF32 off, as in training), median of reps, timed with
+    CUDA events, on random data."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def bench_cuda_training(key, cfg, x, y, flops_per_second, epochs: int) -> dict:
+    """Seconds per epoch of hanprune.train.fit on the GPU with the model's pretrain settings: the
+    median over epochs 2.. (epoch 1 includes the CUDA graph's warm-up and capture), and one epoch
+    of the same loop without the graph (eager)."""
+    from hanprune import train
+    cfg = cfg.model_copy(update={"epochs": epochs})
+    device = x.device
+    graphed = [e["seconds"] for e in fit(build(key).to(device), cfg, (x, y), (x[:1], y[:1]), None, device)]
+    train.CUDA_GRAPHS = False
+    try:
+        eager = fit(build(key).to(device), cfg.model_copy(update={"epochs": 1}), (x, y), (x[:1], y[:1]), None,
+                    device)[0]["seconds"]
+    finally:
+        train.CUDA_GRAPHS = True
+    seconds = statistics.median(graphed[1:])
+    flops = 3 * measure.totals(measure.layer_stats(build(key).to(device)))["flops_dense"] * len(x)
+    return {"epoch_seconds": seconds, "first_epoch_seconds": graphed[0], "eager_epoch_seconds": eager,
+            "fraction_of_gemm_rate": flops / seconds / flops_per_second, "images": len(x)}
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    import hashlib
+    return {str(f.relative_to(root)): hashlib.md5(f.read_bytes()).hexdigest()
+            for d in ("models", "metrics", "plots", "reports") for f in sorted((root / d).rglob("*")) if f.is_file()}
+
+
+def bench_cuda(args, params) -> dict:
+    """The GPU figures (results.json `gpu`): device, GEMM rate, training epochs, and, with
+    --pipeline-runs A B (two runs of benchmarks/pipeline.py), the pipeline's time and whether the
+    two runs wrote the same bytes."""
+    device = torch.device("cuda")
+    x, y = (t.to(device) for t in data.load_split(args.data, train=True))
+    flops = cuda_gemm_flops(device)
+    gpu = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d"), "gemm_tflops": flops / 1e12, "train": {}}
+    for key in args.models:
+        print(f"cuda training {key} ...", flush=True)
+        gpu["train"][key] = bench_cuda_training(key, params.models[key].pretrain, x, y, flops, 2 if args.quick else 4)
+    if args.pipeline_runs:
+        a, b = (Path(p) for p in args.pipeline_runs)
+        timings = json.loads((a / "timings.json").read_text())
+        digests_a, digests_b = tree_digests(a), tree_digests(b)
+        gpu.update(pipeline_seconds=timings["seconds"], stages=timings["stages"],
+                   stage_fixed_seconds=max(t["fixed_seconds"] for t in timings["stages"].values()),
+                   bit_identical=digests_a == digests_b, files_compared=len(digests_a),
+                   files_differing=sorted(k for k in digests_a.keys() | digests_b.keys()
+                                          if digests_a.get(k) != digests_b.get(k)),
+                   metrics={k: json.loads((a / "metrics" / f"{k}.json").read_text()) for k in args.models})
+    return gpu
+
+
 def render(r: dict) -> str:
     from tabulate import tabulate
     m = r["machine"]
@@ -317,7 +384,35 @@ def render(r: dict) -> str:
                       tabulate([[k, f"{pl['stage_seconds'][k]:.1f}", f"{pl['stage_peak_rss_mb'][k]:.0f}"]
                                 for k in pl["stage_seconds"]], headers=["stage", "seconds", "peak RSS (MB)"],
                                tablefmt="github"), ""]
+    if "gpu" in r:
+        lines += render_gpu(r)
     return "\n".join(lines)
+
+
+def render_gpu(r: dict) -> list[str]:
+    from tabulate import tabulate
+    g = r["gpu"]
+    lines = ["## GPU", "",
+             f"{g['device']}, torch {g['torch']}, measured on {g['date']} by `benchmarks/gpu_check.sh` "
+             f"(`benchmarks/run.py --device cuda`). float32 GEMM (8192², TF32 off): {g['gemm_tflops']:.1f} TFLOP/s.", "",
+             "One epoch of `hanprune.train.fit` (60,000 images, batch 64, the model's pretrain settings) with "
+             "the full-batch step captured as a CUDA graph (median of epochs 2 on; epoch 1 holds the capture), "
+             "without it (eager), and on the 2-core CPU above (fast mode).", ""]
+    rows = [[k, f"{t['epoch_seconds']:.3f}", f"{t['eager_epoch_seconds']:.2f}", f"{t['first_epoch_seconds']:.2f}",
+             f"{r['train'][k]['seconds_per_epoch']:.2f}" if k in r.get("train", {}) else "",
+             f"{100 * t['fraction_of_gemm_rate']:.2f}%"] for k, t in g["train"].items()]
+    lines += [tabulate(rows, headers=["model", "CUDA graph (s)", "eager (s)", "first epoch (s)", "CPU (s)",
+                                      "of GEMM rate"], tablefmt="github"), ""]
+    if "pipeline_seconds" in g:
+        lines += [f"The whole pipeline, all {len(g['stages'])} stages run by `benchmarks/pipeline.py` without DVC "
+                  f"or MLflow: {g['pipeline_seconds']:.0f} s; the largest fixed cost of a stage (process start "
+                  f"to exit, less its epochs) {g['stage_fixed_seconds']:.1f} s. Two runs wrote "
+                  + ("the same bytes" if g["bit_identical"] else f"different bytes in {len(g['files_differing'])} files")
+                  + f" ({g['files_compared']} files under models/, metrics/, plots/, reports/).", "",
+                  tabulate([[k, f"{v['seconds']:.1f}", f"{v['training_seconds']:.1f}", f"{v['fixed_seconds']:.1f}"]
+                            for k, v in g["stages"].items()],
+                           headers=["stage", "seconds", "epochs (s)", "fixed (s)"], tablefmt="github"), ""]
+    return lines
 
 
 def main():
@@ -333,10 +428,22 @@ def main():
                     help="per-stage time and peak RSS of the full run, from monitor.py")
     ap.add_argument("--epoch", metavar="KEY", help="only time one epoch of KEY's training and print it as JSON")
     ap.add_argument("--portable", action="store_true", help="with --epoch: in the portable numeric mode")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: only the GPU figures, added to results.json under `gpu` (CPU figures kept)")
+    ap.add_argument("--pipeline-runs", nargs=2, metavar=("A", "B"),
+                    help="with --device cuda: two workdirs of benchmarks/pipeline.py to time and compare")
     args = ap.parse_args()
-    runtime.start("cpu", args.threads, args.portable, 0)
+    runtime.start(args.device, args.threads, args.portable, 0)
     reps, calls, limit = (1, 200, 2000) if args.quick else (3, 1000, None)
     params = config.load(args.params)
+    if args.device == "cuda":
+        path = Path(args.out) / "results.json"
+        results = json.loads(path.read_text()) if path.exists() else {}
+        results["gpu"] = bench_cuda(args, params)
+        io.write_json(path, results)
+        io.write_text(Path(args.out) / "RESULTS.md", render(results) if "machine" in results else "\n".join(render_gpu(results)))
+        print("\n".join(render_gpu(results)))
+        return
     x, y = data.load_split(args.data, train=True)
     if args.epoch:
         n = limit or len(x)

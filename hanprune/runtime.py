@@ -41,9 +41,9 @@ def pick_device(name: str):
 
 def start(device: str, threads: int, portable: bool, seed: int):
     """Pick the device, check the numeric mode, seed and fix the thread count; return the device.
-    On CUDA also force deterministic kernels (cuBLAS needs its workspace setting for that). The CPU
-    kernels used here are deterministic for a fixed thread count without the flag, and setting it
-    imports torch._dynamo: 2.5 s per stage."""
+    On CUDA also force deterministic kernels (cuBLAS needs its workspace setting for that) and
+    full float32 convolutions. The CPU kernels used here are deterministic for a fixed thread count
+    without the flag."""
     import torch
     dev = pick_device(device)
     if portable:
@@ -60,5 +60,9 @@ def start(device: str, threads: int, portable: bool, seed: int):
     torch.set_num_threads(threads or os.cpu_count())
     if dev.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        # torch.use_deterministic_algorithms(True) does this and also sets torch.compile's flag,
+        # importing torch._inductor and torch._dynamo (1 s of every stage's start) for a compiler
+        # this project does not use.
+        torch._C._set_deterministic_algorithms(True)
+        torch.backends.cudnn.allow_tf32 = False  # float32 convolutions, as on the CPU (TF32 is cuDNN's default)
     return dev

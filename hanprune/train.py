@@ -96,6 +96,7 @@ def fit(model, cfg, train, val, test=None, device=torch.device("cpu"), log=None)
 
 
 WARMUP_STEPS = 3  # eager steps before a CUDA graph is captured (lazy initialisation, workspaces)
+CUDA_GRAPHS = True  # benchmarks/run.py turns it off to time the eager loop on the GPU
 
 
 def _fit(model, cfg, train, val, test, device, log) -> list[dict]:
@@ -124,7 +125,7 @@ def _fit(model, cfg, train, val, test, device, log) -> list[dict]:
         loss.backward()
         optimizer.step(lr)
 
-    graph = _StepGraph(step, size, device) if device.type == "cuda" and full > WARMUP_STEPS else None
+    graph = _StepGraph(step, size, device) if CUDA_GRAPHS and device.type == "cuda" and full > WARMUP_STEPS else None
     history = []
     for epoch in range(1, cfg.epochs + 1):
         model.train()

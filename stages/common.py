@@ -3,9 +3,11 @@ and seeds, verified data, MLflow run), error exits. This is the only place that 
 (its environment variables)."""
 import argparse
 import contextlib
+import json
 import os
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -42,9 +44,12 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def run(main):
     """Run a stage's main(). The project's own errors and file errors become one 'error: ...' line
-    and exit code 1; anything else is a bug: its traceback, one line saying so, exit code 2."""
+    and exit code 1; anything else is a bug: its traceback, one line saying so, exit code 2.
+    With HANPRUNE_TIMINGS set (benchmarks/monitor.py, benchmarks/pipeline.py), append the stage's
+    time from process start and its training time (the epochs) to that file, one JSON line."""
     try:
         main()
+        _record_timing()
     except (HanpruneError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -53,6 +58,31 @@ def run(main):
         print("error: this is a bug in hanprune, not a problem with your input; please report it with the "
               "traceback above", file=sys.stderr)
         sys.exit(2)
+
+
+_training_seconds = 0.0
+
+
+def _process_age() -> float:
+    """Seconds since this process started, from /proc on Linux (10 ms ticks); else since this
+    module loaded."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return float(Path("/proc/uptime").read_text().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time() - _LOADED
+
+
+_LOADED = time.time()
+
+
+def _record_timing():
+    path = os.environ.get("HANPRUNE_TIMINGS")
+    if path:
+        record = {"stage": os.environ.get("DVC_STAGE", Path(sys.argv[0]).stem),
+                  "seconds": _process_age(), "training_seconds": _training_seconds}
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def load_params(path, model: str | None = None) -> config.Params:
@@ -109,6 +139,8 @@ def open_run(params, name: str, model: str | None, data_md5: str | None) -> trac
 
 def epoch_logger(run: tracking.Run, label: str):
     def log(record: dict):
+        global _training_seconds
+        _training_seconds += record["seconds"]
         extra = f" test {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
         print(f"{label} epoch {record['epoch']}: loss {record['train_loss']:.4f} "
               f"val {record['val_accuracy']:.4f}{extra} ({record['seconds']:.1f} s)", flush=True)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from hanprune.train import fit
 from tests.tiny import tiny_params, write_tiny_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,3 +82,57 @@ def test_a_checkpoint_continues_on_the_other_device(tmp_path, first, then):
     run(tmp, *commands(KEY)[:2], device=first)  # pretrain, sensitivity
     run(tmp, *commands(KEY)[2:], device=then)  # prune onward
     assert (tmp / "reports" / "REPORT.md").exists()
+
+
+@pytest.fixture
+def cuda_runtime():
+    """runtime.start on CUDA (deterministic kernels, float32 convolutions), undone afterwards."""
+    from hanprune import runtime
+    device = runtime.start("cuda", 0, False, 0)
+    assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.allow_tf32
+    yield device
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.allow_tf32 = True
+
+
+@pytest.mark.parametrize("key,kind", [("lenet_300_100", "dense"), ("lenet5", "pruned"), ("lenet5", "shared")])
+def test_the_cuda_graph_trains_as_the_eager_loop_does(cuda_runtime, key, kind):
+    """The captured step (static batch and rate, masks, weight sharing's codebooks) follows the same
+    trajectory as the eager loop: capture succeeds (no fallback warning) and two epochs end at the
+    same weights up to the last bits (the rate is a tensor in one, a float in the other)."""
+    import warnings
+    from hanprune import pruning, quantize, train
+    from hanprune.config import Training
+    from hanprune.models import build, prunable_layers
+    device = cuda_runtime
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64 * 12 + 17, 1, 28, 28, generator=g).to(device), torch.randint(0, 10, (64 * 12 + 17,), generator=g).to(device)
+    cfg = Training(seed=0, epochs=2, batch_size=64, lr=0.05, momentum=0.9, schedule="cosine",
+                   regularization={"kind": "l2", "strength": 0.0001}, shift=2)
+    torch.manual_seed(0)
+    start = build(key)
+    if kind != "dense":
+        pruning.prune_by_std(start, {n: 0.5 for n in prunable_layers(start)}, pruning.weight_std(start))
+    states = []
+    for graphs in (True, False):
+        model = build(key)
+        if kind == "pruned":  # as the prune stage trains it: masks attached
+            pruning.attach_masks(model, pruning.masks_of(start))
+            model.load_state_dict(start.state_dict())
+        else:  # as pretrain and quantize train it: plain weights, then (quantize) shared ones
+            model.load_state_dict(pruning.plain_state_dict(start))
+        if kind == "shared":
+            quantize.share_weights(model, {n: 4 for n in prunable_layers(model)}, pruning.masks_of(start))
+        model.to(device)
+        before = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        train.CUDA_GRAPHS = graphs
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                fit(model, cfg, (x, y), (x[:100], y[:100]), None, device)
+        finally:
+            train.CUDA_GRAPHS = True
+        states.append({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    for name, value in states[0].items():
+        assert torch.allclose(value.float(), states[1][name].float(), atol=1e-5, rtol=0), name
+    assert any(not torch.equal(v, before[k]) for k, v in states[1].items())  # it trained
