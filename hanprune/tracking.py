@@ -1,9 +1,15 @@
 """MLflow logging that never costs a DVC output: if the store is unreachable the stage warns once
-and goes on, unless tracking is required, in which case it fails before any work is done."""
+and goes on, unless tracking is required, in which case it fails before any work is done.
+
+Run logs in the calling process. Background runs the same Run in a worker process (this module as
+`python -m hanprune.tracking`), so that MLflow's import and its store (about 2 s on the 2-core
+machines) overlap with the stage's own work instead of adding to it."""
 import contextlib
 import fcntl
 import functools
 import os
+import pickle
+import subprocess
 import sys
 import time
 import warnings
@@ -81,12 +87,12 @@ class Run:
     stages running as separate processes land under one parent without sharing any state."""
 
     def __init__(self, uri: str, experiment: str, name: str, tags: dict, required: bool,
-                 group: dict | None = None):
+                 group: dict | None = None, client=None):
         self.uri, self.client, self.run, self.parent_id = uri, None, None, None
         try:
             from mlflow.tracking import MlflowClient
             with _store_lock(uri):
-                self.client = MlflowClient(uri)
+                self.client = client or MlflowClient(uri)
                 exp_id = self._experiment(experiment)
                 tags = {k: str(v) for k, v in tags.items()}
                 if group:
@@ -198,5 +204,101 @@ class Run:
         self.finish("FAILED" if exc_type else "FINISHED")
 
 
+class Background:
+    """A Run in a worker process. Every call is handed over (pickled through a pipe) and returns at
+    once; finish() waits until the worker has logged everything. The worker reports an
+    unreachable store itself (one warning); with `required` the constructor waits for it to
+    connect, and raises TrackingError if it cannot, so the stage fails before any work. A worker
+    that cannot even start costs one warning."""
+
+    def __init__(self, uri: str, experiment: str, name: str, tags: dict, required: bool,
+                 group: dict | None = None, worker: subprocess.Popen | None = None):
+        self.proc = worker or start_worker(uri)
+        self._send("open", uri, experiment, name, tags, required, group)
+        if required:
+            answer = self.proc.stdout.readline().decode().strip()
+            if answer != "ok":
+                self.proc.wait()
+                raise TrackingError(answer or f"MLflow tracking worker for {uri} exited without connecting")
+
+    def _send(self, method: str, *args, **kwargs):
+        if self.proc.stdin.closed:
+            return
+        try:
+            pickle.dump((method, args, kwargs), self.proc.stdin)
+            self.proc.stdin.flush()
+        except OSError as e:  # the worker is gone
+            warnings.warn(f"MLflow logging stopped: its worker process exited ({e})")
+            self.proc.stdin.close()
+
+    def __getattr__(self, method):
+        if method not in LOGGING_METHODS:
+            raise AttributeError(method)
+        return lambda *args, **kwargs: self._send(method, *args, **kwargs)
+
+    def finish(self, status="FINISHED"):
+        self._send("finish", status)
+        if not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        self.proc.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.finish("FAILED" if exc_type else "FINISHED")
+
+
+LOGGING_METHODS = ("params", "metrics", "run_tags", "table", "artifact", "register_model")
+
+
+def start_worker(uri: str) -> subprocess.Popen:
+    """A worker process for Background. Started before the stage imports torch, it imports MLflow
+    and opens the store at `uri` meanwhile, on the other core, at a lower priority than the stage."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the stage's imports
+    return subprocess.Popen([sys.executable, "-m", "hanprune.tracking", uri], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env)
+
+
+def _serve(uri: str):
+    """The worker: open the store, build the Run from the first message, apply the others to it in
+    order; a stage that ends without calling finish (it was killed) leaves a FAILED run."""
+    os.nice(5)
+    client = None
+    with contextlib.suppress(Exception):  # Run reports what fails, once it is asked for
+        from mlflow.tracking import MlflowClient
+        with _store_lock(uri):
+            client = MlflowClient(uri)
+            client.search_experiments(max_results=1)  # creates the store's tables on first use
+    stdin = sys.stdin.buffer
+    try:
+        _, (uri_asked, experiment, name, tags, required, group), _ = pickle.load(stdin)
+    except EOFError:  # the stage ended before opening a run (--help, a bad argument)
+        return
+    try:
+        run = Run(uri_asked, experiment, name, tags, required, group, client if uri_asked == uri else None)
+    except TrackingError as e:
+        print(e, flush=True)
+        return
+    if required:
+        print("ok", flush=True)
+    while True:
+        try:
+            method, args, kwargs = pickle.load(stdin)
+        except EOFError:
+            run.finish("FAILED")
+            break
+        getattr(run, method)(*args, **kwargs)
+        if method == "finish":
+            break
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # all logged: skip the interpreter's teardown of MLflow and SQLAlchemy
+
+
 def _columns(rows: list[dict]) -> dict[str, list]:
     return {k: [r.get(k) for r in rows] for k in rows[0]} if rows else {}
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1])

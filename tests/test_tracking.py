@@ -116,3 +116,57 @@ def test_experiment_opens_on_its_runs_and_a_parent_spans_its_children(tmp_path):
     assert children[1].data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert parent.info.start_time <= children[0].info.start_time
     assert parent.info.end_time >= children[1].info.end_time > children[0].info.start_time
+
+
+def _runs(uri: str, experiment: str = "e") -> list:
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return [r for r in runs if r.data.tags.get("pipeline_parent") != "true"]
+
+
+def test_background_run_logs_everything_through_its_worker(tmp_path):
+    """What a stage hands the worker process ends up in the store, in order, once finish() returns."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    group = {"model": "m", "git_commit": "c", "dvc_exp_name": "workspace"}
+    with tracking.Background(uri, "e", "prune@m-iter1", {"dvc_stage": "prune@m-iter1"}, False, group) as run:
+        run.params({"a": {"b": 1}})
+        for step in (1, 2):
+            run.metrics({"loss": 1.0 / step}, step=step, on_parent=True)
+        run.run_tags({"registered": "false"})
+        run.table([{"layer": "fc1", "kept": 0.5}], "layers.json")
+        run.artifact(__file__)
+    (logged,) = _runs(uri)
+    assert logged.info.run_name == "prune@m-iter1" and logged.info.status == "FINISHED"
+    assert logged.data.params == {"a.b": "1"} and logged.data.metrics == {"loss": 0.5}
+    assert logged.data.tags["registered"] == "false" and logged.data.tags["mlflow.parentRunId"]
+    from mlflow.tracking import MlflowClient
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(logged.info.run_id)}
+    assert artifacts == {"layers.json", "test_tracking.py"}
+
+
+def test_background_run_of_a_stage_that_died_is_failed(tmp_path):
+    """A stage that exits without finish() (killed, or os._exit) closes the pipe: the run is FAILED."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = tracking.Background(uri, "e", "stage", {}, True)  # required: connected before it returns
+    run.metrics({"loss": 1.0})
+    run.proc.stdin.close()
+    assert run.proc.wait(timeout=60) == 0
+    (logged,) = _runs(uri)
+    assert logged.info.status == "FAILED" and logged.data.metrics == {"loss": 1.0}
+
+
+def test_background_run_with_an_unreachable_store_warns_once(capfd):
+    run = tracking.Background("nosuch://x", "e", "stage", {}, False)
+    run.params({"a": 1})
+    run.metrics({"a": 1.0})
+    run.finish()
+    out, err = capfd.readouterr()
+    assert out == "" and [l for l in err.splitlines() if l.strip()] == [
+        l for l in err.splitlines() if l.startswith("warning: MLflow tracking store nosuch://x unreachable: ")]
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_background_required_tracking_fails_at_construction():
+    with pytest.raises(tracking.TrackingError, match=r"nosuch://x unreachable: .*\(tracking.required is true\)"):
+        tracking.Background("nosuch://x", "e", "stage", {}, True)
