@@ -93,6 +93,7 @@ def main():
     timings_file = work / "stage-timings.jsonl"
     timings_file.unlink(missing_ok=True)
     env = {**os.environ, "HANPRUNE_TIMINGS": str(timings_file)}
+    out = Path(args.out or work / "timings.json")
     start, seconds = time.perf_counter(), {}
     for s in order:
         cmd = s["cmd"].replace("python stages/", f"{sys.executable} {ROOT}/stages/", 1)
@@ -102,13 +103,17 @@ def main():
         print(f"pipeline: {s['name']} {seconds[s['name']]:.1f} s", flush=True)
         if proc.returncode != 0:
             raise SystemExit(f"pipeline: stage {s['name']} failed (exit {proc.returncode})")
-    total = time.perf_counter() - start
+        write_timings(out, timings_file, seconds, time.perf_counter() - start, len(order))
+    print(f"pipeline: {len(order)} stages in {time.perf_counter() - start:.0f} s -> {out}")
+
+
+def write_timings(out: Path, timings_file: Path, seconds: dict, total: float, stages: int):
+    """The timings so far (after every stage, so that a run cut short keeps what it measured)."""
     inner = {r["stage"]: r for r in map(json.loads, timings_file.read_text().splitlines())}
-    result = {"seconds": total, "stages": {
+    out.write_text(json.dumps({"seconds": total, "complete": len(seconds) == stages, "stages": {
         name: {"seconds": sec, "training_seconds": inner[name]["training_seconds"],
-               "fixed_seconds": sec - inner[name]["training_seconds"]} for name, sec in seconds.items()}}
-    Path(args.out or work / "timings.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"pipeline: {len(order)} stages in {total:.0f} s")
+               "fixed_seconds": sec - inner[name]["training_seconds"]} for name, sec in seconds.items()}},
+        indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -402,7 +402,7 @@ def render_gpu(r: dict) -> list[str]:
              f"{r['train'][k]['seconds_per_epoch']:.2f}" if k in r.get("train", {}) else "",
              f"{100 * t['fraction_of_gemm_rate']:.2f}%"] for k, t in g["train"].items()]
     lines += [tabulate(rows, headers=["model", "CUDA graph (s)", "eager (s)", "first epoch (s)", "CPU (s)",
-                                      "of GEMM rate"], tablefmt="github"), ""]
+                                      "of GEMM rate"], tablefmt="github", disable_numparse=True), ""]
     if "pipeline_seconds" in g:
         lines += [f"The whole pipeline, all {len(g['stages'])} stages run by `benchmarks/pipeline.py` without DVC "
                   f"or MLflow: {g['pipeline_seconds']:.0f} s; the largest fixed cost of a stage (process start "
@@ -411,7 +411,8 @@ def render_gpu(r: dict) -> list[str]:
                   + f" ({g['files_compared']} files under models/, metrics/, plots/, reports/).", "",
                   tabulate([[k, f"{v['seconds']:.1f}", f"{v['training_seconds']:.1f}", f"{v['fixed_seconds']:.1f}"]
                             for k, v in g["stages"].items()],
-                           headers=["stage", "seconds", "epochs (s)", "fixed (s)"], tablefmt="github"), ""]
+                           headers=["stage", "seconds", "epochs (s)", "fixed (s)"], tablefmt="github",
+                           disable_numparse=True), ""]
     return lines
 
 

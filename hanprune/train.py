@@ -144,8 +144,11 @@ def _fit(model, cfg, train, val, test, device, log) -> list[dict]:
                 graph.run(plan[b], next(rates))
         if full * size < n:  # the last, smaller batch, eagerly
             i, m = full * size, n - full * size
-            lr = next(rates) if graph is None else graph.rate(next(rates))
-            step(perm[i:], offsets[2 * i:2 * i + m], offsets[2 * i + m:], lr)
+            last = perm[i:], offsets[2 * i:2 * i + m], offsets[2 * i + m:]
+            if graph is None:
+                step(*last, next(rates))
+            else:
+                graph.eager(*last, graph.rate(next(rates)))
         record = {"epoch": epoch, "train_loss": total_loss.item() / n,
                   "val_accuracy": accuracy(model, *val),
                   "seconds": time.perf_counter() - start}
@@ -161,9 +164,11 @@ def _fit(model, cfg, train, val, test, device, log) -> list[dict]:
 class _StepGraph:
     """A training step captured as a CUDA graph, with its static inputs: the batch (indices and
     shifts, one (3, batch) tensor) and the learning rate (a device tensor). The first
-    WARMUP_STEPS steps run eagerly on a side stream, as torch's CUDA graph notes ask; capture
-    follows. If capture fails (say, a user's model syncs with the host), the steps stay eager,
-    with a warning: slower, the same maths."""
+    WARMUP_STEPS steps run eagerly, as torch's CUDA graph notes ask; capture follows. Eager steps
+    and capture share one side stream, so autograd's gradient accumulators (kept alive between
+    steps by the masked weights of torch's pruning) always meet gradients from their own stream.
+    If capture fails (say, a user's model syncs with the host), the steps stay eager, with a
+    warning: slower, the same maths."""
 
     def __init__(self, step, size: int, device):
         self.step = step
@@ -176,6 +181,12 @@ class _StepGraph:
         self.lr.fill_(lr)
         return self.lr
 
+    def eager(self, *args):
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            self.step(*args)
+        torch.cuda.current_stream().wait_stream(self.stream)
+
     def run(self, batch: torch.Tensor, lr: float):
         self.rate(lr)
         if self.graph is None and not self.failed and self.warm == WARMUP_STEPS:
@@ -183,19 +194,14 @@ class _StepGraph:
         if self.graph is not None:
             self.batch.copy_(batch)
             self.graph.replay()
-        elif self.failed:
-            self.step(*batch, self.lr)
         else:
-            self.stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.stream):
-                self.step(*batch, self.lr)
-            torch.cuda.current_stream().wait_stream(self.stream)
+            self.eager(*batch, self.lr)
             self.warm += 1
 
     def _capture(self):
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=self.stream):
                 self.step(self.batch[0], self.batch[1], self.batch[2], self.lr)
             self.graph = graph
         except RuntimeError as e:

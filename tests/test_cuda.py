@@ -136,3 +136,22 @@ def test_the_cuda_graph_trains_as_the_eager_loop_does(cuda_runtime, key, kind):
     for name, value in states[0].items():
         assert torch.allclose(value.float(), states[1][name].float(), atol=1e-5, rtol=0), name
     assert any(not torch.equal(v, before[k]) for k, v in states[1].items())  # it trained
+
+
+def test_codebook_gradient_on_cuda_is_indexing_s_and_repeatable(cuda_runtime):
+    """Weight sharing's codebook gradient on CUDA (the one-hot product): indexing's gradient up to
+    rounding, and the same bits every time."""
+    from hanprune import quantize
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 64, (300, 784), generator=g).cuda()
+    grad, codebook = torch.randn(300, 784, generator=g).cuda(), torch.randn(64, generator=g).cuda()
+    members = torch.nn.functional.one_hot(codes.flatten(), 64).float()
+    grads = []
+    for _ in range(3):
+        c = codebook.clone().requires_grad_()
+        quantize._Lookup.apply(c, codes, members).backward(grad)
+        grads.append(c.grad.cpu())
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+    reference = codebook.clone().requires_grad_()
+    reference[codes].backward(grad)
+    assert torch.allclose(grads[0], reference.grad.cpu(), atol=1e-3)

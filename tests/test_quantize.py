@@ -137,7 +137,7 @@ def test_shared_weight_gradient_is_the_per_code_sum_and_repeatable_to_the_bit():
     grads = []
     for _ in range(3):
         c = codebook.clone().requires_grad_()
-        quantize._Lookup.apply(c, codes).backward(grad)
+        quantize._Lookup.apply(c, codes, None).backward(grad)
         grads.append(c.grad.numpy().tobytes())
     assert grads[0] == grads[1] == grads[2]
     reference = codebook.clone().requires_grad_()
