@@ -1,5 +1,7 @@
 """Run a command (normally `dvc repro`) and measure every DVC stage it runs: wall time and peak
-resident memory (RSS) of the stage's processes, sampled from /proc every 0.2 s (Linux).
+resident memory (RSS) of the stage's processes, sampled from /proc every 0.2 s (Linux), and, as each
+stage reports it (HANPRUNE_TIMINGS, stages/common.py), its time from process start to exit, its
+training time (the epochs) and the difference, its fixed cost.
 
 DVC puts DVC_STAGE=<stage> into the environment of each stage command, so a process belongs to
 the stage named there. Writes benchmarks/stages.json; benchmarks/run.py folds it into results.json.
@@ -11,8 +13,10 @@ Stages that DVC restored from its run-cache instead of running are not measured;
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,8 +71,9 @@ def main():
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         ap.error("give the command to run after --")
+    timings = Path(tempfile.mkstemp(prefix="hanprune-timings-", suffix=".jsonl")[1])
     start = time.perf_counter()
-    proc = subprocess.Popen(command)
+    proc = subprocess.Popen(command, env={**os.environ, "HANPRUNE_TIMINGS": str(timings)})
     stages: dict[str, dict] = {}
     while proc.poll() is None:
         now = time.perf_counter() - start
@@ -83,9 +88,15 @@ def main():
             s["peak_rss_bytes"] = max(s["peak_rss_bytes"], rss)
         time.sleep(INTERVAL)
     total = time.perf_counter() - start
+    reported = {r["stage"]: r for r in map(json.loads, timings.read_text().splitlines())}
+    timings.unlink()
     result = {"command": " ".join(command), "returncode": proc.returncode, "wall_seconds": total,
               "stages": {name: {"seconds": s["last_seen"] - s["first_seen"] + INTERVAL,
                                 "peak_rss_mb": s["peak_rss_bytes"] / 2 ** 20} for name, s in stages.items()}}
+    for name, r in reported.items():
+        if name in result["stages"]:
+            result["stages"][name].update(process_seconds=r["seconds"], training_seconds=r["training_seconds"],
+                                          fixed_seconds=r["seconds"] - r["training_seconds"])
     if args.add and Path(args.out).exists():
         before = json.loads(Path(args.out).read_text())
         result = {"command": f"{before['command']} + {result['command']}",
@@ -93,8 +104,10 @@ def main():
                   "wall_seconds": before["wall_seconds"] + result["wall_seconds"],
                   "stages": {**before["stages"], **result["stages"]}}
     io.write_json(args.out, result)
+    fixed = [s["fixed_seconds"] for s in result["stages"].values() if "fixed_seconds" in s]
     print(f"monitor: {len(stages)} stages in {total:.0f} s, peak RSS "
-          f"{max((s['peak_rss_mb'] for s in result['stages'].values()), default=0):.0f} MB -> {args.out}")
+          f"{max((s['peak_rss_mb'] for s in result['stages'].values()), default=0):.0f} MB, largest fixed cost "
+          f"{max(fixed, default=0):.1f} s -> {args.out}")
     sys.exit(proc.returncode)
 
 

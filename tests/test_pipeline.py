@@ -60,10 +60,24 @@ def repo(tmp_path_factory):
     sh(repo, "git", "init", "-q")
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "tiny project")
-    first = sh(repo, "dvc", "repro")
+    # under benchmarks/monitor.py: each stage reports its own time and training time
+    first = sh(repo, sys.executable, str(ROOT / "benchmarks" / "monitor.py"), "--out", str(tmp / "stages.json"),
+               "--", "dvc", "repro")
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "first run")
     return repo, params, first.stdout
+
+
+def test_every_stage_reports_its_fixed_cost(repo):
+    """monitor.py reads what each stage process reported (stages/common.py, HANPRUNE_TIMINGS): its
+    time from process start and its epochs' time; the rest is the fixed cost."""
+    repo, params, _ = repo
+    stages = json.loads((repo.parent / "stages.json").read_text())["stages"]
+    assert set(stages) == expected_stages(params)
+    for name, s in stages.items():
+        assert 0 < s["fixed_seconds"] <= s["process_seconds"] <= s["seconds"] + 0.5, name
+        trains = name.split("@")[0] in ("pretrain", "prune", "quantize")
+        assert (s["training_seconds"] > 0) == trains, name
 
 
 def expected_stages(params) -> set[str]:
