@@ -298,9 +298,8 @@ def tree_digests(root: Path) -> dict[str, str]:
 
 
 def bench_cuda(args, params) -> dict:
-    """The GPU figures (results.json `gpu`): device, GEMM rate, training epochs, and, with
-    --pipeline-runs A B (two runs of benchmarks/pipeline.py), the pipeline's time and whether the
-    two runs wrote the same bytes."""
+    """The GPU figures (results.json `gpu`): device, GEMM rate and training epochs, and with
+    --pipeline-runs A B, what pipeline_figures finds in two runs of benchmarks/pipeline.py."""
     device = torch.device("cuda")
     x, y = (t.to(device) for t in data.load_split(args.data, train=True))
     flops = cuda_gemm_flops(device)
@@ -310,16 +309,26 @@ def bench_cuda(args, params) -> dict:
         print(f"cuda training {key} ...", flush=True)
         gpu["train"][key] = bench_cuda_training(key, params.models[key].pretrain, x, y, flops, 2 if args.quick else 4)
     if args.pipeline_runs:
-        a, b = (Path(p) for p in args.pipeline_runs)
-        timings = json.loads((a / "timings.json").read_text())
-        digests_a, digests_b = tree_digests(a), tree_digests(b)
-        gpu.update(pipeline_seconds=timings["seconds"], stages=timings["stages"],
-                   stage_fixed_seconds=max(t["fixed_seconds"] for t in timings["stages"].values()),
-                   bit_identical=digests_a == digests_b, files_compared=len(digests_a),
-                   files_differing=sorted(k for k in digests_a.keys() | digests_b.keys()
-                                          if digests_a.get(k) != digests_b.get(k)),
-                   metrics={k: json.loads((a / "metrics" / f"{k}.json").read_text()) for k in args.models})
+        gpu.update(pipeline_figures(*(Path(p) for p in args.pipeline_runs)))
     return gpu
+
+
+def pipeline_figures(a: Path, b: Path) -> dict:
+    """Two workdirs of benchmarks/pipeline.py on the GPU: run A's time, stage by stage (and run B's),
+    its headline metrics, and whether the files both runs wrote hold the same bytes. Reads files
+    only, so it also folds in runs fetched from a GPU machine (--gpu-pipeline)."""
+    timings = {name: json.loads((d / "timings.json").read_text()) for name, d in (("a", a), ("b", b))}
+    digests_a, digests_b = tree_digests(a), tree_digests(b)
+    both = sorted(digests_a.keys() & digests_b.keys())
+    fixed = [t["fixed_seconds"] for t in timings["a"]["stages"].values()]
+    return {"pipeline_seconds": timings["a"]["seconds"], "pipeline_complete": timings["a"].get("complete", True),
+            "stages": timings["a"]["stages"], "stage_fixed_seconds": max(fixed),
+            "run_b": {"seconds": timings["b"]["seconds"], "complete": timings["b"].get("complete", True),
+                      "stages": timings["b"]["stages"]},
+            "bit_identical": all(digests_a[k] == digests_b[k] for k in both), "files_compared": len(both),
+            "files_differing": [k for k in both if digests_a[k] != digests_b[k]],
+            "files_of_one_run_only": len(digests_a.keys() ^ digests_b.keys()),
+            "metrics": {f.stem: json.loads(f.read_text()) for f in sorted((a / "metrics").glob("*.json"))}}
 
 
 def render(r: dict) -> str:
@@ -406,15 +415,20 @@ def render_gpu(r: dict) -> list[str]:
     lines += [tabulate(rows, headers=["model", "CUDA graph (s)", "eager (s)", "first epoch (s)", "CPU (s)",
                                       "of GEMM rate"], tablefmt="github", disable_numparse=True), ""]
     if "pipeline_seconds" in g:
-        lines += [f"The whole pipeline, all {len(g['stages'])} stages run by `benchmarks/pipeline.py` without DVC "
-                  f"or MLflow: {g['pipeline_seconds']:.0f} s; the largest fixed cost of a stage (process start "
-                  f"to exit, less its epochs) {g['stage_fixed_seconds']:.1f} s. Two runs wrote "
-                  + ("the same bytes" if g["bit_identical"] else f"different bytes in {len(g['files_differing'])} files")
-                  + f" ({g['files_compared']} files under models/, metrics/, plots/, reports/).", "",
-                  tabulate([[k, f"{v['seconds']:.1f}", f"{v['training_seconds']:.1f}", f"{v['fixed_seconds']:.1f}"]
-                            for k, v in g["stages"].items()],
-                           headers=["stage", "seconds", "epochs (s)", "fixed (s)"], tablefmt="github",
-                           disable_numparse=True), ""]
+        done = "" if g["pipeline_complete"] else " (cut short)"
+        b = g["run_b"]
+        lines += [f"The whole pipeline run by `benchmarks/pipeline.py` without DVC or MLflow (run A): "
+                  f"{len(g['stages'])} stages in {g['pipeline_seconds']:.0f} s{done}; the largest fixed cost of a "
+                  f"stage (process start to exit, less its epochs) {g['stage_fixed_seconds']:.1f} s. Run B: "
+                  f"{len(b['stages'])} stages in {b['seconds']:.0f} s" + ("" if b["complete"] else " (cut short)")
+                  + f". Of the {g['files_compared']} files of models/, metrics/, plots/ and reports/ compared between "
+                  f"the two runs (those both wrote and were kept), " + ("all hold the same bytes" if g["bit_identical"] else
+                                     f"{len(g['files_differing'])} differ") + ".", "",
+                  tabulate([[k, f"{v['seconds']:.1f}", f"{v['training_seconds']:.1f}", f"{v['fixed_seconds']:.1f}",
+                             *((f"{b['stages'][k]['seconds']:.1f}", f"{b['stages'][k]['fixed_seconds']:.1f}")
+                               if k in b["stages"] else ("", ""))] for k, v in g["stages"].items()],
+                           headers=["stage", "A (s)", "A epochs (s)", "A fixed (s)", "B (s)", "B fixed (s)"],
+                           tablefmt="github", disable_numparse=True), ""]
     return lines
 
 
@@ -435,7 +449,17 @@ def main():
                     help="cuda: only the GPU figures, added to results.json under `gpu` (CPU figures kept)")
     ap.add_argument("--pipeline-runs", nargs=2, metavar=("A", "B"),
                     help="with --device cuda: two workdirs of benchmarks/pipeline.py to time and compare")
+    ap.add_argument("--gpu-pipeline", nargs=2, metavar=("A", "B"),
+                    help="only fold two pipeline.py workdirs fetched from a GPU machine into results.json `gpu`")
     args = ap.parse_args()
+    if args.gpu_pipeline:
+        path = Path(args.out) / "results.json"
+        results = json.loads(path.read_text())
+        results["gpu"].update(pipeline_figures(*(Path(p) for p in args.gpu_pipeline)))
+        io.write_json(path, results)
+        io.write_text(Path(args.out) / "RESULTS.md", render(results))
+        print("\n".join(render_gpu(results)))
+        return
     runtime.start(args.device, args.threads, args.portable, 0)
     reps, calls, limit = (1, 200, 2000) if args.quick else (3, 1000, None)
     params = config.load(args.params)
@@ -481,6 +505,9 @@ def main():
             if results["pipeline"]["stage_fixed"]:
                 results["pipeline"]["stage_fixed_seconds"] = max(results["pipeline"]["stage_fixed"].values())
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    previous = Path(args.out) / "results.json"
+    if previous.exists() and "gpu" in json.loads(previous.read_text()):  # measured on a GPU machine: kept
+        results["gpu"] = json.loads(previous.read_text())["gpu"]
     io.write_json(Path(args.out) / "results.json", results)
     io.write_text(Path(args.out) / "RESULTS.md", render(results))
     print(render(results))
