@@ -73,7 +73,8 @@ def train_epoch(model, batches) -> float:
 def baseline_batches(root):
     """The usual way: torchvision dataset, per-sample transforms, a DataLoader."""
     from torchvision import datasets, transforms
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((data.MEAN,), (data.STD,))])
+    stats = data.read_stats(Path(root) / "MNIST" / "raw")
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(stats["mean"], stats["std"])])
     ds = datasets.MNIST(root, train=True, download=False, transform=tf)
     return torch.utils.data.DataLoader(ds, batch_size=64, shuffle=True)
 
@@ -101,7 +102,7 @@ def bench_training(key, cfg, root, x, y, reps, baseline_reps, flops_per_second, 
     if limit:
         baseline_loader = [b for _, b in zip(range(limit // 64), baseline_loader)]
     baseline = statistics.median(train_epoch(build(key), baseline_loader) for _ in range(baseline_reps))
-    forward = measure.totals(measure.layer_stats(build(key)))["flops_dense"]
+    forward = measure.totals(measure.layer_stats(build(key), tuple(x.shape[1:])))["flops_dense"]
     bound = 3 * forward * len(x) / flops_per_second  # forward + backward (2x forward) per image
     return {"seconds_per_epoch": project, "plain_loop_seconds_per_epoch": plain, "baseline_seconds_per_epoch": baseline,
             "speedup_vs_baseline": baseline / project, "bound_seconds_per_epoch": bound,
@@ -231,7 +232,7 @@ def bench_inference(key, dense_path, pruned_path, images, calls, reps):
     best1000 = max(sparse, key=lambda n: out[n]["batch1000_images_per_s"])
     # each sparse kernel against the dense model in the same engine (numpy for numpy_*, else torch)
     dense_of = {n: "numpy_dense" if n.startswith("numpy_") else "dense" for n in sparse}
-    stats = measure.totals(measure.layer_stats(plain))
+    stats = measure.totals(measure.layer_stats(plain, tuple(images.shape[1:])))
     out.update({
         "best_sparse_batch1": best1, "best_sparse_batch1000": best1000,
         "batch1_speedup_sparse_vs_dense": out["dense"]["batch1"]["median_ms"] / out[best1]["batch1"]["median_ms"],
@@ -286,7 +287,7 @@ def bench_cuda_training(key, cfg, x, y, flops_per_second, epochs: int) -> dict:
     finally:
         train.CUDA_GRAPHS = True
     seconds = statistics.median(graphed[1:])
-    flops = 3 * measure.totals(measure.layer_stats(build(key).to(device)))["flops_dense"] * len(x)
+    flops = 3 * measure.totals(measure.layer_stats(build(key).to(device), tuple(x.shape[1:])))["flops_dense"] * len(x)
     return {"epoch_seconds": seconds, "first_epoch_seconds": graphed[0], "eager_epoch_seconds": eager,
             "fraction_of_gemm_rate": flops / seconds / flops_per_second, "images": len(x)}
 

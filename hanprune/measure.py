@@ -1,21 +1,25 @@
 """What a (pruned) model costs, layer by layer: parameters, bytes and FLOPs.
 
 FLOPs follow Han et al. 2015: 2 per multiply-accumulate with a non-zero weight, per image.
-A conv weight is applied once per output position (padding positions included, as is usual).
+A conv weight is applied once per output position (padding positions included, as is usual), at
+the data's image size, found by running the model once (hooks on every Linear and Conv2d); a
+grouped convolution's weight holds only its groups' connections, so the count stays right.
 Biases, activations and pooling are not counted: the paper's columns (fc1 of LeNet-300-100:
-235K weights, 470K FLOP) leave them out.
+235K weights, 470K FLOP) leave them out. Other layers with parameters (batch norm) are neither
+pruned nor counted; summary() names them.
 """
 import torch
 from torch import nn
 
-from .models import INPUT_SHAPE, prunable_layers
+from .models import prunable_layers, unpruned_parameters
 
 FLOAT_BYTES = 4
 INDEX_BYTES = 4  # int32 column indices and row pointers in the CSR count
 
 
-def output_positions(model: nn.Module) -> dict[str, int]:
-    """How many times each layer's weights are applied per image (output H*W for conv, 1 for fc)."""
+def output_positions(model: nn.Module, input_shape: tuple) -> dict[str, int]:
+    """How many times each layer's weights are applied per image of shape input_shape (C, H, W):
+    output H*W for conv, 1 for fc."""
     layers = prunable_layers(model)
     positions, hooks = {}, []
     for name, layer in layers.items():
@@ -24,14 +28,14 @@ def output_positions(model: nn.Module) -> dict[str, int]:
         hooks.append(layer.register_forward_hook(hook))
     with torch.no_grad():
         model.eval()
-        model(torch.zeros(1, *INPUT_SHAPE, device=next(model.parameters()).device))
+        model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
     for h in hooks:
         h.remove()
     return positions
 
 
-def layer_stats(model: nn.Module) -> dict[str, dict]:
-    positions = output_positions(model)
+def layer_stats(model: nn.Module, input_shape: tuple) -> dict[str, dict]:
+    positions = output_positions(model, input_shape)
     stats = {}
     for name, layer in prunable_layers(model).items():
         w = layer.weight.detach()
@@ -60,11 +64,12 @@ def totals(layers: dict[str, dict]) -> dict:
     return {k: sum(l[k] for l in layers.values()) for k in keys}
 
 
-def summary(dense: nn.Module, pruned: nn.Module, test_dense: float, test_pruned: float) -> dict:
-    """The evaluate stage's metrics: whole-model figures of both models and the pruned model's layers."""
-    layers = layer_stats(pruned)
-    total_dense, total = totals(layer_stats(dense)), totals(layers)
-    return {
+def summary(dense: nn.Module, pruned: nn.Module, test_dense: float, test_pruned: float, input_shape: tuple) -> dict:
+    """The evaluate stage's metrics: whole-model figures of both models and the pruned model's layers,
+    and (if any) the layers with parameters that are not counted (name -> parameters)."""
+    layers = layer_stats(pruned, input_shape)
+    total_dense, total = totals(layer_stats(dense, input_shape)), totals(layers)
+    out = {
         "test_dense": test_dense,
         "test_pruned": test_pruned,
         "params_dense": total_dense["params"],
@@ -78,3 +83,7 @@ def summary(dense: nn.Module, pruned: nn.Module, test_dense: float, test_pruned:
         "flops_kept": total["flops_pruned"] / total_dense["flops_dense"],
         "layers": layers,
     }
+    uncounted = unpruned_parameters(pruned)
+    if uncounted:
+        out["not_counted"] = uncounted
+    return out

@@ -1,7 +1,15 @@
-"""The three MNIST networks. One definition each; pruning is a mask attached
-from outside (see pruning.py), never a separate class."""
+"""The three MNIST networks, and the way to any other: params.yaml names a model's architecture
+(`models.<key>.arch`) as one of these or as an import path `package.module:Class` with `kwargs`.
+One definition each; pruning is a mask attached from outside (see pruning.py), never a separate
+class."""
+import difflib
+import importlib
+
+import torch
 from torch import nn
 import torch.nn.functional as F
+
+from .errors import HanpruneError
 
 
 class LeNet300100(nn.Module):
@@ -58,22 +66,91 @@ class LeNet5Caffe(nn.Module):
         return self.fc2(x)
 
 
-MODELS = {
+MODELS = {  # the built-in architectures
     "lenet_300_100": LeNet300100,
     "lenet5": LeNet5,
     "lenet5_caffe": LeNet5Caffe,
 }
 
 
+class ModelError(HanpruneError):
+    pass
+
+
+_registered: dict[str, tuple[str, dict]] = {}  # model key -> (arch, kwargs), from params.yaml
+
+
+def register(key: str, arch: str, kwargs: dict | None = None) -> None:
+    """Let build(key) make `arch` with `kwargs` (hanprune.config.load registers every model of a
+    params file). The architecture is checked now: ModelError if it cannot be made."""
+    make(arch, kwargs)
+    _registered[key] = (arch, dict(kwargs or {}))
+
+
+def known() -> list[str]:
+    return list(dict.fromkeys([*_registered, *MODELS]))
+
+
 def build(key: str) -> nn.Module:
-    if key not in MODELS:
-        raise ValueError(f"unknown model {key!r}; allowed: {', '.join(MODELS)}")
-    return MODELS[key]()
+    """A new model of the registered key, or of a built-in architecture by its name."""
+    if key in _registered:
+        return make(*_registered[key])
+    if key in MODELS:
+        return MODELS[key]()
+    raise ModelError(f"unknown model {key!r}; known: {', '.join(known())}")
+
+
+def make(arch: str, kwargs: dict | None = None) -> nn.Module:
+    """An instance of `arch`: a built-in name or `package.module:Class` (importable from the project
+    root), called with `kwargs`."""
+    if arch in MODELS:
+        cls = MODELS[arch]
+    elif ":" in arch:
+        module, _, name = arch.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except ImportError as e:
+            raise ModelError(f"arch {arch!r}: cannot import {module!r} ({e})") from None
+        except AttributeError:
+            raise ModelError(f"arch {arch!r}: module {module!r} has no {name!r}") from None
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise ModelError(f"arch {arch!r}: {name} is not an nn.Module class")
+    else:
+        close = difflib.get_close_matches(arch, list(MODELS), n=1)
+        raise ModelError(f"unknown arch {arch!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                         + f"; allowed: {', '.join(MODELS)}, or an import path package.module:Class")
+    try:
+        model = cls(**(kwargs or {}))
+    except Exception as e:  # noqa: BLE001 - whatever the user's constructor raises
+        raise ModelError(f"arch {arch!r}: {cls.__name__}(**{kwargs or {}}) failed: {type(e).__name__}: {e}") from None
+    if not prunable_layers(model):
+        raise ModelError(f"arch {arch!r}: {cls.__name__} has no nn.Linear or nn.Conv2d layer to prune")
+    return model
 
 
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers whose weights are pruned: every Linear and Conv2d, by name."""
+    """The layers whose weights are pruned: every Linear and Conv2d, by module path."""
     return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
 
-INPUT_SHAPE = (1, 28, 28)
+def unpruned_parameters(model: nn.Module) -> dict[str, int]:
+    """Modules other than Linear and Conv2d that hold parameters (batch norm, say): name -> count.
+    They are not pruned, and not counted in the paper's parameter and FLOP figures."""
+    return {name: sum(p.numel() for p in m.parameters(recurse=False)) for name, m in model.named_modules()
+            if not isinstance(m, (nn.Linear, nn.Conv2d)) and any(True for _ in m.parameters(recurse=False))}
+
+
+def check_fits(model: nn.Module, key: str, input_shape: tuple, classes: int) -> None:
+    """ModelError unless the model takes a batch of the data's images and gives one score per class."""
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape, device=device))
+    except Exception as e:  # noqa: BLE001 - a shape mismatch surfaces as whatever the layer raises
+        raise ModelError(f"model {key} does not take the data's images (C, H, W) = {tuple(input_shape)}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"model {key} gives {shape} for a batch of 2 images; the data has {classes} classes, "
+                         f"so it must give (2, {classes})")

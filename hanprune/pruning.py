@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from .models import MODELS, build, prunable_layers
+from .models import build, known, prunable_layers
 from .errors import HanpruneError
 
 CHECKPOINT_FORMAT = 1
@@ -108,8 +108,8 @@ def load_checkpoint(path, model_key: str | None = None):
     for key, kind in [("model", str), ("state_dict", dict), ("masks", dict), ("dense_std", dict), ("history", list)]:
         if not isinstance(ckpt.get(key), kind):
             raise CheckpointError(f"{path}: checkpoint entry {key!r} missing or not a {kind.__name__}")
-    if ckpt["model"] not in MODELS:
-        raise CheckpointError(f"{path}: unknown model {ckpt['model']!r}; allowed: {', '.join(MODELS)}")
+    if ckpt["model"] not in known():
+        raise CheckpointError(f"{path}: unknown model {ckpt['model']!r}; known: {', '.join(known())}")
     if model_key is not None and ckpt["model"] != model_key:
         raise CheckpointError(f"{path}: holds model {ckpt['model']!r}, expected {model_key!r}")
     model = build(ckpt["model"])

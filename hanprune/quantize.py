@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .encoding import EncodingError, QuantizedLayer, decode
-from .models import MODELS, build, prunable_layers
+from .encoding import EncodingError, QuantizedLayer, decode, decode_other
+from .models import build, known, prunable_layers
 from .pruning import CheckpointError, load_checkpoint
 
 KMEANS_MAX_ITERATIONS = 100
@@ -120,6 +120,13 @@ def load_quantized(path, model_key: str) -> tuple[nn.Module, dict[str, Quantized
     return model, layers
 
 
+def other_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of a plain state dict that are not a prunable layer's weight or bias (batch
+    norm's, say): what the compressed file stores as they are."""
+    layers = {f"{name}.{what}" for name in prunable_layers(model) for what in ("weight", "bias")}
+    return {k: v for k, v in state.items() if k not in layers}
+
+
 def load_into(model: nn.Module, layers: dict[str, QuantizedLayer]) -> nn.Module:
     """Set a plain model's weights and biases from quantized layers (e.g. a decoded file)."""
     modules = prunable_layers(model)
@@ -142,11 +149,21 @@ def load_into(model: nn.Module, layers: dict[str, QuantizedLayer]) -> nn.Module:
 def read_compressed(path, model_key: str | None = None) -> tuple[str, nn.Module, dict[str, QuantizedLayer]]:
     """Rebuild the torch model from a compressed file (see encoding.py): (model key, model, layers)."""
     try:
-        key, layers = decode(Path(path).read_bytes())
-        if key not in MODELS:
-            raise EncodingError(f"unknown model {key!r}; allowed: {', '.join(MODELS)}")
+        blob = Path(path).read_bytes()
+        key, layers = decode(blob)
+        if key not in known():
+            raise EncodingError(f"unknown model {key!r}; known: {', '.join(known())}")
         if model_key is not None and key != model_key:
             raise EncodingError(f"holds model {key!r}, expected {model_key!r}")
-        return key, load_into(build(key), layers), layers
+        model = load_into(build(key), layers)
+        other = decode_other(blob)
+        expected = other_state(model, model.state_dict())
+        if set(other) != set(expected):
+            raise EncodingError(f"holds the tensors {sorted(other)} besides its layers; {key} has {sorted(expected)}")
+        for name, tensor in other.items():
+            if tensor.shape != expected[name].shape:
+                raise EncodingError(f"tensor {name}: shape {tuple(tensor.shape)}, {key} has {tuple(expected[name].shape)}")
+        model.load_state_dict({**model.state_dict(), **other})
+        return key, model, layers
     except (EncodingError, ValueError) as e:
         raise EncodingError(f"{path}: {e}") from None

@@ -92,6 +92,15 @@ def model_tables(key: str, m: dict) -> str:
     ])
 
 
+def not_counted_line(m: dict) -> list[str]:
+    """Names the layers with parameters that are neither pruned nor counted (batch norm, say)."""
+    if not m.get("not_counted"):
+        return []
+    names = ", ".join(f"{name} ({n} parameters)" for name, n in m["not_counted"].items())
+    return [f"Not pruned, and not in the parameter, byte and FLOP counts: {names}. Only Linear and Conv2d "
+            "weights are pruned; the compressed file stores these tensors as they are.", ""]
+
+
 def side_by_side(key: str, m: dict) -> str:
     layers = m["layers"]
     ours = {"dense_error": 100 * (1 - m["test_dense"]), "pruned_error": 100 * (1 - m["test_pruned"]),
@@ -250,7 +259,8 @@ def render(models: dict[str, dict], iterations: dict[str, str], images: dict[str
     for key, m in models.items():
         parts += [f"## {key}", "", "### Against the paper and the reference implementation", "",
                   "Errors are test errors; kept = non-zero weights / weights (biases excluded), as in the paper's Tables 2-3.",
-                  "", side_by_side(key, m), "", target_line(key, m), "", "### Iterations (validation accuracy)", "", iteration_table(iterations[key]), "",
+                  "", side_by_side(key, m), "", target_line(key, m), "", *not_counted_line(m),
+                  "### Iterations (validation accuracy)", "", iteration_table(iterations[key]), "",
                   "### The schedule and the sensitivity scan", "",
                   "The last round's s per layer against the one-layer-at-a-time scan on the dense model. Layers "
                   "whose accuracy falls early in the scan (the most sensitive) get the smallest s; s is in units of "

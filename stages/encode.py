@@ -7,19 +7,23 @@ import torch
 from common import load_params, opening, parser, run
 from hanprune import encoding, io, storage
 from hanprune.pruning import load_checkpoint, plain_state_dict
-from hanprune.quantize import load_quantized
+from hanprune.quantize import load_quantized, other_state
 
 
 def same_weights(a, b) -> bool:
-    a, b = plain_state_dict(a), plain_state_dict(b)
+    """Equal pruned layers (weights and biases: what the storage forms hold)."""
+    other = other_state(a, plain_state_dict(a))
+    a, b = ({k: v for k, v in plain_state_dict(m).items() if k not in other} for m in (a, b))
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def decodes_to(blob: bytes, model_key: str, layers: dict) -> bool:
+def decodes_to(blob: bytes, model_key: str, layers: dict, other: dict) -> bool:
     key, decoded = encoding.decode(blob)
+    stored = encoding.decode_other(blob)
     return key == model_key and decoded.keys() == layers.keys() and all(
         torch.equal(decoded[n].codes, l.codes) and torch.equal(decoded[n].codebook, l.codebook)
-        and torch.equal(decoded[n].weight(), l.weight()) for n, l in layers.items())
+        and torch.equal(decoded[n].weight(), l.weight()) for n, l in layers.items()) and \
+        stored.keys() == other.keys() and all(torch.equal(stored[k], v) for k, v in other.items())
 
 
 def main():
@@ -34,14 +38,16 @@ def main():
     p = load_params(args.params, args.model)
     dense, _ = load_checkpoint(args.dense, args.model)
     pruned, _ = load_checkpoint(args.pruned, args.model)
-    _, layers = load_quantized(args.quantized, args.model)
+    quantized, layers = load_quantized(args.quantized, args.model)
+    other = other_state(quantized, plain_state_dict(quantized))  # batch norm's tensors, say: stored as they are
     files = {"dense": storage.dense_bytes(dense), "pruned_values": storage.values_bytes(pruned),
-             "pruned_csr": storage.csr_bytes(pruned), "quantized_fixed": encoding.encode(args.model, layers, huffman=False)}
-    blob = encoding.encode(args.model, layers)
+             "pruned_csr": storage.csr_bytes(pruned),
+             "quantized_fixed": encoding.encode(args.model, layers, huffman=False, other=other)}
+    blob = encoding.encode(args.model, layers, other=other)
     checks = {"dense": same_weights(storage.load_dense(files["dense"], args.model), dense),
               "pruned_csr": same_weights(storage.load_csr(files["pruned_csr"], args.model), pruned),
-              "quantized_fixed": decodes_to(files["quantized_fixed"], args.model, layers),
-              "compressed": decodes_to(blob, args.model, layers)}
+              "quantized_fixed": decodes_to(files["quantized_fixed"], args.model, layers, other),
+              "compressed": decodes_to(blob, args.model, layers, other)}
     failed = [name for name, ok in checks.items() if not ok]
     if failed:
         raise encoding.EncodingError(f"{', '.join(failed)}: does not load back to the model it stores; nothing written")

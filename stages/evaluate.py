@@ -71,7 +71,7 @@ def main():
         pruned_acc = accuracy(pruned.to(device), *splits.test)
         compressed_acc = accuracy(decoded.to(device), *splits.test)
         dense.cpu(), pruned.cpu()
-        metrics = measure.summary(dense, pruned, dense_acc, pruned_acc)
+        metrics = measure.summary(dense, pruned, dense_acc, pruned_acc, splits.input_shape)
         metrics.update(compressed_sizes(args.compressed, metrics["bytes_dense"]),
                        test_compressed=compressed_acc)
         metrics["file_bytes"] = {**{name: os.path.getsize(f"{args.storage}/{file}") for name, file in storage.FILES.items()},
@@ -81,7 +81,8 @@ def main():
         # Plot data: accuracy and compression per iteration, kept % per layer, weight distribution.
         history = [{"iteration": 0, "val_pruned": None, "val_retrained": None,
                     "compression": 1.0, "kept": {n: 1.0 for n in layers}}] + ckpt["history"]
-        hist_layer = "conv2" if "conv2" in layers else "fc1"  # the layers of the paper's Figure 5
+        # the layers of the paper's Figure 5, else the model's largest
+        hist_layer = next((n for n in ("conv2", "fc1") if n in layers), max(layers, key=lambda n: layers[n]["weights"]))
         w = prunable_layers(dense)[hist_layer].weight.detach()
         lo, hi = float(w.min()), float(w.max())
         edges = torch.linspace(lo, hi, HIST_BINS + 1).tolist()

@@ -36,7 +36,7 @@ def main():
         val_pruned = accuracy(model, *splits.val)
         epochs = fit(model, cfg, splits.train, splits.val, None, device,
                      log=epoch_logger(mlrun, f"prune {args.iteration}"))
-        layers = measure.layer_stats(model)
+        layers = measure.layer_stats(model, splits.input_shape)
         total = measure.totals(layers)
         # The checkpoint's history keeps the whole record; the DVC metrics the figures a person compares.
         record = {

@@ -6,7 +6,7 @@ from common import epoch_logger, load_params, opening, parser, run
 from hanprune import io
 from hanprune.models import build
 from hanprune.pruning import attach_masks, checkpoint, load_checkpoint
-from hanprune.quantize import load_into, quantized_layers, share_weights
+from hanprune.quantize import load_into, other_state, quantized_layers, share_weights
 from hanprune.train import accuracy, fit
 
 
@@ -32,6 +32,8 @@ def main():
                      log=epoch_logger(mlrun, f"quantize {args.model}"))
         layers = quantized_layers(model.cpu())
         plain = load_into(build(args.model), layers)
+        kept = plain.state_dict()  # and what is not weight-shared (batch norm's, say), as fine-tuned
+        plain.load_state_dict({k: v for k, v in other_state(plain, model.state_dict()).items() if k in kept}, strict=False)
         attach_masks(plain, {name: m.float() for name, m in ckpt["masks"].items()})
         saved = checkpoint(args.model, plain, ckpt["dense_std"], ckpt["history"])
         saved["quantized"] = {name: {"codes": l.codes.int(), "codebook": l.codebook} for name, l in layers.items()}

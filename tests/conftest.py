@@ -21,6 +21,16 @@ PARAMS_FILE = ROOT / "params.yaml"
 
 
 @pytest.fixture(autouse=True)
+def _restore_model_registry():
+    """Models a test registers (hanprune.models.register, config.load) are forgotten after it."""
+    from hanprune import models
+    before = dict(models._registered)
+    yield
+    models._registered.clear()
+    models._registered.update(before)
+
+
+@pytest.fixture(autouse=True)
 def _restore_torch_settings():
     """A test (or a stage run in-process) that sets the thread count or turns oneDNN off leaves
     them as they were for the next test."""

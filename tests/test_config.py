@@ -25,7 +25,8 @@ def _error(tmp_path, params) -> str:
 
 def test_project_params_load():
     p = config.load(PARAMS_FILE)
-    assert set(p.models) == {"lenet_300_100", "lenet5", "lenet5_caffe"}
+    assert set(p.models) == {"lenet_300_100", "lenet5", "lenet5_caffe", "small_resnet"}
+    assert p.models["small_resnet"].arch == "examples.small_resnet:SmallResNet"
     assert {it.model for it in p.prune.values()} == set(p.models)
     assert p.prune["lenet5-iter1"].start == "models/lenet5/dense.pt"
     assert p.models["lenet_300_100"].pretrain.regularization.kind == "l2"
@@ -60,12 +61,11 @@ def test_top_level_not_a_mapping(tmp_path):
         config.load(path)
 
 
-def test_unknown_model_key(tmp_path, project_params):
-    project_params["models"]["lenet6"] = project_params["models"]["lenet5"]
+def test_unknown_arch(tmp_path, project_params):
+    project_params["models"]["lenet5"]["arch"] = "lenet6"
     msg = _error(tmp_path, project_params)
-    assert "models.lenet6" in msg
-    assert "unknown model" in msg
-    assert "allowed: lenet_300_100, lenet5, lenet5_caffe" in msg
+    assert "models.lenet5.arch: unknown arch 'lenet6' (did you mean 'lenet5'?)" in msg
+    assert "allowed: lenet_300_100, lenet5, lenet5_caffe, or an import path package.module:Class" in msg
 
 
 def test_misspelled_extra_key_top_level_section(tmp_path, project_params):

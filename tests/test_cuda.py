@@ -12,8 +12,9 @@ import pytest
 import torch
 import yaml
 
+from hanprune import data
 from hanprune.train import fit
-from tests.tiny import tiny_params, write_tiny_mnist
+from tests.tiny import stage_commands, tiny_params, write_tiny_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "lenet5"  # a conv model: convolutions, pooling, weight sharing of conv layers
@@ -21,25 +22,12 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 
 def commands(key: str) -> list[list[str]]:
-    m = f"models/{key}"
-    return [
-        ["pretrain.py", key, "--data", "data", "--out", f"{m}/dense.pt", "--plot", f"plots/{key}/pretrain.csv"],
-        ["sensitivity.py", key, "--data", "data", "--dense", f"{m}/dense.pt", "--out", f"plots/{key}/sensitivity.csv"],
-        ["prune.py", f"{key}-iter1", "--data", "data", "--start", f"{m}/dense.pt", "--out", f"{m}/iter1.pt",
-         "--metrics", f"metrics/prune/{key}-iter1.json", "--plot", f"plots/{key}/retrain1.csv"],
-        ["quantize.py", key, "--data", "data", "--pruned", f"{m}/iter1.pt", "--out", f"{m}/quantized.pt",
-         "--metrics", f"metrics/quantize/{key}.json"],
-        ["encode.py", key, "--dense", f"{m}/dense.pt", "--pruned", f"{m}/iter1.pt", "--quantized", f"{m}/quantized.pt",
-         "--out", f"{m}/compressed.bin", "--storage", f"{m}/storage"],
-        ["evaluate.py", key, "--data", "data", "--dense", f"{m}/dense.pt", "--pruned", f"{m}/iter1.pt",
-         "--compressed", f"{m}/compressed.bin", "--storage", f"{m}/storage", "--metrics", f"metrics/{key}.json",
-         "--plots", f"plots/{key}/final"],
-        ["report.py", "--metrics", "metrics", "--plots", "plots", "--out", "reports"],
-    ]
+    return stage_commands(key, 1)
 
 
 def project(tmp: Path, device: str) -> Path:
     md5 = write_tiny_mnist(tmp / "data" / "MNIST" / "raw")
+    data.write_stats(tmp / "data" / "MNIST" / "raw")  # as the download stage does
     p = tiny_params(ROOT / "params.yaml", tmp / "data" / "MNIST" / "raw", md5, {KEY: 1})
     p["run"]["device"] = device
     (tmp / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))

@@ -248,3 +248,27 @@ def test_every_dep_is_produced_by_a_stage_or_tracked(dvc_stages):
                 problems.setdefault(dep, []).append(name)
     assert not problems, "deps neither produced by a stage nor tracked by git (git add them?):\n" + "".join(
         f"  {dep} (dep of {len(names)} stages, e.g. {names[0]})\n" for dep, names in problems.items())
+
+
+def test_model_stages_depend_on_the_architecture_s_file_and_params(dvc_yaml):
+    """Every stage that builds a model lists the file that defines its architecture
+    (models.<key>.code) and its arch and kwargs. A prune round reaches the file through its start
+    checkpoint, which pretrain wrote."""
+    per_model = [(name, spec) for name, spec in stage_specs(dvc_yaml) if "foreach" in dvc_yaml["stages"][name]]
+    assert {name for name, _ in per_model} == {"pretrain", "sensitivity", "prune", "quantize", "encode", "evaluate"}
+    for name, spec in per_model:
+        deps = [_dep_name(d) for d in spec.get("deps", [])]
+        params = {p for p in spec.get("params", []) if isinstance(p, str)}
+        key = "${item.model}" if name == "prune" else "${key}"
+        if name != "prune":
+            assert "${item.code}" in deps, f"stage {name}: add the dep ${{item.code}}"
+        assert {f"models.{key}.arch", f"models.{key}.kwargs"} <= params, f"stage {name}: add the arch params"
+
+
+def test_each_model_s_code_is_the_file_of_its_arch():
+    """models.<key>.code is what DVC watches: it must be the file the import path names."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key, m in params["models"].items():
+        module = m["arch"].partition(":")[0] if ":" in m["arch"] else "hanprune.models"
+        assert m["code"] == module.replace(".", "/") + ".py", key
+        assert (ROOT / m["code"]).is_file(), key

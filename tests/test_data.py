@@ -1,6 +1,7 @@
 """Fetching, verifying and reading MNIST files (hanprune.data), on tiny generated IDX files only."""
 import gzip
 import hashlib
+import json
 import os
 import pickle
 import struct
@@ -50,7 +51,9 @@ def test_fetch_local_with_right_md5(tmp_path, tiny):
     assert raw == tmp_path / "root" / "MNIST" / "raw"
     for name, blob in files.items():
         assert (raw / name).read_bytes() == blob
-    assert sorted(p.name for p in raw.iterdir()) == sorted(FILES)  # no temporary files left behind
+    assert sorted(p.name for p in raw.iterdir()) == sorted([*FILES, data.STATS_FILE])  # no temporary files left
+    stats = json.loads((raw / data.STATS_FILE).read_text())
+    assert stats["classes"] == 10 and len(stats["mean"]) == len(stats["std"]) == 1
 
 
 def test_fetch_local_reads_gz(tmp_path, tiny):
@@ -122,7 +125,9 @@ def test_load_split_shapes_and_normalisation(raw_root):
     xt, yt = data.load_split(raw_root, train=False)
     assert xt.shape == (N_TEST, 1, 28, 28) and yt.shape == (N_TEST,)
     raw = np.frombuffer((raw_root / "MNIST/raw/train-images-idx3-ubyte").read_bytes()[16:], np.uint8)
-    expected = (torch.from_numpy(raw.astype(np.float32)).view(N_TRAIN, 1, 28, 28) / 255 - data.MEAN) / data.STD
+    stats = json.loads((raw_root / "MNIST/raw/stats.json").read_text())
+    (mean,), (std,) = stats["mean"], stats["std"]
+    expected = (torch.from_numpy(raw.astype(np.float32)).view(N_TRAIN, 1, 28, 28) / 255 - mean) / std
     assert torch.allclose(x, expected, atol=1e-6)
     labels = np.frombuffer((raw_root / "MNIST/raw/train-labels-idx1-ubyte").read_bytes()[8:], np.uint8)
     assert torch.equal(y, torch.from_numpy(labels.astype(np.int64)))
@@ -172,7 +177,7 @@ def test_load_split_wrong_magic(raw_root):
     with pytest.raises(DataError) as e:
         data.load_split(raw_root, train=True)
     assert str(path) in str(e.value)
-    assert "wrong magic number 2049, expected 2051" in str(e.value)
+    assert "wrong magic number 2049, expected 2051 or 2052" in str(e.value)
 
 
 def test_load_split_label_out_of_range(raw_root):
@@ -260,8 +265,8 @@ def test_idx_round_trip(tmp_path):
     labels = np.array([3, 1, 4])
     (tmp_path / "i").write_bytes(data.idx_images(images))
     (tmp_path / "l").write_bytes(data.idx_labels(labels))
-    assert np.array_equal(data.read_idx(tmp_path / "i", 2051), images.astype(np.uint8))
-    assert np.array_equal(data.read_idx(tmp_path / "l", 2049), labels.astype(np.uint8))
+    assert np.array_equal(data.read_idx(tmp_path / "i", data.IMAGE_MAGICS), images.astype(np.uint8))
+    assert np.array_equal(data.read_idx(tmp_path / "l", (data.LABEL_MAGIC,)), labels.astype(np.uint8))
 
 
 # --- splits -------------------------------------------------------------------------------------
@@ -279,11 +284,14 @@ def indexed_root(tmp_path):
         images[:, 0, 0], images[:, 0, 1] = idx % 256, idx // 256
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(data.idx_images(images))
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(data.idx_labels(idx % 10))
+        if prefix == "train":
+            (raw / data.STATS_FILE).write_text(json.dumps(data.image_stats(images.astype(np.uint8), idx % 10)))
     return tmp_path / "indexed", n_train, n_test
 
 
-def _indices(x: torch.Tensor) -> list[int]:
-    px = torch.round((x[:, 0, 0, :2] * data.STD + data.MEAN) * 255).long()
+def _indices(x: torch.Tensor, root) -> list[int]:
+    stats = json.loads((root / "MNIST/raw/stats.json").read_text())
+    px = torch.round((x[:, 0, 0, :2] * stats["std"][0] + stats["mean"][0]) * 255).long()
     return (px[:, 0] + 256 * px[:, 1]).tolist()
 
 
@@ -295,7 +303,7 @@ def test_splits_sizes_disjoint_and_deterministic(indexed_root):
     assert len(a.val[0]) == len(a.val[1]) == 50
     assert len(a.train[0]) == len(a.train[1]) == n_train - 50
     assert len(a.test[0]) == n_test
-    tr, va = _indices(a.train[0]), _indices(a.val[0])
+    tr, va = _indices(a.train[0], root), _indices(a.val[0], root)
     assert set(tr).isdisjoint(va)
     assert sorted(tr + va) == list(range(n_train))
     # labels stay with their images
@@ -304,8 +312,8 @@ def test_splits_sizes_disjoint_and_deterministic(indexed_root):
     # same seed -> identical split; another seed -> another split
     assert torch.equal(a.val[0], b.val[0]) and torch.equal(a.train[0], b.train[0])
     assert torch.equal(a.val[1], b.val[1])
-    assert set(_indices(c.val[0])) != set(va)
-    assert _indices(a.test[0]) == list(range(n_test))  # the test set is never shuffled
+    assert set(_indices(c.val[0], root)) != set(va)
+    assert _indices(a.test[0], root) == list(range(n_test))  # the test set is never shuffled
 
 
 @pytest.mark.parametrize("val_size", [0, 300, 1000])

@@ -233,8 +233,8 @@ def test_wrong_magic():
 
 
 @pytest.mark.parametrize("version, message", [
-    (2, f"format version 2, newer than this reader supports \\(version {FORMAT_VERSION}\\)"),
-    (0, f"unknown format version 0 \\(this reader supports version {FORMAT_VERSION}\\)"),
+    (3, f"format version 3, newer than this reader supports \\(version {FORMAT_VERSION}\\)"),
+    (0, "unknown format version 0 \\(this reader supports versions 1 and 2\\)"),
 ])
 def test_other_format_version(version, message):
     # The version is checked before the CRC, so a newer file gets this message and not a checksum one.

@@ -4,8 +4,10 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from hanprune import measure
+from hanprune import measure, models
 from hanprune.models import MODELS, build, prunable_layers
+
+MNIST_SHAPE = (1, 28, 28)
 
 
 @pytest.mark.parametrize("key, expected", [
@@ -17,7 +19,7 @@ def test_parameter_counts(key, expected):
     model = build(key)
     assert sum(p.numel() for p in model.parameters()) == expected
     # layer_stats accounts for every parameter (all are in prunable layers)
-    stats = measure.layer_stats(model)
+    stats = measure.layer_stats(model, MNIST_SHAPE)
     assert measure.totals(stats)["params"] == expected
 
 
@@ -41,7 +43,7 @@ def test_build_returns_fresh_instances():
 
 
 def test_build_unknown_key_names_allowed_models():
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(models.ModelError) as e:
         build("nope")
     msg = str(e.value)
     assert "'nope'" in msg
@@ -51,7 +53,7 @@ def test_build_unknown_key_names_allowed_models():
 
 
 def test_flops_lenet_300_100_match_paper():
-    stats = measure.layer_stats(build("lenet_300_100"))
+    stats = measure.layer_stats(build("lenet_300_100"), MNIST_SHAPE)
     assert stats["fc1"]["flops_dense"] == 2 * 784 * 300 == 470_400
     assert stats["fc2"]["flops_dense"] == 2 * 300 * 100 == 60_000
     assert stats["fc3"]["flops_dense"] == 2 * 100 * 10 == 2_000
@@ -63,7 +65,7 @@ def test_flops_lenet_300_100_match_paper():
 
 
 def test_flops_lenet5_caffe_match_paper():
-    stats = measure.layer_stats(build("lenet5_caffe"))
+    stats = measure.layer_stats(build("lenet5_caffe"), MNIST_SHAPE)
     assert stats["conv1"]["weights"] == 500
     assert stats["conv1"]["flops_dense"] == 2 * 500 * 576 == 576_000       # 24x24 outputs
     assert stats["conv2"]["weights"] == 25_000
@@ -77,7 +79,7 @@ def test_flops_lenet5_caffe_match_paper():
 
 def test_output_positions_lenet5_padding_counted():
     # conv1 is padded to keep 28x28, conv2 sees 14x14 -> 10x10
-    assert measure.output_positions(build("lenet5")) == {
+    assert measure.output_positions(build("lenet5"), MNIST_SHAPE) == {
         "conv1": 784, "conv2": 100, "fc1": 1, "fc2": 1, "fc3": 1}
 
 
@@ -95,7 +97,7 @@ def test_pruned_layer_stats_half_zero():
     model = build("lenet_300_100")
     nnz = _half_zero_(model.fc2)  # 100 x 300
     assert nnz == 15_000
-    s = measure.layer_stats(model)["fc2"]
+    s = measure.layer_stats(model, MNIST_SHAPE)["fc2"]
     assert s["weights"] == 30_000
     assert s["weights_nonzero"] == 15_000
     assert s["kept"] == 0.5
@@ -108,13 +110,13 @@ def test_pruned_layer_stats_half_zero():
     rows, bias = 100, 100
     assert s["bytes_csr"] == (4 + 4) * 15_000 + 4 * (rows + 1) + 4 * bias == 120_804
     # the other layers are untouched
-    assert measure.layer_stats(model)["fc1"]["kept"] == 1.0
+    assert measure.layer_stats(model, MNIST_SHAPE)["fc1"]["kept"] == 1.0
 
 
 def test_pruned_conv_layer_stats_half_zero():
     model = build("lenet5_caffe")
     nnz = _half_zero_(model.conv2)  # 50 x 20 x 5 x 5
-    s = measure.layer_stats(model)["conv2"]
+    s = measure.layer_stats(model, MNIST_SHAPE)["conv2"]
     assert nnz == 12_500
     assert s["kept"] == 0.5
     assert s["flops_pruned"] == 2 * 12_500 * 64 == s["flops_dense"] // 2
@@ -127,7 +129,7 @@ def test_stats_of_masked_model_count_effective_weights():
     mask = torch.zeros_like(model.fc3.weight)
     mask.view(-1)[::4] = 1.0  # keep a quarter: 250 of 1000
     prune.custom_from_mask(model.fc3, "weight", mask)
-    s = measure.layer_stats(model)["fc3"]
+    s = measure.layer_stats(model, MNIST_SHAPE)["fc3"]
     assert s["weights"] == 1000
     assert s["weights_nonzero"] == 250
     assert s["kept"] == 0.25
@@ -137,7 +139,7 @@ def test_stats_of_masked_model_count_effective_weights():
 def test_totals_sum_layers():
     model = build("lenet_300_100")
     _half_zero_(model.fc1)
-    stats = measure.layer_stats(model)
+    stats = measure.layer_stats(model, MNIST_SHAPE)
     tot = measure.totals(stats)
     assert tot["weights"] == 266_200
     assert tot["weights_nonzero"] == 266_200 - 117_600

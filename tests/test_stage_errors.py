@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from hanprune import encoding, io, pruning, storage
+from hanprune import data, encoding, io, pruning, storage
 from hanprune.models import build
 from tests.tiny import tiny_params, write_tiny_mnist
 
@@ -28,6 +28,7 @@ def project(tmp_path, monkeypatch):
     raw.mkdir(parents=True)
     for f in (tmp_path / "source").iterdir():
         (raw / f.name).write_bytes(f.read_bytes())
+    data.write_stats(raw)  # as the download stage does
     model = build("lenet_300_100")
     io.save_torch(tmp_path / "models/lenet_300_100/dense.pt",
                   pruning.checkpoint("lenet_300_100", model, pruning.weight_std(model), []))
@@ -80,8 +81,8 @@ def _rename(path, new):
 
 
 BAD_PARAMS = {
-    "unknown model key": (_rename(["models", "lenet_300_100"], "lenet_300_10"),
-                          "models.lenet_300_10: unknown model; allowed: lenet_300_100, lenet5, lenet5_caffe"),
+    "unknown arch": (_set(["models", "lenet_300_100", "arch"], "lenet_300_10"),
+                     "models.lenet_300_100.arch: unknown arch 'lenet_300_10' (did you mean 'lenet_300_100'?)"),
     "misspelled key": (_rename(["models", "lenet_300_100", "retrain", "epochs"], "epoch"),
                        "unknown key (did you mean 'epochs'?)"),
     "wrong type": (_set(["models", "lenet_300_100", "retrain", "lr"], "fast"),
@@ -132,7 +133,7 @@ BAD_DATA = {
     "truncated IDX": (lambda p: _raw(p, "train-images-idx3-ubyte").write_bytes(_raw(p, "train-images-idx3-ubyte").read_bytes()[:5000]),
                       "train-images-idx3-ubyte: truncated or padded"),
     "wrong magic": (lambda p: _raw(p, "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x01" + _raw(p, "train-images-idx3-ubyte").read_bytes()[4:]),
-                    "train-images-idx3-ubyte: wrong magic number 2049, expected 2051"),
+                    "train-images-idx3-ubyte: wrong magic number 2049, expected 2051 or 2052"),
     "label out of range": (lambda p: _raw(p, "train-labels-idx1-ubyte").write_bytes(_raw(p, "train-labels-idx1-ubyte").read_bytes()[:8] + b"\x0c" + _raw(p, "train-labels-idx1-ubyte").read_bytes()[9:]),
                            "train-labels-idx1-ubyte: label 12 out of range 0..9"),
 }
@@ -141,7 +142,8 @@ BAD_DATA = {
 def _pin_md5(project):
     """data.md5 of the files as they are now: the structure checks, not the md5 check, must catch them."""
     import hashlib
-    md5 = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in _raw(project, "").iterdir()}
+    md5 = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in _raw(project, "").iterdir()
+           if f.name != data.STATS_FILE}
     edit_params(project, lambda p: p["data"]["md5"].update(md5))
 
 

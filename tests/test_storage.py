@@ -18,7 +18,7 @@ def pruned(key: str):
 @pytest.mark.parametrize("key", ["lenet_300_100", "lenet5_caffe"])
 def test_file_sizes_are_the_counts_measure_reports(key):
     model = pruned(key)
-    total = measure.totals(measure.layer_stats(model))
+    total = measure.totals(measure.layer_stats(model, (1, 28, 28)))
     assert len(storage.dense_bytes(model)) == total["params"] * 4
     assert len(storage.values_bytes(model)) == total["bytes_nonzero"]
     assert len(storage.csr_bytes(model)) == total["bytes_csr"]

@@ -32,7 +32,7 @@ def tiny_params(params_file: Path, local_dir: Path, md5: dict, iterations: dict[
     p["run"]["threads"] = 2  # the thread count of the real pipeline: thread-order effects show
     p["models"] = {k: v for k, v in p["models"].items() if k in iterations}
     for key, n in iterations.items():
-        p["models"][key]["pretrain"].update(epochs=6, batch_size=32)  # enough to learn the tiny data
+        p["models"][key]["pretrain"].update(epochs=12, batch_size=32)  # lenet5 learns the tiny data by epoch 8
         p["models"][key]["retrain"].update(epochs=1, batch_size=32)
         p["models"][key]["quantize"]["finetune"].update(epochs=1, batch_size=32)
         p["models"][key]["final"] = f"models/{key}/iter{n}.pt"
@@ -42,3 +42,26 @@ def tiny_params(params_file: Path, local_dir: Path, md5: dict, iterations: dict[
             prune[key] = {**it, "epochs": 1}
     p["prune"] = prune
     return p
+
+
+def stage_commands(key: str, rounds: int) -> list[list[str]]:
+    """The commands dvc.yaml runs for one model after download (script name, then arguments), with
+    `rounds` prune rounds, the data under data/, run from the project directory."""
+    m = f"models/{key}"
+    prune = [["prune.py", f"{key}-iter{k}", "--data", "data", "--start", f"{m}/dense.pt" if k == 1 else f"{m}/iter{k - 1}.pt",
+              "--out", f"{m}/iter{k}.pt", "--metrics", f"metrics/prune/{key}-iter{k}.json", "--plot", f"plots/{key}/retrain{k}.csv"]
+             for k in range(1, rounds + 1)]
+    final = f"{m}/iter{rounds}.pt"
+    return [
+        ["pretrain.py", key, "--data", "data", "--out", f"{m}/dense.pt", "--plot", f"plots/{key}/pretrain.csv"],
+        ["sensitivity.py", key, "--data", "data", "--dense", f"{m}/dense.pt", "--out", f"plots/{key}/sensitivity.csv"],
+        *prune,
+        ["quantize.py", key, "--data", "data", "--pruned", final, "--out", f"{m}/quantized.pt",
+         "--metrics", f"metrics/quantize/{key}.json"],
+        ["encode.py", key, "--dense", f"{m}/dense.pt", "--pruned", final, "--quantized", f"{m}/quantized.pt",
+         "--out", f"{m}/compressed.bin", "--storage", f"{m}/storage"],
+        ["evaluate.py", key, "--data", "data", "--dense", f"{m}/dense.pt", "--pruned", final,
+         "--compressed", f"{m}/compressed.bin", "--storage", f"{m}/storage", "--metrics", f"metrics/{key}.json",
+         "--plots", f"plots/{key}/final"],
+        ["report.py", "--metrics", "metrics", "--plots", "plots", "--out", "reports"],
+    ]
