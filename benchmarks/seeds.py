@@ -110,7 +110,8 @@ def render(results: dict[str, list[dict]], names: list[str]) -> str:
 
 def report(prefix: str, out: Path):
     found = runs(prefix)
-    models = list(found[0][2]["models"])
+    # the models of every run (a model added since an experiment ran has no figures there)
+    models = [m for m in found[0][2]["models"] if all(m in params["models"] for _, _, params in found)]
     results = {m: [outcome(rev, params, m) for _, rev, params in found] for m in models}
     io.write_text(out, render(results, [name for name, _, _ in found]))
     print(f"{out}: {len(found)} runs ({', '.join(n for n, _, _ in found)}) of {', '.join(models)}")
