@@ -31,6 +31,8 @@ def _portable_requested(argv: list[str]) -> bool:
 
 
 runtime.configure(_portable_requested(sys.argv))
+
+
 def repo_root() -> Path:
     """The project root: DVC_ROOT under `dvc exp run --queue/--temp` (cwd is a temporary copy),
     else the git top level, else the working directory."""
