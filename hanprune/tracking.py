@@ -222,10 +222,17 @@ class Background:
                 raise TrackingError(answer or f"MLflow tracking worker for {uri} exited without connecting")
 
     def _send(self, method: str, *args, **kwargs):
+        """One message: its length (8 bytes), then the pickled call, so that a call the worker
+        cannot unpickle (a model class it cannot import) costs that call only."""
         if self.proc.stdin.closed:
             return
         try:
-            pickle.dump((method, args, kwargs), self.proc.stdin)
+            message = pickle.dumps((method, args, kwargs))
+        except Exception as e:  # noqa: BLE001 - whatever pickle raises for an object it cannot take
+            warnings.warn(f"MLflow logging skipped {method}: {type(e).__name__}: {e}")
+            return
+        try:
+            self.proc.stdin.write(len(message).to_bytes(8, "little") + message)
             self.proc.stdin.flush()
         except OSError as e:  # the worker is gone
             warnings.warn(f"MLflow logging stopped: its worker process exited ({e})")
@@ -270,10 +277,10 @@ def _serve(uri: str):
         with _store_lock(uri):
             client = MlflowClient(uri)
             client.search_experiments(max_results=1)  # creates the store's tables on first use
-    stdin = sys.stdin.buffer
+    messages = _messages(sys.stdin.buffer)
     try:
-        _, (uri_asked, experiment, name, tags, required, group), _ = pickle.load(stdin)
-    except EOFError:  # the stage ended before opening a run (--help, a bad argument)
+        _, (uri_asked, experiment, name, tags, required, group), _ = pickle.loads(next(messages))
+    except StopIteration:  # the stage ended before opening a run (--help, a bad argument)
         return
     try:
         run = Run(uri_asked, experiment, name, tags, required, group, client if uri_asked == uri else None)
@@ -282,18 +289,26 @@ def _serve(uri: str):
         return
     if required:
         print("ok", flush=True)
-    while True:
+    for message in messages:
         try:
-            method, args, kwargs = pickle.load(stdin)
-        except EOFError:
-            run.finish("FAILED")
-            break
+            method, args, kwargs = pickle.loads(message)
+        except Exception as e:  # noqa: BLE001 - e.g. a model whose class this process cannot import
+            warnings.warn(f"MLflow logging skipped a call it could not read: {type(e).__name__}: {e}")
+            continue
         getattr(run, method)(*args, **kwargs)
         if method == "finish":
             break
+    else:  # the stage ended without finish(): it was killed
+        run.finish("FAILED")
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # all logged: skip the interpreter's teardown of MLflow and SQLAlchemy
+
+
+def _messages(stream):
+    """The messages Background._send wrote, until the stage closes the pipe."""
+    while len(head := stream.read(8)) == 8:
+        yield stream.read(int.from_bytes(head, "little"))
 
 
 def _columns(rows: list[dict]) -> dict[str, list]:

@@ -170,3 +170,23 @@ def test_background_run_with_an_unreachable_store_warns_once(capfd):
 def test_background_required_tracking_fails_at_construction():
     with pytest.raises(tracking.TrackingError, match=r"nosuch://x unreachable: .*\(tracking.required is true\)"):
         tracking.Background("nosuch://x", "e", "stage", {}, True)
+
+
+def test_a_call_the_worker_cannot_read_costs_that_call_only(tmp_path, monkeypatch, capfd):
+    """A model class the worker cannot import (here: a module that appeared after it started) is
+    skipped with one warning; the calls before and after it are logged, and the run finishes."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = tracking.Background(uri, "e", "stage", {}, True)
+    (tmp_path / "late").mkdir()
+    (tmp_path / "late" / "latecomer.py").write_text("class Thing:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "late"))
+    import latecomer
+    run.params({"before": 1})
+    run.run_tags({"thing": latecomer.Thing()})
+    run.params({"after": 2})
+    with pytest.warns(UserWarning, match="MLflow logging skipped params: "):
+        run.params({"f": lambda: 0})  # this process cannot pickle it: skipped here
+    run.finish()
+    (logged,) = _runs(uri)
+    assert logged.info.status == "FINISHED" and logged.data.params == {"before": "1", "after": "2"}
+    assert "MLflow logging skipped a call it could not read: ModuleNotFoundError" in capfd.readouterr().err
