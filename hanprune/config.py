@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .data import FILES, SOURCES
 from .errors import HanpruneError
-from .models import ModelError, build, prunable_layers, register
+from .models import ModelError, prunable_layers, register
 
 
 class ConfigError(HanpruneError):
@@ -123,13 +123,14 @@ def iteration_path(model: str, k: int) -> str:
 
 def _check_pipeline(p: Params) -> None:
     """Cross-key rules pydantic cannot see: model keys, layer names, the chain of iterations."""
+    layers_of = {}
     for key, m in p.models.items():
         try:
-            register(key, m.arch, m.kwargs)
+            layers_of[key] = list(prunable_layers(register(key, m.arch, m.kwargs)))
         except ModelError as e:
             raise ConfigError(f"models.{key}.arch: {e}") from None
     for key, m in p.models.items():
-        layers = prunable_layers(build(key))
+        layers = layers_of[key]
         if set(m.quantize.bits) != set(layers):
             raise ConfigError(f"models.{key}.quantize.bits: must give every layer of {key} "
                               f"({', '.join(layers)}), got {', '.join(m.quantize.bits) or 'none'}")
@@ -145,7 +146,7 @@ def _check_pipeline(p: Params) -> None:
         if key != f"{it.model}-iter{it.iteration}":
             raise ConfigError(f"{where}: key must be '<model>-iter<iteration>', "
                               f"i.e. {it.model}-iter{it.iteration}")
-        layers = prunable_layers(build(it.model))
+        layers = layers_of[it.model]
         for layer, s in it.s.items():
             if layer not in layers:
                 raise ConfigError(f"{where}.s.{layer}: no such layer in {it.model}; layers: "

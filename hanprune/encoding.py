@@ -278,15 +278,15 @@ def _encode_layer(name: str, layer: QuantizedLayer, index_bits: int | None, make
 
 
 def _pack_other(name: str, t: torch.Tensor) -> bytes:
-    codes = {v: k for k, v in OTHER_DTYPES.items()}
     a = t.detach().cpu().numpy()
-    kind = {np.dtype("float32"): "<f4", np.dtype("int64"): "<i8"}.get(a.dtype)
-    if kind is None:
+    code = next((c for c, kind in OTHER_DTYPES.items() if np.dtype(kind) == a.dtype), None)
+    if code is None:
         raise EncodingError(f"tensor {name!r}: dtype {a.dtype} is not float32 or int64")
     if a.ndim > 255:
         raise EncodingError(f"tensor {name!r}: {a.ndim} dimensions, more than 255")
-    return b"".join([_pack_string(name, "a tensor name"), struct.pack("<BB", codes[kind], a.ndim),
-                     *(_pack_u32(d, f"tensor {name!r}: a dimension") for d in a.shape), a.astype(kind).tobytes()])
+    return b"".join([_pack_string(name, "a tensor name"), struct.pack("<BB", code, a.ndim),
+                     *(_pack_u32(d, f"tensor {name!r}: a dimension") for d in a.shape),
+                     a.astype(OTHER_DTYPES[code]).tobytes()])
 
 
 def encode(model_key: str, layers: dict[str, QuantizedLayer], index_bits: int | None = None,
@@ -481,13 +481,13 @@ def _parse(data) -> tuple[str, list[tuple[str, QuantizedLayer, dict]], dict[str,
 
 def decode(data: bytes) -> tuple[str, dict[str, QuantizedLayer]]:
     """(model key, layers in file order) of a compressed file; EncodingError if anything is wrong."""
-    model_key, layers, _ = _parse(data)
-    return model_key, {name: layer for name, layer, _ in layers}
+    return decode_all(data)[:2]
 
 
-def decode_other(data: bytes) -> dict[str, torch.Tensor]:
-    """The other tensors of a compressed file (version 2; none in version 1)."""
-    return _parse(data)[2]
+def decode_all(data: bytes) -> tuple[str, dict[str, QuantizedLayer], dict[str, torch.Tensor]]:
+    """decode's (model key, layers) and the file's other tensors (version 2; none in version 1)."""
+    model_key, layers, other = _parse(data)
+    return model_key, {name: layer for name, layer, _ in layers}, other
 
 
 def describe(data: bytes) -> list[dict]:

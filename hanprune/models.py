@@ -80,11 +80,13 @@ class ModelError(HanpruneError):
 _registered: dict[str, tuple[str, dict]] = {}  # model key -> (arch, kwargs), from params.yaml
 
 
-def register(key: str, arch: str, kwargs: dict | None = None) -> None:
+def register(key: str, arch: str, kwargs: dict | None = None) -> nn.Module:
     """Let build(key) make `arch` with `kwargs` (hanprune.config.load registers every model of a
-    params file). The architecture is checked now: ModelError if it cannot be made."""
-    make(arch, kwargs)
+    params file). The architecture is checked now, by making one, which is returned: ModelError if
+    it cannot be made."""
+    model = make(arch, kwargs)
     _registered[key] = (arch, dict(kwargs or {}))
+    return model
 
 
 def known() -> list[str]:
@@ -136,8 +138,8 @@ def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
 def unpruned_parameters(model: nn.Module) -> dict[str, int]:
     """Modules other than Linear and Conv2d that hold parameters (batch norm, say): name -> count.
     They are not pruned, and not counted in the paper's parameter and FLOP figures."""
-    return {name: sum(p.numel() for p in m.parameters(recurse=False)) for name, m in model.named_modules()
-            if not isinstance(m, (nn.Linear, nn.Conv2d)) and any(True for _ in m.parameters(recurse=False))}
+    return {name: n for name, m in model.named_modules() if not isinstance(m, (nn.Linear, nn.Conv2d))
+            if (n := sum(p.numel() for p in m.parameters(recurse=False)))}
 
 
 def check_fits(model: nn.Module, key: str, input_shape: tuple, classes: int) -> None:

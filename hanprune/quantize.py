@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .encoding import EncodingError, QuantizedLayer, decode, decode_other
+from .encoding import EncodingError, QuantizedLayer, decode_all
 from .models import build, known, prunable_layers
 from .pruning import CheckpointError, load_checkpoint
 
@@ -149,14 +149,12 @@ def load_into(model: nn.Module, layers: dict[str, QuantizedLayer]) -> nn.Module:
 def read_compressed(path, model_key: str | None = None) -> tuple[str, nn.Module, dict[str, QuantizedLayer]]:
     """Rebuild the torch model from a compressed file (see encoding.py): (model key, model, layers)."""
     try:
-        blob = Path(path).read_bytes()
-        key, layers = decode(blob)
+        key, layers, other = decode_all(Path(path).read_bytes())
         if key not in known():
             raise EncodingError(f"unknown model {key!r}; known: {', '.join(known())}")
         if model_key is not None and key != model_key:
             raise EncodingError(f"holds model {key!r}, expected {model_key!r}")
         model = load_into(build(key), layers)
-        other = decode_other(blob)
         expected = other_state(model, model.state_dict())
         if set(other) != set(expected):
             raise EncodingError(f"holds the tensors {sorted(other)} besides its layers; {key} has {sorted(expected)}")

@@ -12,14 +12,14 @@ from hanprune.quantize import load_quantized, other_state
 
 def same_weights(a, b) -> bool:
     """Equal pruned layers (weights and biases: what the storage forms hold)."""
-    other = other_state(a, plain_state_dict(a))
-    a, b = ({k: v for k, v in plain_state_dict(m).items() if k not in other} for m in (a, b))
+    sa, sb = plain_state_dict(a), plain_state_dict(b)
+    other = other_state(a, sa)
+    a, b = ({k: v for k, v in state.items() if k not in other} for state in (sa, sb))
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def decodes_to(blob: bytes, model_key: str, layers: dict, other: dict) -> bool:
-    key, decoded = encoding.decode(blob)
-    stored = encoding.decode_other(blob)
+    key, decoded, stored = encoding.decode_all(blob)
     return key == model_key and decoded.keys() == layers.keys() and all(
         torch.equal(decoded[n].codes, l.codes) and torch.equal(decoded[n].codebook, l.codebook)
         and torch.equal(decoded[n].weight(), l.weight()) for n, l in layers.items()) and \
