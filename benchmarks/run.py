@@ -348,6 +348,18 @@ def stage_figures(path: Path) -> dict:
             "stage_min_seconds": min(v["seconds"] for v in stages.values())}
 
 
+def update_results(out: str, change) -> None:
+    """Apply change() to results.json in `out` (an empty one if there is none), write it and
+    RESULTS.md again, and print the GPU section if there is one."""
+    path = Path(out) / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    change(results)
+    io.write_json(path, results)
+    io.write_text(Path(out) / "RESULTS.md", render(results) if "machine" in results else "\n".join(render_gpu(results)))
+    if "gpu" in results:
+        print("\n".join(render_gpu(results)))
+
+
 def render(r: dict) -> str:
     from tabulate import tabulate
     m = r["machine"]
@@ -423,8 +435,9 @@ def render_gpu(r: dict) -> list[str]:
     from tabulate import tabulate
     g = r["gpu"]
     lines = ["## GPU", "",
-             f"{g['device']}, torch {g['torch']}, measured on {g['date']} by `benchmarks/gpu_check.sh` "
-             f"(`benchmarks/run.py --device cuda`). float32 GEMM (8192², TF32 off): {g['gemm_tflops']:.1f} TFLOP/s.", "",
+             f"{g['device']}, torch {g['torch']}, measured on that GPU on {g['date']} by `benchmarks/run.py "
+             f"--device cuda` (which `benchmarks/gpu_check.sh` runs). float32 GEMM (8192², TF32 off): "
+             f"{g['gemm_tflops']:.1f} TFLOP/s.", "",
              "One epoch of `hanprune.train.fit` (60,000 images, batch 64, the model's pretrain settings) with "
              "the full-batch step captured as a CUDA graph (median of epochs 2 on; epoch 1 holds the capture), "
              "without it (eager), and on the 2-core CPU above (fast mode).", ""]
@@ -474,31 +487,14 @@ def main():
                     help="only fold two pipeline.py workdirs fetched from a GPU machine into results.json `gpu`")
     args = ap.parse_args()
     if args.fold_stages:
-        path = Path(args.out) / "results.json"
-        results = json.loads(path.read_text())
-        results["pipeline"].update(stage_figures(Path(args.stages)))
-        io.write_json(path, results)
-        io.write_text(Path(args.out) / "RESULTS.md", render(results))
-        return
+        return update_results(args.out, lambda r: r["pipeline"].update(stage_figures(Path(args.stages))))
     if args.gpu_pipeline:
-        path = Path(args.out) / "results.json"
-        results = json.loads(path.read_text())
-        results["gpu"].update(pipeline_figures(*(Path(p) for p in args.gpu_pipeline)))
-        io.write_json(path, results)
-        io.write_text(Path(args.out) / "RESULTS.md", render(results))
-        print("\n".join(render_gpu(results)))
-        return
+        return update_results(args.out, lambda r: r["gpu"].update(pipeline_figures(*map(Path, args.gpu_pipeline))))
     runtime.start(args.device, args.threads, args.portable, 0)
     reps, calls, limit = (1, 200, 2000) if args.quick else (3, 1000, None)
     params = config.load(args.params)
     if args.device == "cuda":
-        path = Path(args.out) / "results.json"
-        results = json.loads(path.read_text()) if path.exists() else {}
-        results["gpu"] = bench_cuda(args, params)
-        io.write_json(path, results)
-        io.write_text(Path(args.out) / "RESULTS.md", render(results) if "machine" in results else "\n".join(render_gpu(results)))
-        print("\n".join(render_gpu(results)))
-        return
+        return update_results(args.out, lambda r: r.update(gpu=bench_cuda(args, params)))
     x, y = data.load_split(args.data, train=True)
     if args.epoch:
         n = limit or len(x)

@@ -21,10 +21,6 @@ KEY = "lenet5"  # a conv model: convolutions, pooling, weight sharing of conv la
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def commands(key: str) -> list[list[str]]:
-    return stage_commands(key, 1)
-
-
 def project(tmp: Path, device: str) -> Path:
     md5 = write_tiny_mnist(tmp / "data" / "MNIST" / "raw")
     data.write_stats(tmp / "data" / "MNIST" / "raw")  # as the download stage does
@@ -53,22 +49,22 @@ def digests(tmp: Path) -> dict[str, str]:
 
 def test_every_stage_kind_runs_on_cuda(tmp_path):
     tmp = project(tmp_path, "cuda")
-    run(tmp, *commands(KEY))
+    run(tmp, *stage_commands(KEY, 1))
     assert (tmp / "reports" / "REPORT.md").exists() and (tmp / f"models/{KEY}/compressed.bin").stat().st_size > 0
 
 
 def test_two_cuda_runs_give_the_same_bytes(tmp_path):
     first, second = project(tmp_path / "a", "cuda"), project(tmp_path / "b", "cuda")
     for tmp in (first, second):
-        run(tmp, *commands(KEY)[:4])  # pretrain, sensitivity, prune, quantize
+        run(tmp, *stage_commands(KEY, 1)[:4])  # pretrain, sensitivity, prune, quantize
     assert digests(first) == digests(second)
 
 
 @pytest.mark.parametrize("first,then", [("cpu", "cuda"), ("cuda", "cpu")])
 def test_a_checkpoint_continues_on_the_other_device(tmp_path, first, then):
     tmp = project(tmp_path, first)
-    run(tmp, *commands(KEY)[:2], device=first)  # pretrain, sensitivity
-    run(tmp, *commands(KEY)[2:], device=then)  # prune onward
+    run(tmp, *stage_commands(KEY, 1)[:2], device=first)  # pretrain, sensitivity
+    run(tmp, *stage_commands(KEY, 1)[2:], device=then)  # prune onward
     assert (tmp / "reports" / "REPORT.md").exists()
 
 
