@@ -70,12 +70,15 @@ def train_epoch(model, batches) -> float:
     return time.perf_counter() - t
 
 
-def baseline_batches(root):
+def baseline_batches(dataset: data.Dataset):
     """The usual way: torchvision dataset, per-sample transforms, a DataLoader."""
     from torchvision import datasets, transforms
-    stats = data.read_stats(Path(root) / "MNIST" / "raw")
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(stats["mean"], stats["std"])])
-    ds = datasets.MNIST(root, train=True, download=False, transform=tf)
+
+    class IDX(datasets.MNIST):  # torchvision's MNIST reader, pointed at the dataset's directory
+        raw_folder = str(dataset.raw)
+
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(dataset.mean, dataset.std)])
+    ds = IDX(dataset.raw, train=True, download=False, transform=tf)
     return torch.utils.data.DataLoader(ds, batch_size=64, shuffle=True)
 
 
@@ -92,13 +95,13 @@ def project_epoch(key, cfg, x, y) -> float:
     return fit(build(key), cfg, (x, y), (x[:1], y[:1]))[0]["seconds"]
 
 
-def bench_training(key, cfg, root, x, y, reps, baseline_reps, flops_per_second, limit=None):
+def bench_training(key, cfg, dataset, x, y, reps, baseline_reps, flops_per_second, limit=None):
     torch.manual_seed(0)
     if limit:
         x, y = x[:limit], y[:limit]
     project = statistics.median(project_epoch(key, cfg, x, y) for _ in range(reps))
     plain = statistics.median(train_epoch(build(key), in_memory_batches(x, y)) for _ in range(reps))
-    baseline_loader = baseline_batches(root)
+    baseline_loader = baseline_batches(dataset)
     if limit:
         baseline_loader = [b for _, b in zip(range(limit // 64), baseline_loader)]
     baseline = statistics.median(train_epoch(build(key), baseline_loader) for _ in range(baseline_reps))
@@ -302,7 +305,7 @@ def bench_cuda(args, params) -> dict:
     """The GPU figures (results.json `gpu`): device, GEMM rate and training epochs, and with
     --pipeline-runs A B, what pipeline_figures finds in two runs of benchmarks/pipeline.py."""
     device = torch.device("cuda")
-    x, y = (t.to(device) for t in data.load_split(args.data, train=True))
+    x, y = (t.to(device) for t in data.load_split(args.dataset, train=True))
     flops = cuda_gemm_flops(device)
     gpu = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d"), "gemm_tflops": flops / 1e12, "train": {}}
@@ -466,7 +469,7 @@ def render_gpu(r: dict) -> list[str]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT / "data"), help="data root holding MNIST/raw")
+    ap.add_argument("--data", default=str(ROOT / "data"), help="data root (params data.name's directory under it)")
     ap.add_argument("--models", nargs="+", default=["lenet_300_100", "lenet5", "lenet5_caffe"])
     ap.add_argument("--params", default=str(ROOT / "params.yaml"), help="its models.<m>.final names the pruned checkpoints")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -493,14 +496,15 @@ def main():
     runtime.start(args.device, args.threads, args.portable, 0)
     reps, calls, limit = (1, 200, 2000) if args.quick else (3, 1000, None)
     params = config.load(args.params)
+    args.dataset = data.verified(data.raw_dir(args.data, params.data.name), params.data.name)
     if args.device == "cuda":
         return update_results(args.out, lambda r: r.update(gpu=bench_cuda(args, params)))
-    x, y = data.load_split(args.data, train=True)
+    x, y = data.load_split(args.dataset, train=True)
     if args.epoch:
         n = limit or len(x)
         print(json.dumps({"seconds": project_epoch(args.epoch, params.models[args.epoch].pretrain, x[:n], y[:n])}))
         return
-    test_x, _ = data.load_split(args.data, train=False)
+    test_x, _ = data.load_split(args.dataset, train=False)
     flops = gemm_flops(512 if args.quick else 2048, reps=3 if args.quick else 10)
     results = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                            "threads": torch.get_num_threads()},
@@ -508,7 +512,7 @@ def main():
                "gemm_gflops": flops / 1e9, "train": {}, "numerics": {}, "inference": {}}
     for key in args.models:
         print(f"training {key} ...", flush=True)
-        results["train"][key] = bench_training(key, params.models[key].pretrain, args.data, x, y, reps, 1, flops, limit)
+        results["train"][key] = bench_training(key, params.models[key].pretrain, args.dataset, x, y, reps, 1, flops, limit)
         print(f"numeric modes {key} ...", flush=True)
         results["numerics"][key] = bench_numerics(key, args, reps)
         project = Path(args.params).parent

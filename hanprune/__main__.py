@@ -1,7 +1,7 @@
 """Command line: `python -m hanprune decode FILE [--out CHECKPOINT] [--data DIR]`.
 
 Decodes a compressed model file (encoding.py), prints where its bytes go layer by layer, and
-optionally reports the rebuilt model's MNIST test accuracy and writes it as a checkpoint of this
+optionally reports the rebuilt model's test accuracy on a dataset directory and writes it as a checkpoint of this
 project (loadable with torch.load(weights_only=True))."""
 import argparse
 import sys
@@ -10,7 +10,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from . import config, io
-from .data import DataError, load_split
+from .data import DataError, load_split, verified
 from .encoding import EncodingError, describe
 from .pruning import attach_masks, checkpoint
 from .quantize import read_compressed
@@ -29,7 +29,7 @@ def decode(args) -> None:
     dense = 4 * sum(p.numel() for p in model.parameters())
     print(f"{args.file}: {key}, {size} bytes, {dense / size:.1f}x smaller than dense float32 ({dense} bytes)")
     if args.data:
-        print(f"test accuracy: {accuracy(model, *load_split(args.data, train=False)):.4f}")
+        print(f"test accuracy: {accuracy(model, *load_split(verified(args.data), train=False)):.4f}")
     if args.out:
         attach_masks(model, {name: (layer.codes >= 0).float() for name, layer in layers.items()})
         io.save_torch(args.out, checkpoint(key, model, {}, []))
@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     sub = ap.add_subparsers(dest="command", required=True)
     dec = sub.add_parser("decode", help="decode a compressed model file")
     dec.add_argument("file", help="e.g. models/lenet_300_100/compressed.bin")
-    dec.add_argument("--data", help="data root holding MNIST/raw: also report test accuracy")
+    dec.add_argument("--data", help="a dataset directory (data/MNIST/raw, with dataset.json): also report test accuracy")
     dec.add_argument("--out", help="write the decoded model as a checkpoint here")
     dec.add_argument("--params", help="a params.yaml whose models.<key>.arch builds a model that is not built in")
     args = ap.parse_args(argv)

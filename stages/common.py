@@ -121,14 +121,14 @@ def load_params(path, model: str | None = None) -> config.Params:
 @contextlib.contextmanager
 def opening(p: config.Params, name: str, model: str | None = None, seed: int = 0, data_root=None):
     """What every stage does first: numeric mode, device, seed and threads (hanprune.runtime); the
-    data, checked against data.md5 and moved to the device (with data_root); the MLflow run.
-    Yields (device, splits or None, run)."""
+    dataset data.name under data_root, verified and moved to the device as splits (splits.dataset
+    says what it is); the MLflow run, tagged with the dataset. Yields (device, splits or None, run)."""
     device = runtime.start(p.run.device, p.run.threads, p.run.portable, seed)
-    md5 = splits = None
+    splits = None
     if data_root is not None:
-        md5 = data.verified_md5(data_root, p.data.md5)
-        splits = data.Splits(data_root, p.data.val_size, p.data.val_seed).to(device)
-    with open_run(p, name, model, md5) as mlrun:
+        dataset = data.verified(data.raw_dir(data_root, p.data.name), p.data.name)
+        splits = data.Splits(dataset, p.data.val_size, p.data.val_seed).to(device)
+    with open_run(p, name, model, splits and splits.dataset) as mlrun:
         yield device, splits, mlrun
 
 
@@ -140,18 +140,22 @@ def git_commit() -> str:
         return "unknown"
 
 
-def open_run(params, name: str, model: str | None, data_md5: str | None) -> tracking.Background:
+def open_run(params, name: str, model: str | None, dataset: data.Dataset | None) -> tracking.Background:
     """An MLflow run named after the DVC stage. Runs of one model in one pipeline run are grouped
     under a parent run identified by (model, git commit, DVC experiment name): every stage process
     finds the same parent by searching these tags, so no run id has to travel between stages."""
     group = {"model": model or "all", "git_commit": git_commit(),
              "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace")}
-    tags = {**group, "dvc_stage": os.environ.get("DVC_STAGE", name), "dataset_md5": data_md5 or ""}
+    tags = {**group, "dvc_stage": os.environ.get("DVC_STAGE", name), **dataset_tags(dataset)}
     global _tracking_worker
     worker, _tracking_worker = _tracking_worker, None  # the one started at import, else a new one
     return tracking.Background(tracking.default_uri(repo_root()), params.tracking.experiment,
                                os.environ.get("DVC_STAGE", name), tags, params.tracking.required, group,
                                worker=worker)
+
+
+def dataset_tags(dataset: data.Dataset | None) -> dict[str, str]:
+    return {"dataset": dataset.name if dataset else "", "dataset_md5": dataset.md5 if dataset else ""}
 
 
 def epoch_logger(run: tracking.Background, label: str):

@@ -1,5 +1,6 @@
-"""Stage download: put verified MNIST into <out>/MNIST/raw/ (torchvision's layout)."""
-from common import load_params, opening, parser, run
+"""Stage download: put the verified dataset data.name into <out>/<directory>/raw (torchvision's
+layout) with its dataset.json."""
+from common import dataset_tags, load_params, opening, parser, run
 from hanprune import data
 
 
@@ -10,11 +11,11 @@ def main():
     params = load_params(args.params)
     p = params.data
     with opening(params, "download") as (_, _, mlrun):
-        source, files = data.fetch(p.source, p.md5, p.local_dir)
-        raw = data.write_raw(files, args.out)
+        source, files = data.fetch(p.spec, p.source, p.local_dir)
+        raw = data.write_raw(files, args.out, p.spec)
         mlrun.params({"data": p.model_dump(exclude={"md5"}), "source_used": source})
-        mlrun.run_tags({"dataset_md5": data.verified_md5(args.out, p.md5)})
-    print(f"download: {len(files)} files from {source} into {raw}, md5 verified")
+        mlrun.run_tags(dataset_tags(data.verified(raw, p.name)))
+    print(f"download: {p.spec.title}, {len(files)} files from {source} into {raw}, md5 verified")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from common import load_params, opening, parser, run
+from common import dataset_tags, load_params, opening, parser, run
 from hanprune import io, measure, storage
 from hanprune.encoding import describe
 from hanprune.models import build, prunable_layers
@@ -112,7 +112,8 @@ def main():
             plain = build(args.model)
             plain.load_state_dict(ckpt["state_dict"])
             mlrun.register_model(plain.eval(), f"{args.model}-pruned", splits.test[0][:2].cpu().numpy(),
-                                 {k: metrics[k] for k in ("compression", "test_pruned", "file_compression")})
+                                 {**{k: metrics[k] for k in ("compression", "test_pruned", "file_compression")},
+                                  **dataset_tags(splits.dataset)})
             mlrun.run_tags({"registered": "true"})
     print(f"evaluate {args.model}: test accuracy dense {dense_acc:.4f}, pruned {pruned_acc:.4f}; "
           f"{metrics['params_dense']} -> {metrics['params_nonzero']} params ({metrics['compression']:.1f}x), "

@@ -3,8 +3,8 @@ and plot data."""
 import json
 from pathlib import Path
 
-from common import load_params, opening, parser, run
-from hanprune import io, report
+from common import dataset_tags, load_params, opening, parser, run
+from hanprune import data, io, report
 
 
 def save_png(fig, path: Path) -> str:
@@ -15,13 +15,16 @@ def save_png(fig, path: Path) -> str:
 
 def main():
     ap = parser(__doc__)
+    ap.add_argument("--data", default="data", help="data root (the report names the dataset)")
     ap.add_argument("--metrics", default="metrics", help="directory of <model>.json metrics")
     ap.add_argument("--plots", default="plots", help="directory of <model>/ plot data")
     ap.add_argument("--out", default="reports", help="output directory")
     args = ap.parse_args()
     p = load_params(args.params)
     out = Path(args.out)
+    dataset = data.verified(data.raw_dir(args.data, p.data.name), p.data.name)
     with opening(p, "report") as (_, _, mlrun):
+        mlrun.run_tags(dataset_tags(dataset))
         models, iterations, images, schedules, quantize = {}, {}, {}, {}, {}
         for key in p.models:
             models[key] = json.loads(Path(args.plots, key, "final", "detail.json").read_text())
@@ -32,7 +35,7 @@ def main():
             images[key] = {title: f"figures/{name}" for title, name in made.items()}
             last = max((it for it in p.prune.values() if it.model == key), key=lambda it: it.iteration)
             schedules[key] = report.schedule_table(last.s, Path(args.plots, key, "sensitivity.csv").read_text(), models[key])
-        io.write_text(out / "REPORT.md", report.render(models, iterations, images, schedules, quantize))
+        io.write_text(out / "REPORT.md", report.render(dataset, models, iterations, images, schedules, quantize))
         mlrun.artifact(out / "REPORT.md")
         for names in images.values():
             for name in names.values():

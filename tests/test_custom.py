@@ -67,12 +67,13 @@ def user_module(tmp_path, monkeypatch):
 
 
 def test_three_channel_idx_data_brings_its_shape_classes_and_statistics(tmp_path):
-    md5 = write_color_idx(tmp_path / "src")
-    _, files = data.fetch("local", md5, tmp_path / "src")
-    data.write_raw(files, tmp_path / "data")
-    stats = json.loads((tmp_path / "data" / "MNIST" / "raw" / data.STATS_FILE).read_text())
-    assert stats["classes"] == 4 and len(stats["mean"]) == 3 and all(m > 0.5 for m in stats["mean"])
-    splits = data.Splits(tmp_path / "data", val_size=50, val_seed=0)
+    spec = data.spec("colour", write_color_idx(tmp_path / "src"))
+    _, files = data.fetch(spec, "local", tmp_path / "src")
+    raw = data.write_raw(files, tmp_path / "data", spec)
+    assert raw == tmp_path / "data" / "colour" / "raw"
+    info = json.loads((raw / data.INFO_FILE).read_text())
+    assert info["classes"] == 4 and len(info["mean"]) == 3 and all(m > 0.5 for m in info["mean"])
+    splits = data.Splits(data.verified(raw, "colour"), val_size=50, val_seed=0)
     assert splits.input_shape == (3, 32, 32) and splits.classes == 4
     x = torch.cat([splits.train[0], splits.val[0]])
     assert torch.allclose(x.mean((0, 2, 3)), torch.zeros(3), atol=2e-3)  # normalised per channel

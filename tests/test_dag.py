@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "hanprune"
 STAGES_DIR = ROOT / "stages"          # the stage scripts run from here: it is sys.path[0]
 NOT_DEPS = {"hanprune/tracking.py"}   # MLflow logging only: cannot change an output
-DATA_PARAMS = {"run", "data.md5", "data.val_size", "data.val_seed"}
+DATA_PARAMS = {"data.name"}  # a stage that reads args.data finds the dataset's directory by its name
+SPLIT_PARAMS = {"run", "data.val_size", "data.val_seed"}  # one that opens it with opening() also splits it
 
 
 def _rel(path: Path) -> str:
@@ -154,21 +155,28 @@ def check_deps(dvc_yaml: dict) -> list[str]:
     return problems
 
 
-def _loads_data(script: Path) -> bool:
-    """Does the script read args.data: pass it to opening(...) (stages/common.py), which verifies the
-    data and splits it, or load it in any other way?"""
-    return any(isinstance(node, ast.Attribute) and node.attr == "data"
-               and isinstance(node.value, ast.Name) and node.value.id == "args"
-               for node in ast.walk(ast.parse(script.read_text())))
+def _is_args_data(node) -> bool:
+    return (isinstance(node, ast.Attribute) and node.attr == "data"
+            and isinstance(node.value, ast.Name) and node.value.id == "args")
+
+
+def data_params(script: Path) -> set[str]:
+    """The params a stage depends on through its data: data.name if it reads args.data at all; and
+    the split and the numeric settings if it passes args.data to opening(...) (stages/common.py),
+    which verifies the data, splits it and puts it on the device."""
+    tree = ast.parse(script.read_text())
+    if not any(_is_args_data(node) for node in ast.walk(tree)):
+        return set()
+    opened = any(isinstance(node, ast.Call) and getattr(node.func, "id", None) == "opening"
+                 and any(_is_args_data(a) for a in node.args) for node in ast.walk(tree))
+    return DATA_PARAMS | (SPLIT_PARAMS if opened else set())
 
 
 def check_params(dvc_yaml: dict) -> list[str]:
     problems = []
     for name, spec in stage_specs(dvc_yaml):
-        if not _loads_data(ROOT / stage_script(spec)):
-            continue
         params = {p for p in spec.get("params", []) if isinstance(p, str)}
-        missing = sorted(DATA_PARAMS - params)
+        missing = sorted(data_params(ROOT / stage_script(spec)) - params)
         if missing:
             problems.append(f"stage {name} loads the data (args.data): add params {missing}")
     return problems
@@ -195,7 +203,7 @@ def test_each_stage_lists_exactly_the_code_it_imports(dvc_yaml):
 
 
 def test_stages_that_load_data_list_the_params_it_depends_on(dvc_yaml):
-    """opening() verifies the data against data.md5, splits it with data.val_size/val_seed, and sets
+    """opening() finds the data by data.name, splits it with data.val_size/val_seed, and sets
     device, threads and numeric mode from `run`: all decide the bits of a training or evaluation."""
     problems = check_params(dvc_yaml)
     assert not problems, "\n".join(problems)

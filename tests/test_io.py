@@ -50,8 +50,8 @@ def test_unreachable_torchvision_mirrors_fail_fast_naming_what_was_tried(monkeyp
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(data.DataError) as e:
-        data.fetch("torchvision", {name: md5 for name, (_, md5) in data.FILES.items()})
+        data.fetch(data.BUILT_IN["mnist"], "torchvision")
     assert timeouts and max(timeouts) <= 10  # bounded: never a hang
-    for mirror in data.MIRRORS:
-        assert mirror in str(e.value)
+    for mirror in data.BUILT_IN["mnist"].mirrors:
+        assert f"{mirror}train-images-idx3-ubyte.gz" in str(e.value)
     assert "network is unreachable" in str(e.value)

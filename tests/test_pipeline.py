@@ -1,5 +1,5 @@
 """End to end: the real dvc.yaml and stage scripts, run by DVC in a temporary git repository that
-holds a copy of the project and tiny generated MNIST (data.source: local)."""
+holds a copy of the project and tiny generated MNIST-like data (data.name: tiny, data.source: local)."""
 import hashlib
 import json
 import os
@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from hanprune.models import prunable_layers
-from tests.tiny import tiny_params, write_tiny_mnist
+from tests.tiny import TINY, tiny_params, write_tiny_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["hanprune", "stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"]
@@ -128,7 +128,7 @@ def test_first_repro_runs_every_stage_and_writes_metrics(repo):
         assert set(q) == {"val_before", "val_shared", "val_finetuned"}
         assert q["val_before"] == pytest.approx(rounds[-1]["val_retrained"], abs=0.011)
     report = (repo / "reports" / "REPORT.md").read_text()
-    assert "## lenet_300_100" in report and "Han et al. 2015" in report
+    assert report.startswith(f"# Pruning report: {TINY}\n") and "## lenet_300_100" in report and "Han et al. 2015" in report
     assert "| + Huffman coding " in report and "`storage/csr.bin`" in report
     for png in re.findall(r"\]\(([^)]+\.png)\)", report):
         assert (repo / "reports" / png).stat().st_size > 1000
@@ -243,6 +243,8 @@ def test_mlflow_store_groups_stage_runs_under_a_parent_per_model(repo):
         for tag in ("model", "git_commit", "dvc_exp_name"):
             assert parent.data.tags[tag] == r.data.tags[tag]
         assert r.data.tags["dvc_stage"] == r.info.run_name
+        if r.info.run_name.split("@")[0] in ("pretrain", "sensitivity", "prune", "quantize", "evaluate", "report"):
+            assert r.data.tags["dataset"] == TINY and len(r.data.tags["dataset_md5"]) == 32, r.info.run_name
     assert {r.data.tags["dvc_exp_name"] for r in children} == {"workspace", "tiny-exp"}
     evaluate = next(r for r in children if r.info.run_name == "evaluate@lenet_300_100"
                     and r.data.tags["dvc_exp_name"] == "workspace")
@@ -271,7 +273,7 @@ def test_mlflow_store_groups_stage_runs_under_a_parent_per_model(repo):
 def test_final_pruned_model_is_registered_and_loads_back_with_the_same_accuracy(repo):
     import mlflow
     from mlflow.tracking import MlflowClient
-    from hanprune.data import load_split
+    from hanprune import data
     repo, _, _ = repo
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     versions = MlflowClient(uri).search_model_versions("name = 'lenet_300_100-pruned'")
@@ -279,9 +281,11 @@ def test_final_pruned_model_is_registered_and_loads_back_with_the_same_accuracy(
     m = json.loads((repo / "metrics" / "lenet_300_100.json").read_text())
     assert float(latest.tags["compression"]) == pytest.approx(m["compression"])
     assert float(latest.tags["test_pruned"]) == pytest.approx(m["test_pruned"])
+    dataset = data.verified(data.raw_dir(repo / "data", TINY), TINY)
+    assert (latest.tags["dataset"], latest.tags["dataset_md5"]) == (TINY, dataset.md5)
     mlflow.set_tracking_uri(uri)
     model = mlflow.pytorch.load_model(f"models:/lenet_300_100-pruned/{latest.version}")
-    x, y = load_split(repo / "data", train=False)
+    x, y = data.load_split(dataset, train=False)
     with torch.no_grad():
         assert (model(x).argmax(1) == y).sum().item() / len(y) == m["test_pruned"]
 
@@ -315,7 +319,7 @@ def test_decode_cli_rebuilds_the_model_with_the_evaluated_accuracy(repo, tmp_pat
     repo, _, _ = repo
     m = json.loads((repo / "plots" / "lenet_300_100" / "final" / "detail.json").read_text())
     out = tmp_path / "decoded.pt"
-    proc = sh(repo, sys.executable, "-m", "hanprune", "decode", "models/lenet_300_100/compressed.bin", "--data", "data",
+    proc = sh(repo, sys.executable, "-m", "hanprune", "decode", "models/lenet_300_100/compressed.bin", "--data", f"data/{TINY}/raw",
               "--out", str(out), PYTHONPATH=str(repo))
     assert f"{m['compressed_bytes']} bytes" in proc.stdout
     assert f"test accuracy: {m['test_compressed']:.4f}" in proc.stdout

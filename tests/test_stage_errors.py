@@ -1,6 +1,7 @@
 """Every bad input to a stage script: exit code 1, one `error: ...` line naming what is wrong, and
 the stage's existing output untouched. The scripts run in this process (runpy), as `dvc repro`
 would run them, to keep the suite fast."""
+import json
 import runpy
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import yaml
 
 from hanprune import data, encoding, io, pruning, storage
 from hanprune.models import build
-from tests.tiny import tiny_params, write_tiny_mnist
+from tests.tiny import TINY, tiny_params, write_tiny_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD = b"the output of an earlier run"
@@ -19,16 +20,13 @@ OLD = b"the output of an earlier run"
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    """A working directory with tiny MNIST in data/MNIST/raw, a valid params.yaml, a dense
+    """A working directory with the tiny data in data/tiny/raw, a valid params.yaml, a dense
     checkpoint of lenet_300_100 and, at the outputs the stages would write, files of an earlier run."""
     md5 = write_tiny_mnist(tmp_path / "source")
     params = tiny_params(ROOT / "params.yaml", tmp_path / "source", md5, {"lenet_300_100": 1})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    raw = tmp_path / "data" / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for f in (tmp_path / "source").iterdir():
-        (raw / f.name).write_bytes(f.read_bytes())
-    data.write_stats(raw)  # as the download stage does
+    spec = data.spec(TINY, md5)
+    data.write_raw(data.fetch(spec, "local", tmp_path / "source")[1], tmp_path / "data", spec)  # as download does
     model = build("lenet_300_100")
     io.save_torch(tmp_path / "models/lenet_300_100/dense.pt",
                   pruning.checkpoint("lenet_300_100", model, pruning.weight_std(model), []))
@@ -124,7 +122,7 @@ def test_duplicate_key_in_params_is_refused_with_both_lines(project, capsys, mon
 
 
 def _raw(project, name):
-    return project / "data" / "MNIST" / "raw" / name
+    return project / "data" / TINY / "raw" / name
 
 
 BAD_DATA = {
@@ -140,11 +138,12 @@ BAD_DATA = {
 
 
 def _pin_md5(project):
-    """data.md5 of the files as they are now: the structure checks, not the md5 check, must catch them."""
-    import hashlib
-    md5 = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in _raw(project, "").iterdir()
-           if f.name != data.STATS_FILE}
-    edit_params(project, lambda p: p["data"]["md5"].update(md5))
+    """dataset.json's md5s of the files as they are now: the structure checks, not the md5 check,
+    must catch them."""
+    info = json.loads(_raw(project, data.INFO_FILE).read_text())
+    info["md5"] = {name: data.md5(_raw(project, name).read_bytes()) if _raw(project, name).exists() else md5
+                   for name, md5 in info["md5"].items()}
+    _raw(project, data.INFO_FILE).write_text(json.dumps(info))
 
 
 @pytest.mark.parametrize("case", BAD_DATA)
@@ -181,7 +180,7 @@ def _write_compressed(path, model):
 
 @pytest.mark.parametrize("stage", [EVALUATE, PRETRAIN, PRUNE])
 def test_data_changed_after_download_is_refused(project, capsys, monkeypatch, stage):
-    """One flipped label (still a valid IDX file with labels 0..9) is only caught by data.md5."""
+    """One flipped label (still a valid IDX file with labels 0..9) is only caught by the md5 check."""
     _write_compressed(project / "compressed.bin", build("lenet_300_100"))
     labels = _raw(project, "t10k-labels-idx1-ubyte")
     blob = bytearray(labels.read_bytes())
@@ -190,7 +189,7 @@ def test_data_changed_after_download_is_refused(project, capsys, monkeypatch, st
     expected = yaml.safe_load((project / "params.yaml").read_text())["data"]["md5"]["t10k-labels-idx1-ubyte"]
     code, err = run_stage(capsys, monkeypatch, *stage)
     assert code == 1 and err.count("error: ") == 1 and last_line(err).startswith(f"error: {labels.relative_to(project)}: md5 mismatch: ")
-    assert f"expected {expected} (data.md5), got " in last_line(err)
+    assert f"expected {expected} (dataset.json), got " in last_line(err)
     assert "re-run the download stage or `dvc checkout`" in last_line(err)
     assert (project / "out.pt").read_bytes() == OLD and (project / "metrics.json").read_bytes() == OLD
 
@@ -320,7 +319,7 @@ def test_help_and_usage_errors(capsys, monkeypatch, script):
     assert code == 2 and "usage:" in err
 
 
-def test_no_network_with_torchvision_source_fails_fast_and_keeps_the_data(project, capsys, monkeypatch):
+def test_no_network_with_url_source_fails_fast_and_keeps_the_data(project, capsys, monkeypatch):
     import time
     import urllib.request
 
@@ -329,14 +328,14 @@ def test_no_network_with_torchvision_source_fails_fast_and_keeps_the_data(projec
         raise urllib.error.URLError("network is unreachable")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    edit_params(project, _set(["data", "source"], "torchvision"))
-    before = {p.name: p.read_bytes() for p in (project / "data" / "MNIST" / "raw").iterdir()}
+    edit_params(project, lambda p: p["data"].update(source="url", url="https://example.org/tiny/"))
+    before = {p.name: p.read_bytes() for p in _raw(project, "").iterdir()}
     start = time.perf_counter()
     code, err = run_stage(capsys, monkeypatch, "download", "--out", "data")
     assert time.perf_counter() - start < 30
-    assert code == 1 and "error: no MNIST source worked:\ntorchvision: torchvision mirrors unreachable; tried:" in err
-    assert "network is unreachable" in err
-    assert {p.name: p.read_bytes() for p in (project / "data" / "MNIST" / "raw").iterdir()} == before
+    assert code == 1 and ("error: no tiny source worked:\nurl: unreachable; tried:\n  "
+                          "https://example.org/tiny/train-images-idx3-ubyte.gz: <urlopen error network is unreachable>") in err
+    assert {p.name: p.read_bytes() for p in _raw(project, "").iterdir()} == before
 
 
 def test_disk_full_while_saving_keeps_the_old_checkpoint(project, capsys, monkeypatch):

@@ -7,6 +7,8 @@ import yaml
 
 from hanprune.data import idx_images, idx_labels
 
+TINY = "tiny"  # data.name of the generated data: it lies in <root>/tiny/raw
+
 
 def write_tiny_mnist(directory: Path, n_train=600, n_test=200, seed=0) -> dict[str, str]:
     """Each class is a fixed random blob pattern plus noise (learnable). Returns file name -> md5."""
@@ -28,7 +30,7 @@ def tiny_params(params_file: Path, local_dir: Path, md5: dict, iterations: dict[
     """The project's params.yaml shrunk to 1-epoch runs on the tiny data, with `iterations[model]`
     prune rounds per model (models not listed are dropped)."""
     p = yaml.safe_load(params_file.read_text())
-    p["data"].update(source="local", local_dir=str(local_dir), md5=md5, val_size=100)
+    p["data"].update(name=TINY, source="local", local_dir=str(local_dir), md5=md5, val_size=100)
     p["run"]["threads"] = 2  # the thread count of the real pipeline: thread-order effects show
     p["models"] = {k: v for k, v in p["models"].items() if k in iterations}
     for key, n in iterations.items():
