@@ -97,6 +97,14 @@ def md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
+def joint_md5(blobs) -> str:
+    """One md5 over the four files, in FILES order: what runs are tagged with (dataset_md5)."""
+    h = hashlib.md5()
+    for blob in blobs:
+        h.update(blob)
+    return h.hexdigest()
+
+
 def gunzip(name: str, blob: bytes, limit: int) -> bytes:
     """A one-member .gz unpacked, refused once it passes `limit` bytes (a .gz that does not match
     its md5 is unpacked before it is refused, so it must not be able to fill the memory)."""
@@ -250,17 +258,18 @@ def fetch(spec: Spec, source: str, local_dir=None) -> tuple[str, dict[str, bytes
     raise DataError(f"no {spec.title} source worked:\n" + "\n".join(errors))
 
 
-def write_raw(files: dict[str, bytes], root, spec: Spec) -> Path:
-    """Write the four IDX files and dataset.json into raw_dir(root, spec.name)."""
+def write_raw(files: dict[str, bytes], root, spec: Spec) -> "Dataset":
+    """Write the four IDX files and dataset.json into raw_dir(root, spec.name); return the Dataset
+    they make."""
     raw = raw_dir(root, spec.name)
     for name, blob in files.items():
         write_bytes(raw / name, blob)
     images = read_idx(raw / "train-images-idx3-ubyte", IMAGE_MAGICS)
     labels = read_idx(raw / "train-labels-idx1-ubyte", (LABEL_MAGIC,))
-    info = {"name": spec.name, "title": spec.title, "md5": {name: md5(files[name]) for name in FILES},
-            **image_stats(images, labels)}
+    stats = image_stats(images, labels)
+    info = {"name": spec.name, "title": spec.title, "md5": {name: md5(files[name]) for name in FILES}, **stats}
     write_bytes(raw / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
-    return raw
+    return Dataset(raw, spec.name, spec.title, joint_md5(files[name] for name in FILES), **stats)
 
 
 def image_stats(images: np.ndarray, labels: np.ndarray) -> dict:
@@ -305,8 +314,8 @@ def read_idx(path: Path, magics: tuple[int, ...]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Dataset:
-    """A dataset on disk: its directory and what dataset.json there says of it. md5 is one md5
-    over the four files (in FILES order), to tag runs with the data they saw."""
+    """A dataset on disk: its directory and what dataset.json there says of it. md5 is joint_md5
+    of its four files."""
     raw: Path
     name: str
     title: str
@@ -331,16 +340,17 @@ def verified(raw, name: str | None = None) -> Dataset:
         raise DataError(f"{path}: not the description the download stage writes; run it again") from None
     if name is not None and info["name"] != name:
         raise DataError(f"{raw} holds {info['name']}, not {name} (data.name); run the download stage")
-    h = hashlib.md5()
-    for file in FILES:
+
+    def checked(file: str) -> bytes:
         if not (raw / file).exists():
             raise DataError(f"{raw / file}: missing; run the download stage")
         blob = (raw / file).read_bytes()
         if md5(blob) != info["md5"][file]:
             raise DataError(f"{raw / file}: md5 mismatch: expected {info['md5'][file]} ({INFO_FILE}), got "
                             f"{md5(blob)}; the file changed after download: re-run the download stage or `dvc checkout`")
-        h.update(blob)
-    return Dataset(raw, info["name"], info["title"], h.hexdigest(), **stats)
+        return blob
+
+    return Dataset(raw, info["name"], info["title"], joint_md5(map(checked, FILES)), **stats)
 
 
 def load_split(dataset: Dataset, train: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,12 +10,13 @@ def main():
     args = ap.parse_args()
     params = load_params(args.params)
     p = params.data
+    spec = p.spec
     with opening(params, "download") as (_, _, mlrun):
-        source, files = data.fetch(p.spec, p.source, p.local_dir)
-        raw = data.write_raw(files, args.out, p.spec)
+        source, files = data.fetch(spec, p.source, p.local_dir)
+        dataset = data.write_raw(files, args.out, spec)
         mlrun.params({"data": p.model_dump(exclude={"md5"}), "source_used": source})
-        mlrun.run_tags(dataset_tags(data.verified(raw, p.name)))
-    print(f"download: {p.spec.title}, {len(files)} files from {source} into {raw}, md5 verified")
+        mlrun.run_tags(dataset_tags(dataset))
+    print(f"download: {spec.title}, {len(files)} files from {source} into {dataset.raw}, md5 verified")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def user_module(tmp_path, monkeypatch):
 def test_three_channel_idx_data_brings_its_shape_classes_and_statistics(tmp_path):
     spec = data.spec("colour", write_color_idx(tmp_path / "src"))
     _, files = data.fetch(spec, "local", tmp_path / "src")
-    raw = data.write_raw(files, tmp_path / "data", spec)
+    raw = data.write_raw(files, tmp_path / "data", spec).raw
     assert raw == tmp_path / "data" / "colour" / "raw"
     info = json.loads((raw / data.INFO_FILE).read_text())
     assert info["classes"] == 4 and len(info["mean"]) == 3 and all(m > 0.5 for m in info["mean"])

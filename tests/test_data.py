@@ -36,7 +36,7 @@ def raw(tmp_path, tiny):
     """The tiny dataset as the download stage leaves it: <root>/tiny/raw with dataset.json."""
     src, md5 = tiny
     _, files = data.fetch(tiny_spec(md5), "local", src)
-    return data.write_raw(files, tmp_path / "root", tiny_spec(md5))
+    return data.write_raw(files, tmp_path / "root", tiny_spec(md5)).raw
 
 
 @pytest.fixture
@@ -56,7 +56,8 @@ def test_fetch_local_with_right_md5(tmp_path, tiny):
     for name, blob in files.items():
         assert blob == (src / name).read_bytes()
         assert hashlib.md5(blob).hexdigest() == md5[name]
-    raw = data.write_raw(files, tmp_path / "root", tiny_spec(md5))
+    dataset = data.write_raw(files, tmp_path / "root", tiny_spec(md5))
+    raw = dataset.raw
     assert raw == tmp_path / "root" / TINY / "raw"
     for name, blob in files.items():
         assert (raw / name).read_bytes() == blob
@@ -64,6 +65,7 @@ def test_fetch_local_with_right_md5(tmp_path, tiny):
     info = json.loads((raw / data.INFO_FILE).read_text())
     assert info["name"] == info["title"] == TINY and info["md5"] == md5
     assert info["classes"] == 10 and len(info["mean"]) == len(info["std"]) == 1
+    assert dataset == data.verified(raw, TINY)  # what the stages will find there
 
 
 def test_fetch_local_reads_gz_checked_by_either_md5(tmp_path, tiny):
@@ -364,7 +366,7 @@ def indexed(tmp_path) -> tuple[data.Dataset, int, int]:
         files[f"{prefix}-images-idx3-ubyte"] = data.idx_images(images)
         files[f"{prefix}-labels-idx1-ubyte"] = data.idx_labels(idx % 10)
     spec = data.spec("indexed", {name: data.md5(blob) for name, blob in files.items()})
-    return data.verified(data.write_raw(files, tmp_path, spec)), n_train, n_test
+    return data.write_raw(files, tmp_path, spec), n_train, n_test
 
 
 def _indices(x: torch.Tensor, ds: data.Dataset) -> list[int]:
