@@ -6,7 +6,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .data import BUILT_IN, FILES, SOURCES, Spec, spec as dataset_spec
+from .datasets import BUILT_IN, FILES, SOURCES, Spec, spec as dataset_spec
 from .errors import HanpruneError
 from .models import ModelError, prunable_layers, register
 

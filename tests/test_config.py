@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hanprune import config, data
+from hanprune import config, datasets
 from hanprune.config import ConfigError
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -211,14 +211,14 @@ def test_final_follows_added_iteration(tmp_path, project_params):
 
 def _own_dataset(params: dict) -> dict:
     params["data"].update(name="mine", source="local", local_dir="/somewhere",
-                          md5={name: "0" * 32 for name in data.FILES})
+                          md5={name: "0" * 32 for name in datasets.FILES})
     return params
 
 
 def test_own_dataset_loads(tmp_path, project_params):
     p = config.load(_write(tmp_path, _own_dataset(project_params)))
     assert p.data.spec.directory == "mine" and p.data.spec.md5["train-images-idx3-ubyte"] == ("0" * 32,)
-    assert data.raw_dir("data", "mine") == Path("data/mine/raw")
+    assert datasets.raw_dir("data", "mine") == Path("data/mine/raw")
 
 
 def test_md5_must_list_the_four_files(tmp_path, project_params):
@@ -228,7 +228,7 @@ def test_md5_must_list_the_four_files(tmp_path, project_params):
     assert "t10k-labels-idx1-ubyte" in msg
 
 
-@pytest.mark.parametrize("key, value", [("md5", {name: "0" * 32 for name in data.FILES}), ("url", "http://x/")])
+@pytest.mark.parametrize("key, value", [("md5", {name: "0" * 32 for name in datasets.FILES}), ("url", "http://x/")])
 def test_a_built_in_dataset_refuses_md5_and_url(tmp_path, project_params, key, value):
     project_params["data"][key] = value
     assert ("mnist is built in, with its official files and md5s: data.md5 and data.url are for a dataset "

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hanprune import data, io
+from hanprune import datasets, io, sources
+from hanprune.errors import DataError
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
@@ -49,9 +50,9 @@ def test_unreachable_torchvision_mirrors_fail_fast_naming_what_was_tried(monkeyp
         raise urllib.error.URLError("network is unreachable")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(data.DataError) as e:
-        data.fetch(data.BUILT_IN["mnist"], "torchvision")
+    with pytest.raises(DataError) as e:
+        sources.fetch(datasets.BUILT_IN["mnist"], "torchvision")
     assert timeouts and max(timeouts) <= 10  # bounded: never a hang
-    for mirror in data.BUILT_IN["mnist"].mirrors:
+    for mirror in datasets.BUILT_IN["mnist"].mirrors:
         assert f"{mirror}train-images-idx3-ubyte.gz" in str(e.value)
     assert "network is unreachable" in str(e.value)
