@@ -1,5 +1,6 @@
 """Outputs are written atomically: a failure while writing (disk full, a kill) leaves the old file."""
 import errno
+import os
 import urllib.request
 from pathlib import Path
 
@@ -33,6 +34,35 @@ def test_disk_full_while_saving_keeps_old_output(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert target.read_bytes() == old
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EDQUOT])
+def test_disk_full_names_the_file_and_the_bytes_it_needed(tmp_path, monkeypatch, error):
+    """What the OS raises on a full disk names no file (issue 29.6): the error names the target,
+    not the temporary file, and how many bytes were being written."""
+    target = tmp_path / "compressed.bin"
+    target.write_bytes(b"old")
+
+    def full(self, data):
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(OSError) as e:
+        io.write_bytes(target, bytes(70000))
+    monkeypatch.undo()
+    assert e.value.errno == error and e.value.filename == str(target)
+    assert str(e.value) == f"[Errno {error}] {os.strerror(error)} (writing 70000 bytes): '{target}'"
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["compressed.bin"]
+
+
+def test_an_error_that_names_its_file_is_raised_as_it_is(tmp_path, monkeypatch):
+    def denied(self, data):
+        raise PermissionError(errno.EACCES, "Permission denied", "/elsewhere")
+
+    monkeypatch.setattr(Path, "write_bytes", denied)
+    with pytest.raises(PermissionError) as e:
+        io.write_bytes(tmp_path / "x", b"1")
+    assert str(e.value) == "[Errno 13] Permission denied: '/elsewhere'"
 
 
 def test_torch_save_bytes_do_not_depend_on_the_file_name(tmp_path):
