@@ -3,7 +3,7 @@
 #
 #   benchmarks/gpu_check.sh MNIST_DIR        # MNIST_DIR: the four MNIST files (IDX or .gz)
 #
-# 1. the whole pipeline, all stages of dvc.yaml in order (benchmarks/pipeline.py) with
+# 1. the whole pipeline, all stages of dvc.lock in order (benchmarks/pipeline.py) with
 #    run.device: cuda, timed, every start-up included;
 # 2. the same again, beside the CUDA tests (pytest -m cuda);
 # 3. the GPU training benchmark (benchmarks/run.py --device cuda), which compares the two

@@ -1,8 +1,10 @@
-"""Run every stage of dvc.yaml without DVC, in dependency order, in a working directory of its own:
-for a machine that has torch but no DVC (the GPU check, benchmarks/gpu_check.sh). Each stage's
-command is dvc.yaml's, with `foreach` expanded and `${...}` filled in from the params file, and
-its stage scripts taken from this checkout. Times every stage (wall time, and from the stage
-itself its training time, the rest being its fixed cost) and writes them as JSON.
+"""Run every stage of the pipeline without DVC, in dependency order, in a working directory of its
+own: for a machine that has torch but no DVC (the GPU check, benchmarks/gpu_check.sh). The stages
+and their commands are those DVC resolved and wrote into dvc.lock (`foreach` expanded, `${...}`
+filled in), so they are the committed run's: a change to dvc.yaml or to the params that name stages
+or fill their commands needs `dvc repro` first. The params file given is the one the stages read;
+their scripts are this checkout's. Times every stage (wall time, and from the stage itself its
+training time, the rest being its fixed cost) and writes them as JSON.
 
     python benchmarks/pipeline.py --workdir /tmp/run --params my-params.yaml --out timings.json
 
@@ -10,9 +12,9 @@ DVC remains the way to run the pipeline: this runs every stage every time, cache
 checks no hashes.
 """
 import argparse
+import graphlib
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -23,60 +25,23 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def lookup(context: dict, dotted: str):
-    value = context
-    for part in dotted.split("."):
-        value = value[part]
-    return value
-
-
-def fill(text: str, context: dict) -> str:
-    return re.sub(r"\$\{([^}]+)\}", lambda m: str(lookup(context, m.group(1).strip())), text)
-
-
-def paths(entries) -> list[str]:
-    """Paths of a deps/outs/metrics/plots list, whose entries are strings or {path: options}."""
-    return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
-
-
-def stages(dvc_yaml: dict, params: dict) -> list[dict]:
-    """Every stage, foreach expanded: name, cmd, deps, outs (all resolved), in dvc.yaml's order."""
-    out = []
-    for name, spec in dvc_yaml["stages"].items():
-        if "foreach" in spec:
-            items = lookup(params, spec["foreach"].strip()[2:-1])
-            runs = [(f"{name}@{key}", {**params, "key": key, "item": item}, spec["do"]) for key, item in items.items()]
-        else:
-            runs = [(name, params, spec)]
-        for stage, context, body in runs:
-            produced = paths(body.get("outs")) + paths(body.get("metrics")) + paths(body.get("plots"))
-            out.append({"name": stage, "cmd": " ".join(fill(body["cmd"], context).split()),
-                        "deps": [fill(d, context) for d in paths(body.get("deps"))],
-                        "outs": [fill(o, context) for o in produced]})
-    return out
-
-
 def inside(a: str, b: str) -> bool:
     """Whether path a is b or lies under it (or the reverse)."""
     a, b = Path(a).parts, Path(b).parts
     return a[:len(b)] == b or b[:len(a)] == a
 
 
-def in_order(all_stages: list[dict]) -> list[dict]:
-    """A topological order (a stage after every stage whose outputs it depends on), otherwise
-    dvc.yaml's order."""
-    done, ordered, left = set(), [], list(all_stages)
-    while left:
-        for s in left:
-            needs = {o["name"] for o in all_stages if o is not s and any(inside(d, x) for d in s["deps"] for x in o["outs"])}
-            if needs <= done:
-                break
-        else:
-            raise SystemExit(f"pipeline: dependency cycle among {[s['name'] for s in left]}")
-        left.remove(s)
-        ordered.append(s)
-        done.add(s["name"])
-    return ordered
+def in_order(lock: dict) -> list[tuple[str, str]]:
+    """(name, cmd) of every stage of dvc.lock, each after the stages whose outputs it depends on
+    (DVC appends a new stage to dvc.lock, so its own order need not be one)."""
+    stages = lock["stages"]
+    outs = {name: [o["path"] for o in s.get("outs", [])] for name, s in stages.items()}
+    needs = {name: [other for other in stages if other != name and any(  # a list, in dvc.lock's order: one order every run
+        inside(d["path"], o) for d in s.get("deps", []) for o in outs[other])] for name, s in stages.items()}
+    try:
+        return [(name, stages[name]["cmd"]) for name in graphlib.TopologicalSorter(needs).static_order()]
+    except graphlib.CycleError as e:
+        raise SystemExit(f"pipeline: dependency cycle among {e.args[1]}") from None
 
 
 def main():
@@ -89,20 +54,20 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     params_text = Path(args.params).read_text()
     (work / "params.yaml").write_text(params_text)
-    order = in_order(stages(yaml.safe_load((ROOT / "dvc.yaml").read_text()), yaml.safe_load(params_text)))
+    order = in_order(yaml.safe_load((ROOT / "dvc.lock").read_text()))
     timings_file = work / "stage-timings.jsonl"
     timings_file.unlink(missing_ok=True)
     env = {**os.environ, "HANPRUNE_TIMINGS": str(timings_file)}
     out = Path(args.out or work / "timings.json")
     start, seconds = time.perf_counter(), {}
-    for s in order:
-        cmd = s["cmd"].replace("python stages/", f"{sys.executable} {ROOT}/stages/", 1)
+    for name, cmd in order:
+        cmd = cmd.replace("python stages/", f"{sys.executable} {ROOT}/stages/", 1)
         t = time.perf_counter()
-        proc = subprocess.run(cmd, shell=True, cwd=work, env={**env, "DVC_STAGE": s["name"]})
-        seconds[s["name"]] = time.perf_counter() - t
-        print(f"pipeline: {s['name']} {seconds[s['name']]:.1f} s", flush=True)
+        proc = subprocess.run(cmd, shell=True, cwd=work, env={**env, "DVC_STAGE": name})
+        seconds[name] = time.perf_counter() - t
+        print(f"pipeline: {name} {seconds[name]:.1f} s", flush=True)
         if proc.returncode != 0:
-            raise SystemExit(f"pipeline: stage {s['name']} failed (exit {proc.returncode})")
+            raise SystemExit(f"pipeline: stage {name} failed (exit {proc.returncode})")
         write_timings(out, timings_file, seconds, time.perf_counter() - start, len(order))
     print(f"pipeline: {len(order)} stages in {time.perf_counter() - start:.0f} s -> {out}")
 

@@ -10,8 +10,9 @@ from pathlib import Path
 from tabulate import tabulate
 
 from . import config, io
-from .data import DataError, load_split, verified
+from .data import load_split, verified
 from .encoding import EncodingError, describe
+from .errors import DataError
 from .pruning import attach_masks, checkpoint
 from .quantize import read_compressed
 from .train import accuracy

@@ -1,12 +1,12 @@
 """params.yaml, validated. Every problem becomes one ConfigError naming the key and what is allowed."""
 import difflib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .data import BUILT_IN, FILES, SOURCES, Spec, spec as dataset_spec
+from .datasets import BUILT_IN, FILES, SOURCES, Spec, spec as dataset_spec
 from .errors import HanpruneError
 from .models import ModelError, prunable_layers, register
 
@@ -61,6 +61,10 @@ class Data(Strict):
             if self.name.lower() in taken:
                 raise ValueError(f"name {self.name!r} is the directory of the built-in {taken[self.name.lower()]}; "
                                  "use that, or another name")
+            guess = _suggest(self.name, BUILT_IN)
+            if guess and self.md5 is None and self.url is None:
+                raise ValueError(f"name {self.name!r} is not built in{guess}; built in: {built_in}; a dataset of "
+                                 "your own needs data.md5, and data.url or data.local_dir")
             if self.md5 is None or set(self.md5) != set(FILES):
                 raise ValueError(f"a dataset of your own ({self.name!r}; built in: {built_in}) needs data.md5 for "
                                  f"exactly {', '.join(FILES)} (each the file's md5, or its .gz's)")
@@ -203,8 +207,8 @@ def _suggest(word, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _allowed_keys(loc) -> list[str]:
-    """The keys allowed where `loc` points, walking the schema (and skipping dict keys)."""
+def _annotation(loc):
+    """The type of what `loc` points at, walking the schema (and skipping dict keys)."""
     node, parts = Params, list(loc)
     while parts and node is not None:
         field = getattr(node, "model_fields", {}).get(parts.pop(0))
@@ -213,7 +217,11 @@ def _allowed_keys(loc) -> list[str]:
             node = node.__args__[1]
             if parts:
                 parts.pop(0)  # the dict's own key, e.g. a model name
-    return list(getattr(node, "model_fields", {}))
+    return node
+
+
+def _allowed_keys(loc) -> list[str]:
+    return list(getattr(_annotation(loc), "model_fields", {}))
 
 
 def _format(e: ValidationError) -> str:
@@ -226,6 +234,11 @@ def _format(e: ValidationError) -> str:
         return f"{loc}: unknown key{_suggest(err['loc'][-1], allowed)}; allowed: {', '.join(allowed)}"
     if err["type"] == "missing":
         return f"{loc}: missing"
+    if err["type"] == "literal_error":
+        allowed = [str(x) for x in get_args(_annotation(err["loc"]))]
+        return f"{loc}: unknown value {err['input']!r}{_suggest(err['input'], allowed)}; allowed: {', '.join(allowed)}"
+    if err["type"] == "value_error":  # a model validator's: its message says what it checked, not the whole section
+        return f"{loc}: {err['ctx']['error']}"
     return f"{loc}: {err['msg']} (got {err.get('input')!r})"
 
 

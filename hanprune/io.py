@@ -1,6 +1,7 @@
 """Atomic file output: write to a temporary file beside the target, fsync, rename.
 A process killed at any moment leaves the old file or none, never a truncated one."""
 import contextlib
+import errno
 import io
 import json
 import os
@@ -13,8 +14,10 @@ import torch
 
 
 @contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path in the target's directory; rename it onto `path` on success."""
+def atomic_path(path, size: int | None = None):
+    """Yield a temporary path in the target's directory; rename it onto `path` on success. An
+    OSError that names no file, or a full disk or quota, is raised again naming `path` and the
+    `size` in bytes being written (when given)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -28,9 +31,12 @@ def atomic_path(path):
             os.fsync(f.fileno())
         _test_pause(path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and (e.errno in (errno.ENOSPC, errno.EDQUOT) or (e.errno and not e.filename)):
+            writing = "" if size is None else f" (writing {size} bytes)"
+            raise OSError(e.errno, f"{e.strerror}{writing}", str(path)) from None
         raise
 
 
@@ -43,7 +49,7 @@ def _test_pause(path: Path):
 
 
 def write_bytes(path, data: bytes):
-    with atomic_path(path) as tmp:
+    with atomic_path(path, len(data)) as tmp:
         tmp.write_bytes(data)
 
 

@@ -1,7 +1,7 @@
 """Stage download: put the verified dataset data.name into <out>/<directory>/raw (torchvision's
 layout) with its dataset.json."""
 from common import dataset_tags, load_params, opening, parser, run
-from hanprune import data
+from hanprune import data, sources
 
 
 def main():
@@ -12,7 +12,7 @@ def main():
     p = params.data
     spec = p.spec
     with opening(params, "download") as (_, _, mlrun):
-        source, files = data.fetch(spec, p.source, p.local_dir)
+        source, files = sources.fetch(spec, p.source, p.local_dir)
         dataset = data.write_raw(files, args.out, spec)
         mlrun.params({"data": p.model_dump(exclude={"md5"}), "source_used": source})
         mlrun.run_tags(dataset_tags(dataset))

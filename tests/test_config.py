@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hanprune import config, data
+from hanprune import config, datasets
 from hanprune.config import ConfigError
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -211,14 +211,14 @@ def test_final_follows_added_iteration(tmp_path, project_params):
 
 def _own_dataset(params: dict) -> dict:
     params["data"].update(name="mine", source="local", local_dir="/somewhere",
-                          md5={name: "0" * 32 for name in data.FILES})
+                          md5={name: "0" * 32 for name in datasets.FILES})
     return params
 
 
 def test_own_dataset_loads(tmp_path, project_params):
     p = config.load(_write(tmp_path, _own_dataset(project_params)))
     assert p.data.spec.directory == "mine" and p.data.spec.md5["train-images-idx3-ubyte"] == ("0" * 32,)
-    assert data.raw_dir("data", "mine") == Path("data/mine/raw")
+    assert datasets.raw_dir("data", "mine") == Path("data/mine/raw")
 
 
 def test_md5_must_list_the_four_files(tmp_path, project_params):
@@ -228,7 +228,7 @@ def test_md5_must_list_the_four_files(tmp_path, project_params):
     assert "t10k-labels-idx1-ubyte" in msg
 
 
-@pytest.mark.parametrize("key, value", [("md5", {name: "0" * 32 for name in data.FILES}), ("url", "http://x/")])
+@pytest.mark.parametrize("key, value", [("md5", {name: "0" * 32 for name in datasets.FILES}), ("url", "http://x/")])
 def test_a_built_in_dataset_refuses_md5_and_url(tmp_path, project_params, key, value):
     project_params["data"][key] = value
     assert ("mnist is built in, with its official files and md5s: data.md5 and data.url are for a dataset "
@@ -304,3 +304,36 @@ def test_register_max_drop_range(tmp_path, project_params, drop, allowed):
 def test_register_max_drop_default(tmp_path, project_params):
     del project_params["tracking"]["register_max_drop"]
     assert config.load(_write(tmp_path, project_params)).tracking.register_max_drop == 0.5
+
+
+@pytest.mark.parametrize("name, guess", [("mnistt", "mnist"), ("fashion_mnist", "fashion-mnist"), ("kmnst", "kmnist")])
+def test_a_misspelt_built_in_dataset_is_suggested_in_one_line(tmp_path, project_params, name, guess):
+    project_params["data"]["name"] = name
+    path = _write(tmp_path, project_params)
+    with pytest.raises(ConfigError) as e:
+        config.load(path)
+    assert str(e.value) == (f"{path}: data: name {name!r} is not built in (did you mean {guess!r}?); built in: "
+                            "mnist, fashion-mnist, kmnist; a dataset of your own needs data.md5, and data.url or "
+                            "data.local_dir")
+
+
+def test_a_misspelt_source_is_suggested_in_one_line(tmp_path, project_params):
+    project_params["data"]["source"] = "torchvison"
+    path = _write(tmp_path, project_params)
+    with pytest.raises(ConfigError) as e:
+        config.load(path)
+    assert str(e.value) == (f"{path}: data.source: unknown value 'torchvison' (did you mean 'torchvision'?); "
+                            "allowed: auto, torchvision, pypi, url, local")
+
+
+@pytest.mark.parametrize("section, change", [
+    ("data", lambda p: p["data"].update(name="mine", local_dir="/x")),  # no md5
+    ("data", lambda p: p["data"].update(name="MNIST")),
+    ("run", lambda p: p["run"].update(portable=True, threads=0)),
+])
+def test_an_error_of_a_whole_section_does_not_dump_the_section(tmp_path, project_params, section, change):
+    """A check across a section's keys names what it checked; the section's dict, a screenful, is left out."""
+    change(project_params)
+    msg = _error(tmp_path, project_params)
+    assert msg.startswith(f"{tmp_path / 'params.yaml'}: {section}: ")
+    assert "(got {" not in msg and "Value error" not in msg and "\n" not in msg

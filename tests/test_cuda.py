@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from hanprune import data
+from hanprune import data, datasets, sources
 from hanprune.train import fit
 from tests.tiny import TINY, stage_commands, tiny_params, write_tiny_mnist
 
@@ -23,8 +23,8 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 def project(tmp: Path, device: str) -> Path:
     md5 = write_tiny_mnist(tmp / "source")
-    spec = data.spec(TINY, md5)
-    data.write_raw(data.fetch(spec, "local", tmp / "source")[1], tmp / "data", spec)  # as the download stage does
+    spec = datasets.spec(TINY, md5)
+    data.write_raw(sources.fetch(spec, "local", tmp / "source")[1], tmp / "data", spec)  # as the download stage does
     p = tiny_params(ROOT / "params.yaml", tmp / "source", md5, {KEY: 1})
     p["run"]["device"] = device
     (tmp / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from hanprune import config, data, measure, models
+from hanprune import config, data, datasets, idx, measure, models, sources
 from tests.tiny import stage_commands, tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,12 +50,12 @@ def write_color_idx(directory: Path, n_train=400, n_test=120, seed=0) -> dict[st
     for prefix, n in [("train", n_train), ("t10k", n_test)]:
         labels = rng.integers(0, 4, n)
         images = 90 + patterns[labels] * 120 + rng.integers(0, 40, (n, 3, 32, 32))
-        files[f"{prefix}-images-idx3-ubyte"] = data.idx_images(images.astype(np.uint8))
-        files[f"{prefix}-labels-idx1-ubyte"] = data.idx_labels(labels)
+        files[f"{prefix}-images-idx3-ubyte"] = idx.idx_images(images.astype(np.uint8))
+        files[f"{prefix}-labels-idx1-ubyte"] = idx.idx_labels(labels)
     directory.mkdir(parents=True, exist_ok=True)
     for name, blob in files.items():
         (directory / name).write_bytes(blob)
-    return {name: data.md5(blob) for name, blob in files.items()}
+    return {name: datasets.md5(blob) for name, blob in files.items()}
 
 
 @pytest.fixture
@@ -67,8 +67,8 @@ def user_module(tmp_path, monkeypatch):
 
 
 def test_three_channel_idx_data_brings_its_shape_classes_and_statistics(tmp_path):
-    spec = data.spec("colour", write_color_idx(tmp_path / "src"))
-    _, files = data.fetch(spec, "local", tmp_path / "src")
+    spec = datasets.spec("colour", write_color_idx(tmp_path / "src"))
+    _, files = sources.fetch(spec, "local", tmp_path / "src")
     raw = data.write_raw(files, tmp_path / "data", spec).raw
     assert raw == tmp_path / "data" / "colour" / "raw"
     info = json.loads((raw / data.INFO_FILE).read_text())

@@ -280,3 +280,31 @@ def test_each_model_s_code_is_the_file_of_its_arch():
         module = m["arch"].partition(":")[0] if ":" in m["arch"] else "hanprune.models"
         assert m["code"] == module.replace(".", "/") + ".py", key
         assert (ROOT / m["code"]).is_file(), key
+
+
+def _pipeline_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("pipeline", ROOT / "benchmarks" / "pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_pipeline_without_dvc_runs_dvc_lock_s_stages_in_dependency_order():
+    """benchmarks/pipeline.py runs dvc.lock's commands, each stage after every stage whose outputs
+    it depends on (dvc.lock lists a stage added later at the end, after stages that depend on it)."""
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())
+    order = _pipeline_module().in_order(lock)
+    assert sorted(order) == sorted((name, s["cmd"]) for name, s in lock["stages"].items())
+    position = {name: i for i, (name, _) in enumerate(order)}
+    for name, stage in lock["stages"].items():
+        for other, o in ((m, o["path"]) for m, s in lock["stages"].items() for o in s.get("outs", [])):
+            if other != name and any(_covered(d["path"], [o]) or _covered(o, [d["path"]]) for d in stage.get("deps", [])):
+                assert position[other] < position[name], f"{name} runs before {other}, whose {o} it reads"
+
+
+def test_the_pipeline_without_dvc_refuses_a_cycle():
+    lock = {"stages": {"a": {"cmd": "a", "deps": [{"path": "y"}], "outs": [{"path": "x"}]},
+                       "b": {"cmd": "b", "deps": [{"path": "x"}], "outs": [{"path": "y"}]}}}
+    with pytest.raises(SystemExit, match="pipeline: dependency cycle among"):
+        _pipeline_module().in_order(lock)

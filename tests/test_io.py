@@ -1,12 +1,14 @@
 """Outputs are written atomically: a failure while writing (disk full, a kill) leaves the old file."""
 import errno
+import os
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-from hanprune import data, io
+from hanprune import datasets, io, sources
+from hanprune.errors import DataError
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
@@ -34,6 +36,35 @@ def test_disk_full_while_saving_keeps_old_output(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EDQUOT])
+def test_disk_full_names_the_file_and_the_bytes_it_needed(tmp_path, monkeypatch, error):
+    """What the OS raises on a full disk names no file (issue 29.6): the error names the target,
+    not the temporary file, and how many bytes were being written."""
+    target = tmp_path / "compressed.bin"
+    target.write_bytes(b"old")
+
+    def full(self, data):
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(OSError) as e:
+        io.write_bytes(target, bytes(70000))
+    monkeypatch.undo()
+    assert e.value.errno == error and e.value.filename == str(target)
+    assert str(e.value) == f"[Errno {error}] {os.strerror(error)} (writing 70000 bytes): '{target}'"
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["compressed.bin"]
+
+
+def test_an_error_that_names_its_file_is_raised_as_it_is(tmp_path, monkeypatch):
+    def denied(self, data):
+        raise PermissionError(errno.EACCES, "Permission denied", "/elsewhere")
+
+    monkeypatch.setattr(Path, "write_bytes", denied)
+    with pytest.raises(PermissionError) as e:
+        io.write_bytes(tmp_path / "x", b"1")
+    assert str(e.value) == "[Errno 13] Permission denied: '/elsewhere'"
+
+
 def test_torch_save_bytes_do_not_depend_on_the_file_name(tmp_path):
     obj = {"w": torch.arange(10.0)}
     io.save_torch(tmp_path / "a.pt", obj)
@@ -49,9 +80,9 @@ def test_unreachable_torchvision_mirrors_fail_fast_naming_what_was_tried(monkeyp
         raise urllib.error.URLError("network is unreachable")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(data.DataError) as e:
-        data.fetch(data.BUILT_IN["mnist"], "torchvision")
+    with pytest.raises(DataError) as e:
+        sources.fetch(datasets.BUILT_IN["mnist"], "torchvision")
     assert timeouts and max(timeouts) <= 10  # bounded: never a hang
-    for mirror in data.BUILT_IN["mnist"].mirrors:
+    for mirror in datasets.BUILT_IN["mnist"].mirrors:
         assert f"{mirror}train-images-idx3-ubyte.gz" in str(e.value)
     assert "network is unreachable" in str(e.value)

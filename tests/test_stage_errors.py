@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from hanprune import data, encoding, io, pruning, storage
+from hanprune import data, datasets, encoding, io, pruning, sources, storage
 from hanprune.models import build
 from tests.tiny import TINY, tiny_params, write_tiny_mnist
 
@@ -25,8 +25,8 @@ def project(tmp_path, monkeypatch):
     md5 = write_tiny_mnist(tmp_path / "source")
     params = tiny_params(ROOT / "params.yaml", tmp_path / "source", md5, {"lenet_300_100": 1})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    spec = data.spec(TINY, md5)
-    data.write_raw(data.fetch(spec, "local", tmp_path / "source")[1], tmp_path / "data", spec)  # as download does
+    spec = datasets.spec(TINY, md5)
+    data.write_raw(sources.fetch(spec, "local", tmp_path / "source")[1], tmp_path / "data", spec)  # as download does
     model = build("lenet_300_100")
     io.save_torch(tmp_path / "models/lenet_300_100/dense.pt",
                   pruning.checkpoint("lenet_300_100", model, pruning.weight_std(model), []))
@@ -141,7 +141,7 @@ def _pin_md5(project):
     """dataset.json's md5s of the files as they are now: the structure checks, not the md5 check,
     must catch them."""
     info = json.loads(_raw(project, data.INFO_FILE).read_text())
-    info["md5"] = {name: data.md5(_raw(project, name).read_bytes()) if _raw(project, name).exists() else md5
+    info["md5"] = {name: datasets.md5(_raw(project, name).read_bytes()) if _raw(project, name).exists() else md5
                    for name, md5 in info["md5"].items()}
     _raw(project, data.INFO_FILE).write_text(json.dumps(info))
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from hanprune.data import idx_images, idx_labels
+from hanprune.idx import idx_images, idx_labels
 
 TINY = "tiny"  # data.name of the generated data: it lies in <root>/tiny/raw
 

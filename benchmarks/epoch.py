@@ -1,0 +1,44 @@
+"""One epoch of this project's training loop (hanprune.train.fit) with a model's pretrain settings,
+timed, printed as JSON. The numeric mode (hanprune/runtime.py) is fixed when torch loads, so
+benchmarks/run.py measures each mode's cost by running this once per mode, each in its own process.
+
+    python benchmarks/epoch.py KEY --data DATA_ROOT --params PARAMS --threads N [--portable] [--images N]
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hanprune import runtime  # noqa: E402
+
+
+def one_epoch(key, cfg, x, y) -> float:
+    """Seconds of one epoch with the pretrain settings `cfg` (batch size, optimiser, augmentation),
+    validating on a single image so that nearly all of the time is training."""
+    from hanprune.models import build
+    from hanprune.train import fit
+    return fit(build(key), cfg.model_copy(update={"epochs": 1}), (x, y), (x[:1], y[:1]))[0]["seconds"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="a key of params models")
+    ap.add_argument("--data", required=True, help="data root (params data.name's directory under it)")
+    ap.add_argument("--params", required=True)
+    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--portable", action="store_true", help="in the portable numeric mode")
+    ap.add_argument("--images", type=int, help="only the first N training images")
+    args = ap.parse_args()
+    runtime.configure(args.portable)  # before torch is imported
+    from hanprune import config, data
+    runtime.start("cpu", args.threads, args.portable, 0)
+    params = config.load(args.params)
+    x, y = data.load_split(data.verified(data.raw_dir(args.data, params.data.name), params.data.name), train=True)
+    x, y = x[:args.images], y[:args.images]
+    print(json.dumps({"seconds": one_epoch(args.model, params.models[args.model].pretrain, x, y)}))
+
+
+if __name__ == "__main__":
+    main()
