@@ -279,16 +279,11 @@ def bench_cuda_training(key, cfg, x, y, flops_per_second, epochs: int) -> dict:
     """Seconds per epoch of hanprune.train.fit on the GPU with the model's pretrain settings: the
     median over epochs 2.. (epoch 1 includes the CUDA graph's warm-up and capture), and one epoch
     of the same loop without the graph (eager)."""
-    from hanprune import train
     cfg = cfg.model_copy(update={"epochs": epochs})
     device = x.device
     graphed = [e["seconds"] for e in fit(build(key).to(device), cfg, (x, y), (x[:1], y[:1]), None, device)]
-    train.CUDA_GRAPHS = False
-    try:
-        eager = fit(build(key).to(device), cfg.model_copy(update={"epochs": 1}), (x, y), (x[:1], y[:1]), None,
-                    device)[0]["seconds"]
-    finally:
-        train.CUDA_GRAPHS = True
+    eager = fit(build(key).to(device), cfg.model_copy(update={"epochs": 1}), (x, y), (x[:1], y[:1]), None,
+                device, cuda_graphs=False)[0]["seconds"]
     seconds = statistics.median(graphed[1:])
     flops = 3 * measure.totals(measure.layer_stats(build(key).to(device), tuple(x.shape[1:])))["flops_dense"] * len(x)
     return {"epoch_seconds": seconds, "first_epoch_seconds": graphed[0], "eager_epoch_seconds": eager,
