@@ -34,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from hanprune import config, data, io, measure  # noqa: E402
-from hanprune.models import build, prunable_layers  # noqa: E402
+from hanprune.models import make as build, prunable_layers  # noqa: E402
 from hanprune.pruning import load_checkpoint, plain_state_dict  # noqa: E402
 from hanprune.train import fit  # noqa: E402
 

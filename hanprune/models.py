@@ -77,31 +77,6 @@ class ModelError(HanpruneError):
     pass
 
 
-_registered: dict[str, tuple[str, dict]] = {}  # model key -> (arch, kwargs), from params.yaml
-
-
-def register(key: str, arch: str, kwargs: dict | None = None) -> nn.Module:
-    """Let build(key) make `arch` with `kwargs` (hanprune.config.load registers every model of a
-    params file). The architecture is checked now, by making one, which is returned: ModelError if
-    it cannot be made."""
-    model = make(arch, kwargs)
-    _registered[key] = (arch, dict(kwargs or {}))
-    return model
-
-
-def known() -> list[str]:
-    return list(dict.fromkeys([*_registered, *MODELS]))
-
-
-def build(key: str) -> nn.Module:
-    """A new model of the registered key, or of a built-in architecture by its name."""
-    if key in _registered:
-        return make(*_registered[key])
-    if key in MODELS:
-        return MODELS[key]()
-    raise ModelError(f"unknown model {key!r}; known: {', '.join(known())}")
-
-
 def make(arch: str, kwargs: dict | None = None) -> nn.Module:
     """An instance of `arch`: a built-in name or `package.module:Class` (importable from the project
     root), called with `kwargs`."""
@@ -128,6 +103,27 @@ def make(arch: str, kwargs: dict | None = None) -> nn.Module:
     if not prunable_layers(model):
         raise ModelError(f"arch {arch!r}: {cls.__name__} has no nn.Linear or nn.Conv2d layer to prune")
     return model
+
+
+def architecture(key: str, arch: str | None, kwargs: dict | None, expected_arch: str | None = None,
+                 expected_kwargs: dict | None = None) -> tuple[str, dict]:
+    """The (arch, kwargs) that make model `key` of a file (a checkpoint, a compressed file): the ones the
+    file names, which must be the expected ones when those are given; for a file of an older format,
+    which names none (arch None), the expected ones, else the key itself when it is a built-in
+    architecture. ModelError otherwise."""
+    expected = None if expected_arch is None else (expected_arch, dict(expected_kwargs or {}))
+    if arch is not None:
+        if expected is not None and expected != (arch, kwargs):
+            raise ModelError(f"holds model {key} of arch {arch!r} with kwargs {kwargs}, expected arch "
+                             f"{expected[0]!r} with kwargs {expected[1]}")
+        return arch, kwargs
+    if expected is not None:
+        return expected
+    if key in MODELS:
+        return key, {}
+    raise ModelError(f"of an older format, which does not name the architecture: model {key!r} is not built in "
+                     f"({', '.join(MODELS)}); give the arch and kwargs it was made with (models.{key} of its "
+                     "params file)")
 
 
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -17,7 +17,7 @@ runtime.configure(portable)
 import torch  # noqa: E402
 
 from hanprune.config import Training  # noqa: E402
-from hanprune.models import build  # noqa: E402
+from hanprune.models import make  # noqa: E402
 from hanprune.pruning import plain_state_dict, prune_by_std, weight_std  # noqa: E402
 from hanprune.quantize import share_weights  # noqa: E402
 from hanprune.train import fit  # noqa: E402
@@ -36,14 +36,14 @@ cfg = Training(seed=0, epochs=1, batch_size=32, lr=0.05, momentum=0.9, schedule=
 out = {"capability": torch.backends.cpu.get_cpu_capability()}
 for key in ("lenet_300_100", "lenet5"):
     torch.manual_seed(0)
-    model = build(key)
+    model = make(key)
     fit(model, cfg, (x, y), (x[:64], y[:64]))
     out[f"{key}/pretrain"] = digest(model)
     prune_by_std(model, {name: 0.5 for name in weight_std(model)}, weight_std(model))
     fit(model, cfg, (x, y), (x[:64], y[:64]))
     out[f"{key}/prune"] = digest(model)
     masks = {name: m.weight_mask.bool() for name, m in model.named_modules() if hasattr(m, "weight_mask")}
-    plain = build(key)
+    plain = make(key)
     plain.load_state_dict(plain_state_dict(model))
     share_weights(plain, {name: 4 for name in masks}, masks)
     fit(plain, cfg, (x, y), (x[:64], y[:64]))
