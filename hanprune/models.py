@@ -4,12 +4,16 @@ One definition each; pruning is a mask attached from outside (see pruning.py), n
 class."""
 import difflib
 import importlib
+import os
+import traceback
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from .errors import HanpruneError
+
+TORCH_DIR = os.path.dirname(torch.__file__) + os.sep  # where torch's own frames are
 
 
 class LeNet300100(nn.Module):
@@ -139,15 +143,25 @@ def unpruned_parameters(model: nn.Module) -> dict[str, int]:
 
 
 def check_fits(model: nn.Module, key: str, input_shape: tuple, classes: int) -> None:
-    """ModelError unless the model takes a batch of the data's images and gives one score per class."""
+    """ModelError unless the model takes a batch of the data's images and gives one score per class.
+    An error that one of torch's layers raises is a shape mismatch: the layer does not take what the
+    images have become by then (channels, size). An error that the model's own code raises says so,
+    with the traceback's frames outside torch."""
     model.eval()
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
             out = model(torch.zeros(2, *input_shape, device=device))
-    except Exception as e:  # noqa: BLE001 - a shape mismatch surfaces as whatever the layer raises
-        raise ModelError(f"model {key} does not take the data's images (C, H, W) = {tuple(input_shape)}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # noqa: BLE001 - whatever the model's code or a torch layer raises
+        frames = traceback.extract_tb(e.__traceback__)[1:]  # from the model's call on
+        what = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+        if isinstance(e, RuntimeError) and frames and frames[-1].filename.startswith(TORCH_DIR):
+            raise ModelError(f"model {key} does not take the data's images (C, H, W) = {tuple(input_shape)}: "
+                             f"{what}") from None
+        own = traceback.StackSummary.from_list([f for f in frames if not f.filename.startswith(TORCH_DIR)])
+        raise ModelError(f"model {key}: its forward pass raised {what}, on a batch of 2 of the data's images "
+                         f"(C, H, W) = {tuple(input_shape)}; in the model's code:\n"
+                         + "".join(own.format()).rstrip()) from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelError(f"model {key} gives {shape} for a batch of 2 images; the data has {classes} classes, "

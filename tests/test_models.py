@@ -147,3 +147,52 @@ def test_totals_sum_layers():
     assert tot["flops_pruned"] == 470_400 // 2 + 60_000 + 2_000
     assert tot["bytes_csr"] == sum(s["bytes_csr"] for s in stats.values())
 
+
+USER_MODULE = '''from torch import nn
+
+
+class Boom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x):
+        return self.fc(self.prepare(x))
+
+    def prepare(self, x):
+        raise ValueError("boom")
+'''
+
+
+def test_an_error_in_the_model_s_own_code_is_shown_with_its_frames(tmp_path, monkeypatch):
+    """Not a shape message: the model's forward pass raised, and where in the model's code."""
+    (tmp_path / "boomnet.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(models.ModelError) as e:
+        models.check_fits(make("boomnet:Boom"), "mine", MNIST_SHAPE, 10)
+    file = tmp_path / "boomnet.py"
+    first, *frames = str(e.value).splitlines()
+    assert first == ("model mine: its forward pass raised ValueError: boom, on a batch of 2 of the data's images "
+                     "(C, H, W) = (1, 28, 28); in the model's code:")
+    assert [line for line in frames if "^" not in line] == [  # Python 3.11 underlines the call with carets
+        f'  File "{file}", line 10, in forward', "    return self.fc(self.prepare(x))",
+        f'  File "{file}", line 13, in prepare', '    raise ValueError("boom")']
+
+
+@pytest.mark.parametrize("key, shape, message", [
+    ("lenet5", (3, 28, 28), "Given groups=1, weight of size [6, 1, 5, 5], expected input[2, 3, 28, 28] to have 1 "
+                            "channels, but got 3 channels instead"),
+    ("lenet_300_100", (1, 32, 32), "mat1 and mat2 shapes cannot be multiplied (2x1024 and 784x300)"),
+    ("lenet5", (1, 32, 32), "mat1 and mat2 shapes cannot be multiplied (2x576 and 400x120)"),  # fc1, after the convs
+])
+def test_a_layer_that_does_not_take_the_data_s_images_gets_one_line(key, shape, message):
+    with pytest.raises(models.ModelError) as e:
+        models.check_fits(make(key), key, shape, 10)
+    assert str(e.value) == f"model {key} does not take the data's images (C, H, W) = {shape}: RuntimeError: {message}"
+
+
+def test_a_model_with_other_classes_than_the_data_s_gets_one_line():
+    with pytest.raises(models.ModelError) as e:
+        models.check_fits(make("lenet5"), "lenet5", MNIST_SHAPE, 4)
+    assert str(e.value) == ("model lenet5 gives (2, 10) for a batch of 2 images; the data has 4 classes, so it must "
+                            "give (2, 4)")
