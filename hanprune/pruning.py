@@ -5,6 +5,9 @@ training (weight = weight_orig * weight_mask, recomputed before every forward) a
 across rounds is torch's re-parametrisation; this module adds the checkpoint format around it.
 """
 import math
+import pickle
+import re
+import warnings
 
 import torch
 from torch import nn
@@ -104,9 +107,16 @@ def load_checkpoint(path, model_key: str | None = None, arch: str | None = None,
     `arch` with `kwargs`, else (models.architecture) its key's built-in architecture.
     Returns (model with masks attached, checkpoint dict)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of a pickle protocol it does not write; refused below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint not found")
+    except pickle.UnpicklingError as e:  # torch's weights-only unpickler met more than tensors and plain data
+        refused = re.search(r"GLOBAL (\S+)", str(e))
+        raise CheckpointError(f"{path}: refused unread: it holds objects that a checkpoint of this project never "
+                              "holds" + (f" (it calls {refused[1]})" if refused else "") + "; checkpoints come "
+                              "from the pretrain, prune and quantize stages") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (1, CHECKPOINT_FORMAT):
