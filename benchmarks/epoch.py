@@ -17,9 +17,9 @@ from hanprune import runtime  # noqa: E402
 def one_epoch(key, cfg, x, y) -> float:
     """Seconds of one epoch with the pretrain settings `cfg` (batch size, optimiser, augmentation),
     validating on a single image so that nearly all of the time is training."""
-    from hanprune.models import build
+    from hanprune.models import make
     from hanprune.train import fit
-    return fit(build(key), cfg.model_copy(update={"epochs": 1}), (x, y), (x[:1], y[:1]))[0]["seconds"]
+    return fit(make(key), cfg.model_copy(update={"epochs": 1}), (x, y), (x[:1], y[:1]))[0]["seconds"]
 
 
 def main():

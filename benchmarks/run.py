@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import results  # noqa: E402  (benchmarks/, the script's directory)
 from epoch import one_epoch  # noqa: E402
 from hanprune import config, data, measure, runtime  # noqa: E402
-from hanprune.models import build, prunable_layers  # noqa: E402
+from hanprune.models import make, prunable_layers  # noqa: E402
 from hanprune.pruning import load_checkpoint, plain_state_dict  # noqa: E402
 from hanprune.train import fit  # noqa: E402
 from sparse_kernels import NumpyMLP, ScipyLinear, SparseLinear, with_sparse_linears  # noqa: E402
@@ -91,12 +91,12 @@ def bench_training(key, cfg, dataset, x, y, reps, baseline_reps, flops_per_secon
     if limit:
         x, y = x[:limit], y[:limit]
     project = statistics.median(one_epoch(key, cfg, x, y) for _ in range(reps))
-    plain = statistics.median(train_epoch(build(key), in_memory_batches(x, y)) for _ in range(reps))
+    plain = statistics.median(train_epoch(make(key), in_memory_batches(x, y)) for _ in range(reps))
     baseline_loader = baseline_batches(dataset)
     if limit:
         baseline_loader = [b for _, b in zip(range(limit // 64), baseline_loader)]
-    baseline = statistics.median(train_epoch(build(key), baseline_loader) for _ in range(baseline_reps))
-    forward = measure.totals(measure.layer_stats(build(key), tuple(x.shape[1:])))["flops_dense"]
+    baseline = statistics.median(train_epoch(make(key), baseline_loader) for _ in range(baseline_reps))
+    forward = measure.totals(measure.layer_stats(make(key), tuple(x.shape[1:])))["flops_dense"]
     bound = 3 * forward * len(x) / flops_per_second  # forward + backward (2x forward) per image
     return {"seconds_per_epoch": project, "plain_loop_seconds_per_epoch": plain, "baseline_seconds_per_epoch": baseline,
             "speedup_vs_baseline": baseline / project, "bound_seconds_per_epoch": bound,
@@ -146,7 +146,7 @@ def bench_inference(key, dense_path, pruned_path, images, calls, reps):
     masked.eval()
     dense, _ = load_checkpoint(dense_path, key)
     dense.eval()
-    plain = build(key).eval()
+    plain = make(key).eval()
     plain.load_state_dict(plain_state_dict(masked))
     variants = {"dense": dense, "masked": masked,
                 "torch_csr": with_sparse_linears(plain, SparseLinear),
@@ -209,18 +209,13 @@ def bench_cuda_training(key, cfg, x, y, flops_per_second, epochs: int) -> dict:
     """Seconds per epoch of hanprune.train.fit on the GPU with the model's pretrain settings: the
     median over epochs 2.. (epoch 1 includes the CUDA graph's warm-up and capture), and one epoch
     of the same loop without the graph (eager)."""
-    from hanprune import train
     cfg = cfg.model_copy(update={"epochs": epochs})
     device = x.device
-    graphed = [e["seconds"] for e in fit(build(key).to(device), cfg, (x, y), (x[:1], y[:1]), None, device)]
-    train.CUDA_GRAPHS = False
-    try:
-        eager = fit(build(key).to(device), cfg.model_copy(update={"epochs": 1}), (x, y), (x[:1], y[:1]), None,
-                    device)[0]["seconds"]
-    finally:
-        train.CUDA_GRAPHS = True
+    graphed = [e["seconds"] for e in fit(make(key).to(device), cfg, (x, y), (x[:1], y[:1]), None, device)]
+    eager = fit(make(key).to(device), cfg.model_copy(update={"epochs": 1}), (x, y), (x[:1], y[:1]), None,
+                device, cuda_graphs=False)[0]["seconds"]
     seconds = statistics.median(graphed[1:])
-    flops = 3 * measure.totals(measure.layer_stats(build(key).to(device), tuple(x.shape[1:])))["flops_dense"] * len(x)
+    flops = 3 * measure.totals(measure.layer_stats(make(key).to(device), tuple(x.shape[1:])))["flops_dense"] * len(x)
     return {"epoch_seconds": seconds, "first_epoch_seconds": graphed[0], "eager_epoch_seconds": eager,
             "fraction_of_gemm_rate": flops / seconds / flops_per_second, "images": len(x)}
 

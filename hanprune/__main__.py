@@ -11,7 +11,7 @@ from tabulate import tabulate
 
 from . import config, io
 from .data import load_split, verified
-from .encoding import EncodingError, describe
+from .encoding import EncodingError, decode as decode_file, describe
 from .errors import DataError
 from .pruning import attach_masks, checkpoint
 from .quantize import read_compressed
@@ -19,10 +19,14 @@ from .train import accuracy
 
 
 def decode(args) -> None:
-    if args.params:  # makes the params file's own models known (hanprune.models.register)
-        config.load(args.params)
-    key, model, layers = read_compressed(args.file)
-    rows = describe(Path(args.file).read_bytes())
+    blob = Path(args.file).read_bytes()
+    arch = kwargs = None
+    if args.params:  # the arch of a model that is not built in, for a file of format 1 or 2 (which names none)
+        m = config.load(args.params).models.get(decode_file(blob)[0])
+        arch, kwargs = (m.arch, m.kwargs) if m else (None, None)
+    found, model = read_compressed(args.file, arch=arch, kwargs=kwargs)
+    key, layers = found.model_key, found.layers
+    rows = describe(blob)
     print(tabulate([[r["layer"], "x".join(map(str, r["shape"])), r["nonzero"], r["entries"], r["index_bits"],
                      r["codebook_size"], r["bytes_total"]] for r in rows],
                    headers=["layer", "shape", "non-zero", "entries", "index bits", "codebook", "bytes"]))
@@ -33,7 +37,7 @@ def decode(args) -> None:
         print(f"test accuracy: {accuracy(model, *load_split(verified(args.data), train=False)):.4f}")
     if args.out:
         attach_masks(model, {name: (layer.codes >= 0).float() for name, layer in layers.items()})
-        io.save_torch(args.out, checkpoint(key, model, {}, []))
+        io.save_torch(args.out, checkpoint(key, found.arch, found.kwargs, model, {}, []))
         print(f"wrote {args.out}")
 
 
@@ -45,7 +49,8 @@ def main(argv=None) -> None:
     dec.add_argument("file", help="e.g. models/lenet_300_100/compressed.bin")
     dec.add_argument("--data", help="a dataset directory (data/MNIST/raw, with dataset.json): also report test accuracy")
     dec.add_argument("--out", help="write the decoded model as a checkpoint here")
-    dec.add_argument("--params", help="a params.yaml whose models.<key>.arch builds a model that is not built in")
+    dec.add_argument("--params", help="for a file of format 1 or 2 (older ones, which do not name the architecture) "
+                                      "of a model that is not built in: the params.yaml it was made with")
     args = ap.parse_args(argv)
     try:
         decode(args)

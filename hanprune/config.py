@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .datasets import BUILT_IN, FILES, SOURCES, Spec, spec as dataset_spec
 from .errors import HanpruneError
-from .models import ModelError, prunable_layers, register
+from .models import ModelError, make, prunable_layers
 
 
 class ConfigError(HanpruneError):
@@ -156,7 +156,7 @@ def _check_pipeline(p: Params) -> None:
     layers_of = {}
     for key, m in p.models.items():
         try:
-            layers_of[key] = list(prunable_layers(register(key, m.arch, m.kwargs)))
+            layers_of[key] = list(prunable_layers(make(m.arch, m.kwargs)))
         except ModelError as e:
             raise ConfigError(f"models.{key}.arch: {e}") from None
     for key, m in p.models.items():

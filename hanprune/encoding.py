@@ -2,23 +2,30 @@
 (Han, Mao & Dally 2016): the sparse pattern as relative indices with filler entries, shared
 weights as codebook indices, and both sequences Huffman-coded.
 
-Byte-level specification, format versions 1 and 2
-==================================================
+Byte-level specification, format versions 1, 2 and 3
+=====================================================
 All integers are unsigned little-endian (u8, u16, u32); floats are IEEE-754 binary32,
 little-endian (f32). A "string" is a u16 byte length followed by that many bytes of UTF-8.
 
 File::
 
     magic         8 bytes   b"HANPRUNE"
-    version       u16       1, or 2 for a model with other tensors
+    version       u16       3 (written); 1 and 2 are read too
     total_length  u32       length of the whole file in bytes, this field and the CRC included
     model_key     string
+    arch          string    (version 3) the architecture: a built-in name or package.module:Class
+    kwargs        string    (version 3) the keyword arguments of arch's class, a JSON object (RFC 8259);
+                            written with its keys sorted and no whitespace
     n_layers      u16
     layer         n_layers times, in the model's order (names are unique)
-    (version 2)   n_other u16, then n_other Other records
+    n_other       u16       (versions 2 and 3) then n_other Other records
     crc           u32       zlib.crc32 of every byte before it
 
-Other (version 2): a tensor of the model's state that is not a pruned layer's weight or bias,
+Version 1 has neither arch, kwargs nor other tensors; version 2 adds the other tensors; version 3
+names the architecture, so that the model is made from the file alone. For a file of version 1 or
+2 the reader has to know the architecture (hanprune takes the model key for a built-in one).
+
+Other (versions 2 and 3): a tensor of the model's state that is not a pruned layer's weight or bias,
 stored as it is (batch norm's scale, shift and running statistics, say)::
 
     name          string          its state_dict key
@@ -73,13 +80,15 @@ n_entries = 0 the table is empty (L = 0) and n_bits is 0.
 Checks. `decode` raises an EncodingError with one message for anything wrong with a file. It
 checks, in order, so that each problem gets its own message: the magic, the version, the file
 length against total_length (truncated file or trailing bytes), the CRC, and then, field by
-field, that the body is consistent: every field inside the file, known values (index bits, bias
-flag, code lengths of at most 31 bits, codebook size), table symbols inside their alphabet,
+field, that the body is consistent: every field inside the file, kwargs a JSON object, known
+values (index bits, bias flag, code lengths of at most 31 bits, codebook size), table symbols
+inside their alphabet,
 streams decoding to exactly n_entries codes, entries inside the layer, unique layer names, and
 no bytes left between the last layer and the CRC. `encode` raises an EncodingError if a layer is
 malformed (codes outside -1..k-1, a codebook that is not 1-D float32, ...) or does not fit the
-format's fields (e.g. more than 65535 layers).
+format's fields (e.g. more than 65535 layers), or kwargs that JSON does not give back as they are.
 """
+import json
 import struct
 import zlib
 from dataclasses import dataclass
@@ -92,7 +101,7 @@ from bitarray.util import canonical_decode, canonical_huffman
 from .errors import HanpruneError
 
 MAGIC = b"HANPRUNE"
-FORMAT_VERSION = 2  # the newest this code reads; it writes 1 when a model has no other tensors
+FORMAT_VERSION = 3  # the version this code writes, and the newest it reads
 OTHER_DTYPES = {0: "<f4", 1: "<i8"}
 
 MAX_CODEBOOK = 65536
@@ -122,6 +131,16 @@ class QuantizedLayer:
         kept = self.codes >= 0
         weight[kept] = self.codebook[self.codes[kept]]
         return weight
+
+
+@dataclass(eq=False)
+class Compressed:
+    """What a compressed file holds. arch and kwargs are None in a file of version 1 or 2."""
+    model_key: str
+    arch: str | None
+    kwargs: dict | None
+    layers: dict[str, QuantizedLayer]
+    other: dict[str, torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------- encoding
@@ -289,24 +308,37 @@ def _pack_other(name: str, t: torch.Tensor) -> bytes:
                      a.astype(OTHER_DTYPES[code]).tobytes()])
 
 
-def encode(model_key: str, layers: dict[str, QuantizedLayer], index_bits: int | None = None,
-           huffman: bool = True, other: dict[str, torch.Tensor] | None = None) -> bytes:
-    """The compressed file of a model's quantized layers (format above), and of its `other`
-    tensors, if any (format version 2; version 1 without). `index_bits` forces the gap width of
-    every layer (for experiments); by default each layer gets its smallest. huffman=False writes
-    fixed-width codes instead, in the same format (decode reads both)."""
+def _pack_kwargs(kwargs: dict) -> bytes:
+    try:
+        text = json.dumps(kwargs, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise EncodingError(f"kwargs {kwargs!r} are not JSON: {e}") from None
+    if json.loads(text) != kwargs:
+        raise EncodingError(f"kwargs {kwargs!r} do not come back from JSON as they are (as {text}); use "
+                            "string keys, and numbers, strings, booleans, None, lists and dicts")
+    return _pack_string(text, "the kwargs")
+
+
+def encode(model_key: str, arch: str, kwargs: dict, layers: dict[str, QuantizedLayer],
+           index_bits: int | None = None, huffman: bool = True, other: dict[str, torch.Tensor] | None = None) -> bytes:
+    """The compressed file (format version 3, above) of model `model_key`, made by `arch` with
+    `kwargs` (models.make): its quantized layers and its `other` tensors, if any. `index_bits`
+    forces the gap width of every layer (for experiments); by default each layer gets its smallest.
+    huffman=False writes fixed-width codes instead, in the same format (decode reads both)."""
     if index_bits is not None and index_bits not in INDEX_BITS:
         raise EncodingError(f"index_bits must be in 1..16, got {index_bits}")
     if len(layers) > U16_MAX:
         raise EncodingError(f"{len(layers)} layers, more than {U16_MAX}")
-    if len(other or {}) > U16_MAX:
+    other = other or {}
+    if len(other) > U16_MAX:
         raise EncodingError(f"{len(other)} other tensors, more than {U16_MAX}")
-    body = b"".join([_pack_string(model_key, "the model key"), struct.pack("<H", len(layers)),
+    body = b"".join([_pack_string(model_key, "the model key"), _pack_string(arch, "the arch"), _pack_kwargs(kwargs),
+                     struct.pack("<H", len(layers)),
                      *(_encode_layer(name, layer, index_bits, _huffman if huffman else _fixed_width)
                        for name, layer in layers.items()),
-                     *([struct.pack("<H", len(other)), *(_pack_other(k, t) for k, t in other.items())] if other else [])])
+                     struct.pack("<H", len(other)), *(_pack_other(k, t) for k, t in other.items())])
     total_length = PREAMBLE.size + len(body) + CRC_SIZE
-    head = MAGIC + struct.pack("<H", 2 if other else 1) + _pack_u32(total_length, "the file length")
+    head = MAGIC + struct.pack("<H", FORMAT_VERSION) + _pack_u32(total_length, "the file length")
     data = head + body
     return data + struct.pack("<I", zlib.crc32(data))
 
@@ -353,8 +385,8 @@ def _check_preamble(data: bytes) -> None:
         if version > FORMAT_VERSION:
             raise EncodingError(f"file has format version {version}, newer than this reader supports "
                                 f"(version {FORMAT_VERSION}); upgrade hanprune")
-        if version not in (1, 2):
-            raise EncodingError(f"unknown format version {version} (this reader supports versions 1 and 2)")
+        if version == 0:
+            raise EncodingError(f"unknown format version 0 (this reader supports versions 1 to {FORMAT_VERSION})")
     if len(data) < MIN_FILE_SIZE:
         raise EncodingError(f"truncated file: {len(data)} bytes, a compressed model has at least {MIN_FILE_SIZE}")
     total_length = PREAMBLE.unpack_from(data)[2]
@@ -457,18 +489,31 @@ def _read_other(reader: _Reader) -> tuple[str, torch.Tensor]:
     return name, torch.from_numpy(values.reshape(dims).copy())
 
 
-def _parse(data) -> tuple[str, list[tuple[str, QuantizedLayer, dict]], dict[str, torch.Tensor]]:
+def _read_kwargs(reader: _Reader) -> dict:
+    try:
+        kwargs = json.loads(reader.string("kwargs"))
+    except json.JSONDecodeError as e:
+        raise EncodingError(f"corrupt file: kwargs are not JSON ({e})") from None
+    if not isinstance(kwargs, dict):
+        raise EncodingError(f"corrupt file: kwargs are a JSON {type(kwargs).__name__}, not an object")
+    return kwargs
+
+
+def _parse(data) -> tuple[Compressed, list[dict]]:
+    """What the file holds, and the rows of `describe`."""
     data = bytes(data)
     _check_preamble(data)
+    version = struct.unpack_from("<H", data, len(MAGIC))[0]
     reader = _Reader(data, PREAMBLE.size, len(data) - CRC_SIZE)
     model_key = reader.string("model key")
+    arch, kwargs = (reader.string("arch"), _read_kwargs(reader)) if version >= 3 else (None, None)
     layers = [_read_layer(reader) for _ in range(reader.uint(2, "number of layers"))]
     names = [name for name, _, _ in layers]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise EncodingError(f"corrupt file: layer names {duplicates} occur more than once")
     other = {}
-    if struct.unpack_from("<H", data, len(MAGIC))[0] == 2:
+    if version >= 2:
         for name, tensor in (_read_other(reader) for _ in range(reader.uint(2, "number of other tensors"))):
             if name in other:
                 raise EncodingError(f"corrupt file: tensor {name!r} occurs more than once")
@@ -476,22 +521,24 @@ def _parse(data) -> tuple[str, list[tuple[str, QuantizedLayer, dict]], dict[str,
     if reader.offset != reader.end:
         raise EncodingError(f"corrupt file: {reader.end - reader.offset} unread bytes after the last "
                             + ("tensor" if other else "layer"))
-    return model_key, layers, other
+    compressed = Compressed(model_key, arch, kwargs, {name: layer for name, layer, _ in layers}, other)
+    return compressed, [row for _, _, row in layers]
 
 
 def decode(data: bytes) -> tuple[str, dict[str, QuantizedLayer]]:
     """(model key, layers in file order) of a compressed file; EncodingError if anything is wrong."""
-    return decode_all(data)[:2]
+    compressed = decode_all(data)
+    return compressed.model_key, compressed.layers
 
 
-def decode_all(data: bytes) -> tuple[str, dict[str, QuantizedLayer], dict[str, torch.Tensor]]:
-    """decode's (model key, layers) and the file's other tensors (version 2; none in version 1)."""
-    model_key, layers, other = _parse(data)
-    return model_key, {name: layer for name, layer, _ in layers}, other
+def decode_all(data: bytes) -> Compressed:
+    """Everything a compressed file holds: decode's key and layers, the arch and kwargs (version 3),
+    the other tensors (versions 2 and 3)."""
+    return _parse(data)[0]
 
 
 def describe(data: bytes) -> list[dict]:
     """Per layer, where the file's bytes go: its shape, surviving weights ("nonzero"), entries
     (fillers included), index bits, codebook size, and the bytes of the code section, the gap
     section, the codebook, the bias, and the whole layer record (name and shape included)."""
-    return [row for _, _, row in _parse(data)[1]]
+    return _parse(data)[1]

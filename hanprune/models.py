@@ -4,12 +4,16 @@ One definition each; pruning is a mask attached from outside (see pruning.py), n
 class."""
 import difflib
 import importlib
+import os
+import traceback
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from .errors import HanpruneError
+
+TORCH_DIR = os.path.dirname(torch.__file__) + os.sep  # where torch's own frames are
 
 
 class LeNet300100(nn.Module):
@@ -77,31 +81,6 @@ class ModelError(HanpruneError):
     pass
 
 
-_registered: dict[str, tuple[str, dict]] = {}  # model key -> (arch, kwargs), from params.yaml
-
-
-def register(key: str, arch: str, kwargs: dict | None = None) -> nn.Module:
-    """Let build(key) make `arch` with `kwargs` (hanprune.config.load registers every model of a
-    params file). The architecture is checked now, by making one, which is returned: ModelError if
-    it cannot be made."""
-    model = make(arch, kwargs)
-    _registered[key] = (arch, dict(kwargs or {}))
-    return model
-
-
-def known() -> list[str]:
-    return list(dict.fromkeys([*_registered, *MODELS]))
-
-
-def build(key: str) -> nn.Module:
-    """A new model of the registered key, or of a built-in architecture by its name."""
-    if key in _registered:
-        return make(*_registered[key])
-    if key in MODELS:
-        return MODELS[key]()
-    raise ModelError(f"unknown model {key!r}; known: {', '.join(known())}")
-
-
 def make(arch: str, kwargs: dict | None = None) -> nn.Module:
     """An instance of `arch`: a built-in name or `package.module:Class` (importable from the project
     root), called with `kwargs`."""
@@ -130,6 +109,27 @@ def make(arch: str, kwargs: dict | None = None) -> nn.Module:
     return model
 
 
+def architecture(key: str, arch: str | None, kwargs: dict | None, expected_arch: str | None = None,
+                 expected_kwargs: dict | None = None) -> tuple[str, dict]:
+    """The (arch, kwargs) that make model `key` of a file (a checkpoint, a compressed file): the ones the
+    file names, which must be the expected ones when those are given; for a file of an older format,
+    which names none (arch None), the expected ones, else the key itself when it is a built-in
+    architecture. ModelError otherwise."""
+    expected = None if expected_arch is None else (expected_arch, dict(expected_kwargs or {}))
+    if arch is not None:
+        if expected is not None and expected != (arch, kwargs):
+            raise ModelError(f"holds model {key} of arch {arch!r} with kwargs {kwargs}, expected arch "
+                             f"{expected[0]!r} with kwargs {expected[1]}")
+        return arch, kwargs
+    if expected is not None:
+        return expected
+    if key in MODELS:
+        return key, {}
+    raise ModelError(f"of an older format, which does not name the architecture: model {key!r} is not built in "
+                     f"({', '.join(MODELS)}); give the arch and kwargs it was made with (models.{key} of its "
+                     "params file)")
+
+
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers whose weights are pruned: every Linear and Conv2d, by module path."""
     return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
@@ -143,15 +143,25 @@ def unpruned_parameters(model: nn.Module) -> dict[str, int]:
 
 
 def check_fits(model: nn.Module, key: str, input_shape: tuple, classes: int) -> None:
-    """ModelError unless the model takes a batch of the data's images and gives one score per class."""
+    """ModelError unless the model takes a batch of the data's images and gives one score per class.
+    An error that one of torch's layers raises is a shape mismatch: the layer does not take what the
+    images have become by then (channels, size). An error that the model's own code raises says so,
+    with the traceback's frames outside torch."""
     model.eval()
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
             out = model(torch.zeros(2, *input_shape, device=device))
-    except Exception as e:  # noqa: BLE001 - a shape mismatch surfaces as whatever the layer raises
-        raise ModelError(f"model {key} does not take the data's images (C, H, W) = {tuple(input_shape)}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # noqa: BLE001 - whatever the model's code or a torch layer raises
+        frames = traceback.extract_tb(e.__traceback__)[1:]  # from the model's call on
+        what = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+        if isinstance(e, RuntimeError) and frames and frames[-1].filename.startswith(TORCH_DIR):
+            raise ModelError(f"model {key} does not take the data's images (C, H, W) = {tuple(input_shape)}: "
+                             f"{what}") from None
+        own = traceback.StackSummary.from_list([f for f in frames if not f.filename.startswith(TORCH_DIR)])
+        raise ModelError(f"model {key}: its forward pass raised {what}, on a batch of 2 of the data's images "
+                         f"(C, H, W) = {tuple(input_shape)}; in the model's code:\n"
+                         + "".join(own.format()).rstrip()) from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelError(f"model {key} gives {shape} for a batch of 2 images; the data has {classes} classes, "

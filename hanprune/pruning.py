@@ -5,15 +5,18 @@ training (weight = weight_orig * weight_mask, recomputed before every forward) a
 across rounds is torch's re-parametrisation; this module adds the checkpoint format around it.
 """
 import math
+import pickle
+import re
+import warnings
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from .models import build, known, prunable_layers
+from .models import ModelError, architecture, make, prunable_layers
 from .errors import HanpruneError
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # format 1, read too, is the same without arch and kwargs
 
 
 class StdThreshold(prune.BasePruningMethod):
@@ -87,32 +90,47 @@ class CheckpointError(HanpruneError):
     pass
 
 
-def checkpoint(model_key: str, model: nn.Module, dense_std: dict[str, float], history: list[dict]) -> dict:
-    """What a checkpoint holds: the effective weights, the masks, the dense model's per-layer weight
-    std (the unit of the pruning thresholds) and one record per prune round so far."""
-    return {"format": CHECKPOINT_FORMAT, "model": model_key, "state_dict": plain_state_dict(model),
-            "masks": masks_of(model), "dense_std": dense_std, "history": history}
+def checkpoint(model_key: str, arch: str, kwargs: dict, model: nn.Module, dense_std: dict[str, float],
+               history: list[dict]) -> dict:
+    """What a checkpoint holds: the model's key, the arch and kwargs that make it (models.make), the
+    effective weights, the masks, the dense model's per-layer weight std (the unit of the pruning
+    thresholds) and one record per prune round so far."""
+    return {"format": CHECKPOINT_FORMAT, "model": model_key, "arch": arch, "kwargs": dict(kwargs),
+            "state_dict": plain_state_dict(model), "masks": masks_of(model), "dense_std": dense_std,
+            "history": history}
 
 
-def load_checkpoint(path, model_key: str | None = None):
-    """Load a checkpoint written by this project (never executes pickled code: weights_only=True).
+def load_checkpoint(path, model_key: str | None = None, arch: str | None = None, kwargs: dict | None = None):
+    """Load a checkpoint written by this project (never executes pickled code: weights_only=True) and
+    make its model with the arch and kwargs it names. model_key, and arch with kwargs, if given, are
+    what the caller expects it to hold; a checkpoint of format 1 names no arch: it is taken to hold
+    `arch` with `kwargs`, else (models.architecture) its key's built-in architecture.
     Returns (model with masks attached, checkpoint dict)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of a pickle protocol it does not write; refused below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint not found")
+    except pickle.UnpicklingError as e:  # torch's weights-only unpickler met more than tensors and plain data
+        refused = re.search(r"GLOBAL (\S+)", str(e))
+        raise CheckpointError(f"{path}: refused unread: it holds objects that a checkpoint of this project never "
+                              "holds" + (f" (it calls {refused[1]})" if refused else "") + "; checkpoints come "
+                              "from the pretrain, prune and quantize stages") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a checkpoint of format {CHECKPOINT_FORMAT} of this project")
-    for key, kind in [("model", str), ("state_dict", dict), ("masks", dict), ("dense_std", dict), ("history", list)]:
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (1, CHECKPOINT_FORMAT):
+        raise CheckpointError(f"{path}: not a checkpoint of this project (format 1 or {CHECKPOINT_FORMAT})")
+    entries = [("model", str), ("state_dict", dict), ("masks", dict), ("dense_std", dict), ("history", list)]
+    for key, kind in entries + ([("arch", str), ("kwargs", dict)] if ckpt["format"] == CHECKPOINT_FORMAT else []):
         if not isinstance(ckpt.get(key), kind):
             raise CheckpointError(f"{path}: checkpoint entry {key!r} missing or not a {kind.__name__}")
-    if ckpt["model"] not in known():
-        raise CheckpointError(f"{path}: unknown model {ckpt['model']!r}; known: {', '.join(known())}")
     if model_key is not None and ckpt["model"] != model_key:
         raise CheckpointError(f"{path}: holds model {ckpt['model']!r}, expected {model_key!r}")
-    model = build(ckpt["model"])
+    try:
+        model = make(*architecture(ckpt["model"], ckpt.get("arch"), ckpt.get("kwargs"), arch, kwargs))
+    except ModelError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, TypeError, ValueError) as e:

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .encoding import EncodingError, QuantizedLayer, decode_all
-from .models import build, known, prunable_layers
+from .encoding import Compressed, EncodingError, QuantizedLayer, decode_all
+from .models import ModelError, architecture, make, prunable_layers
 from .pruning import CheckpointError, load_checkpoint
 
 KMEANS_MAX_ITERATIONS = 100
@@ -103,9 +103,11 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
     return out
 
 
-def load_quantized(path, model_key: str) -> tuple[nn.Module, dict[str, QuantizedLayer]]:
-    """A checkpoint written by the quantize stage: (plain model with masks, its quantized layers)."""
-    model, ckpt = load_checkpoint(path, model_key)
+def load_quantized(path, model_key: str, arch: str | None = None,
+                   kwargs: dict | None = None) -> tuple[nn.Module, dict[str, QuantizedLayer]]:
+    """A checkpoint written by the quantize stage: (plain model with masks, its quantized layers).
+    model_key, arch and kwargs as for load_checkpoint."""
+    model, ckpt = load_checkpoint(path, model_key, arch, kwargs)
     entries = ckpt.get("quantized")
     if not isinstance(entries, dict) or set(entries) != set(prunable_layers(model)):
         raise CheckpointError(f"{path}: no codes and codebooks for every layer; is it the output of "
@@ -146,22 +148,27 @@ def load_into(model: nn.Module, layers: dict[str, QuantizedLayer]) -> nn.Module:
     return model
 
 
-def read_compressed(path, model_key: str | None = None) -> tuple[str, nn.Module, dict[str, QuantizedLayer]]:
-    """Rebuild the torch model from a compressed file (see encoding.py): (model key, model, layers)."""
+def read_compressed(path, model_key: str | None = None, arch: str | None = None,
+                    kwargs: dict | None = None) -> tuple[Compressed, nn.Module]:
+    """Rebuild the torch model from a compressed file (see encoding.py), made with the arch and kwargs
+    the file names: (what the file holds, the model). model_key, arch and kwargs, if given, are what
+    the caller expects; a file of format version 1 or 2 names no arch: it is taken to hold `arch`
+    with `kwargs`, else (models.architecture) its key's built-in architecture. The Compressed
+    returned names the arch and kwargs the model was made with."""
     try:
-        key, layers, other = decode_all(Path(path).read_bytes())
-        if key not in known():
-            raise EncodingError(f"unknown model {key!r}; known: {', '.join(known())}")
+        found = decode_all(Path(path).read_bytes())
+        key = found.model_key
         if model_key is not None and key != model_key:
             raise EncodingError(f"holds model {key!r}, expected {model_key!r}")
-        model = load_into(build(key), layers)
-        expected = other_state(model, model.state_dict())
+        found.arch, found.kwargs = architecture(key, found.arch, found.kwargs, arch, kwargs)
+        model = load_into(make(found.arch, found.kwargs), found.layers)
+        other, expected = found.other, other_state(model, model.state_dict())
         if set(other) != set(expected):
             raise EncodingError(f"holds the tensors {sorted(other)} besides its layers; {key} has {sorted(expected)}")
         for name, tensor in other.items():
             if tensor.shape != expected[name].shape:
                 raise EncodingError(f"tensor {name}: shape {tuple(tensor.shape)}, {key} has {tuple(expected[name].shape)}")
         model.load_state_dict({**model.state_dict(), **other})
-        return key, model, layers
-    except (EncodingError, ValueError) as e:
+        return found, model
+    except (EncodingError, ModelError, ValueError) as e:
         raise EncodingError(f"{path}: {e}") from None

@@ -61,7 +61,7 @@ def start(device: str, threads: int, portable: bool, seed: int):
     if dev.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         # torch.use_deterministic_algorithms(True) does this and also sets torch.compile's flag,
-        # importing torch._inductor and torch._dynamo (1 s of every stage's start) for a compiler
+        # importing torch._inductor and torch._dynamo at every CUDA stage's start for a compiler
         # this project does not use.
         torch._C._set_deterministic_algorithms(True)
         torch.backends.cudnn.allow_tf32 = False  # float32 convolutions, as on the CPU (TF32 is cuDNN's default)

@@ -2,8 +2,8 @@
 Deep Compression table gives file sizes, not formulas. The compressed forms (weight sharing with
 fixed-width or Huffman codes) are in encoding.py.
 
-The files have no header: the architecture (models.py) gives every shape. Per prunable layer, in
-the model's order, all little-endian:
+The files have no header: the model's architecture gives every shape (a loader fills a plain
+model of it). Per prunable layer, in the model's order, all little-endian:
 
 - dense:  the weight (row-major) then the bias, float32.
 - values: the non-zero weights (row-major) then the bias, float32. This is what "pruned size"
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import build, prunable_layers
+from .models import prunable_layers
 from .errors import HanpruneError
 
 
@@ -71,14 +71,15 @@ class _Cursor:
                                f"the file does not match this model")
 
 
-def _load(data: bytes, model_key: str, fmt: str, read_weight) -> nn.Module:
-    model = build(model_key)
-    cursor = _Cursor(data, f"{fmt} file of {model_key}")
+def _load(data: bytes, model: nn.Module, fmt: str, read_weight) -> nn.Module:
+    """Set the prunable layers of `model` (a plain one, of the file's architecture) from the file."""
+    what = f"{fmt} file of a {type(model).__name__}"
+    cursor = _Cursor(data, what)
     with torch.no_grad():
         for name, layer in prunable_layers(model).items():
             rows = layer.weight.shape[0]
             rest = layer.weight[0].numel()
-            w = read_weight(cursor, rows, rest, f"{fmt} file of {model_key}, layer {name!r}")
+            w = read_weight(cursor, rows, rest, f"{what}, layer {name!r}")
             layer.weight.copy_(torch.from_numpy(w.reshape(layer.weight.shape)))
             if layer.bias is not None:
                 layer.bias.copy_(torch.from_numpy(cursor.take("<f4", layer.bias.numel()).copy()))
@@ -86,11 +87,11 @@ def _load(data: bytes, model_key: str, fmt: str, read_weight) -> nn.Module:
     return model
 
 
-def load_dense(data: bytes, model_key: str) -> nn.Module:
-    return _load(data, model_key, "dense", lambda c, rows, rest, what: c.take("<f4", rows * rest).copy())
+def load_dense(data: bytes, model: nn.Module) -> nn.Module:
+    return _load(data, model, "dense", lambda c, rows, rest, what: c.take("<f4", rows * rest).copy())
 
 
-def load_csr(data: bytes, model_key: str) -> nn.Module:
+def load_csr(data: bytes, model: nn.Module) -> nn.Module:
     def read(cursor, rows, rest, what):
         indptr = cursor.take("<i4", rows + 1).astype(np.int64)
         if indptr[0] != 0 or (np.diff(indptr) < 0).any() or (np.diff(indptr) > rest).any():
@@ -102,4 +103,4 @@ def load_csr(data: bytes, model_key: str) -> nn.Module:
         w = np.zeros((rows, rest), np.float32)
         w[np.repeat(np.arange(rows), np.diff(indptr)), cols] = values
         return w
-    return _load(data, model_key, "csr", read)
+    return _load(data, model, "csr", read)

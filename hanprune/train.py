@@ -7,6 +7,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.sgd import sgd
 
 from .models import prunable_layers
 
@@ -21,17 +22,17 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 class SGD:
-    """SGD with momentum (Nesterov optional) and L2 weight decay, through the fused kernel that
-    torch.optim.SGD(fused=True) calls: the same bytes, without torch.optim, whose first optimizer
-    imports torch._dynamo (0.8 s of every stage's start). The rate is given to each step: a Python
-    float, or a tensor on the device, which a captured CUDA graph reads at every replay."""
+    """SGD with momentum (Nesterov optional) and L2 weight decay: the step of torch.optim.SGD(fused=True)
+    through its functional form (torch.optim.sgd.sgd), the same kernel and bytes, without the
+    torch.optim.Optimizer class, whose constructor imports torch._dynamo. The rate is given to each
+    step: a Python float, or a tensor on the device, which a captured CUDA graph reads at every replay."""
 
     def __init__(self, params, cfg):
         self.params = list(params)
         self.momentum = cfg.momentum
         self.nesterov = cfg.nesterov and cfg.momentum > 0
         self.weight_decay = cfg.regularization.strength if cfg.regularization.kind == "l2" else 0.0
-        self.buffers = None
+        self.buffers = None  # the momentum buffers, which the first step makes
 
     def zero_grad(self):
         for p in self.params:
@@ -39,12 +40,10 @@ class SGD:
 
     def step(self, lr: float | torch.Tensor):
         params = [p for p in self.params if p.grad is not None]  # frozen ones (weight sharing) have none
-        first = self.buffers is None and self.momentum != 0
-        if first:
-            self.buffers = [torch.empty_like(p.grad) for p in params]
-        torch._fused_sgd_(params, [p.grad for p in params], self.buffers if self.momentum != 0 else [],
-                          weight_decay=self.weight_decay, momentum=self.momentum, lr=lr, dampening=0.0,
-                          nesterov=self.nesterov, maximize=False, is_first_step=first)
+        if self.buffers is None:
+            self.buffers = [None] * len(params)
+        sgd(params, [p.grad for p in params], self.buffers, fused=True, weight_decay=self.weight_decay,
+            momentum=self.momentum, lr=lr, dampening=0.0, nesterov=self.nesterov, maximize=False)
 
 
 def learning_rates(cfg, steps: int):
@@ -78,11 +77,13 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
 
 
-def fit(model, cfg, train, val, test=None, device=torch.device("cpu"), log=None) -> list[dict]:
+def fit(model, cfg, train, val, test=None, device=torch.device("cpu"), log=None, cuda_graphs=True) -> list[dict]:
     """Train `model` for cfg.epochs with minibatch SGD and return one record per epoch.
 
     train/val/test are (images, labels) tensors already on `device`. `log(record)` is called after
-    every epoch. Pruning masks attached to the model keep pruned weights at zero throughout.
+    every epoch. Pruning masks attached to the model keep pruned weights at zero throughout. On
+    CUDA, the steps are replayed from a captured CUDA graph (CudaGraphStep) unless cuda_graphs is
+    false (benchmarks/run.py times the eager loop so).
 
     The model and each batch are in channels-last memory layout: oneDNN's CPU convolutions are
     faster in it for these small networks (an epoch of lenet5_caffe takes 15-19 s instead of
@@ -90,20 +91,14 @@ def fit(model, cfg, train, val, test=None, device=torch.device("cpu"), log=None)
     checkpoints do not depend on it."""
     model.to(memory_format=torch.channels_last)
     try:
-        return _fit(model, cfg, train, val, test, device, log)
+        return _fit(model, cfg, train, val, test, device, log, cuda_graphs)
     finally:
         model.to(memory_format=torch.contiguous_format)
 
 
-WARMUP_STEPS = 3  # eager steps before a CUDA graph is captured (lazy initialisation, workspaces)
-CUDA_GRAPHS = True  # benchmarks/run.py turns it off to time the eager loop on the GPU
-
-
-def _fit(model, cfg, train, val, test, device, log) -> list[dict]:
+def _fit(model, cfg, train, val, test, device, log, cuda_graphs) -> list[dict]:
     """The loop. Each epoch draws its batch order and shifts on the CPU (the same numbers on every
-    device) and moves them to the device at once. On CUDA, a whole full-batch step (gather, shift,
-    forward, backward, masks, fused SGD) is captured once as a CUDA graph and replayed: one launch
-    per step and no host sync, where eager PyTorch spends a LeNet step launching small kernels."""
+    device) and moves them to the device at once."""
     x, y = train
     n, size = len(x), cfg.batch_size
     full = n // size
@@ -115,7 +110,9 @@ def _fit(model, cfg, train, val, test, device, log) -> list[dict]:
     shifts = torch.Generator().manual_seed(cfg.seed + 1)
     total_loss = torch.zeros((), device=device)
 
-    def step(idx, dy, dx, lr):
+    def step(batch, lr):
+        """One SGD step on a batch: a (3, len) tensor of image indices and their shifts dy, dx."""
+        idx, dy, dx = batch
         images = random_shift(x[idx], cfg.shift, dy, dx) if cfg.shift else x[idx]
         loss = F.cross_entropy(model(channels_last(images)), y[idx])
         total_loss.add_(loss.detach() * len(idx))
@@ -125,7 +122,8 @@ def _fit(model, cfg, train, val, test, device, log) -> list[dict]:
         loss.backward()
         optimizer.step(lr)
 
-    graph = _StepGraph(step, size, device) if CUDA_GRAPHS and device.type == "cuda" and full > WARMUP_STEPS else None
+    if cuda_graphs and device.type == "cuda" and full > WARMUP_STEPS:
+        step = CudaGraphStep(step, size, device)
     history = []
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -136,19 +134,12 @@ def _fit(model, cfg, train, val, test, device, log) -> list[dict]:
         offsets = (torch.randint(0, 2 * cfg.shift + 1, (2 * n,), generator=shifts) if cfg.shift
                    else torch.zeros(2 * n, dtype=torch.long))
         perm, offsets = perm.to(device), offsets.to(device)
-        plan = torch.cat([perm[:full * size].view(full, 1, size), offsets[:2 * full * size].view(full, 2, size)], 1)
-        for b in _progress(range(full), f"epoch {epoch}/{cfg.epochs}"):
-            if graph is None:
-                step(*plan[b], next(rates))
-            else:
-                graph.run(plan[b], next(rates))
-        if full * size < n:  # the last, smaller batch, eagerly
-            i, m = full * size, n - full * size
-            last = perm[i:], offsets[2 * i:2 * i + m], offsets[2 * i + m:]
-            if graph is None:
-                step(*last, next(rates))
-            else:
-                graph.eager(*last, graph.rate(next(rates)))
+        batches = list(torch.cat([perm[:full * size].view(full, 1, size),
+                                  offsets[:2 * full * size].view(full, 2, size)], 1))
+        if full * size < n:  # the last, smaller batch
+            batches.append(torch.cat([perm[full * size:].view(1, -1), offsets[2 * full * size:].view(2, -1)]))
+        for batch in _progress(batches, f"epoch {epoch}/{cfg.epochs}"):
+            step(batch, next(rates))
         record = {"epoch": epoch, "train_loss": total_loss.item() / n, "val_accuracy": accuracy(model, *val)}
         if test is not None:
             record["test_accuracy"] = accuracy(model, *test)
@@ -160,14 +151,19 @@ def _fit(model, cfg, train, val, test, device, log) -> list[dict]:
     return history
 
 
-class _StepGraph:
-    """A training step captured as a CUDA graph, with its static inputs: the batch (indices and
-    shifts, one (3, batch) tensor) and the learning rate (a device tensor). The first
-    WARMUP_STEPS steps run eagerly, as torch's CUDA graph notes ask; capture follows. Eager steps
-    and capture share one side stream, so autograd's gradient accumulators (kept alive between
-    steps by the masked weights of torch's pruning) always meet gradients from their own stream.
-    If capture fails (say, a user's model syncs with the host), the steps stay eager, with a
-    warning: slower, the same maths."""
+WARMUP_STEPS = 3  # eager steps before a CUDA graph is captured (lazy initialisation, workspaces)
+
+
+class CudaGraphStep:
+    """A training step, step(batch, lr), on CUDA, replayed from a captured CUDA graph: one launch per
+    step and no host sync, where eager PyTorch spends a LeNet step launching small kernels. The
+    graph's static inputs are a full batch (one (3, batch size) tensor) and the learning rate (a
+    device tensor, which the optimizer reads at every replay). The first WARMUP_STEPS steps run
+    eagerly, as torch's CUDA graph notes ask; capture follows. Eager steps and capture share one
+    side stream, so autograd's gradient accumulators (kept alive between steps by the masked
+    weights of torch's pruning) always meet gradients from their own stream. A smaller batch (an
+    epoch's last) runs eagerly; so does every step if capture fails (say, a user's model syncs with
+    the host), with a warning: slower, the same maths."""
 
     def __init__(self, step, size: int, device):
         self.step = step
@@ -176,32 +172,31 @@ class _StepGraph:
         self.graph, self.warm, self.failed = None, 0, False
         self.stream = torch.cuda.Stream(device)
 
-    def rate(self, lr: float) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor, lr: float):
         self.lr.fill_(lr)
-        return self.lr
-
-    def eager(self, *args):
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            self.step(*args)
-        torch.cuda.current_stream().wait_stream(self.stream)
-
-    def run(self, batch: torch.Tensor, lr: float):
-        self.rate(lr)
+        if batch.shape != self.batch.shape:  # the smaller last batch
+            self._eager(batch)
+            return
         if self.graph is None and not self.failed and self.warm == WARMUP_STEPS:
             self._capture()
         if self.graph is not None:
             self.batch.copy_(batch)
             self.graph.replay()
         else:
-            self.eager(*batch, self.lr)
+            self._eager(batch)
             self.warm += 1
+
+    def _eager(self, batch: torch.Tensor):
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            self.step(batch, self.lr)
+        torch.cuda.current_stream().wait_stream(self.stream)
 
     def _capture(self):
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, stream=self.stream):
-                self.step(self.batch[0], self.batch[1], self.batch[2], self.lr)
+                self.step(self.batch, self.lr)
             self.graph = graph
         except RuntimeError as e:
             self.failed = True

@@ -6,6 +6,7 @@ import torch
 
 from common import load_params, opening, parser, run
 from hanprune import encoding, io, storage
+from hanprune.models import make
 from hanprune.pruning import load_checkpoint, plain_state_dict
 from hanprune.quantize import load_quantized, other_state
 
@@ -18,9 +19,11 @@ def same_weights(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def decodes_to(blob: bytes, model_key: str, layers: dict, other: dict) -> bool:
-    key, decoded, stored = encoding.decode_all(blob)
-    return key == model_key and decoded.keys() == layers.keys() and all(
+def decodes_to(blob: bytes, names: tuple[str, str, dict], layers: dict, other: dict) -> bool:
+    """The file holds `names` (model key, arch, kwargs), exactly these layers and other tensors."""
+    found = encoding.decode_all(blob)
+    decoded, stored = found.layers, found.other
+    return (found.model_key, found.arch, found.kwargs) == names and decoded.keys() == layers.keys() and all(
         torch.equal(decoded[n].codes, l.codes) and torch.equal(decoded[n].codebook, l.codebook)
         and torch.equal(decoded[n].weight(), l.weight()) for n, l in layers.items()) and \
         stored.keys() == other.keys() and all(torch.equal(stored[k], v) for k, v in other.items())
@@ -36,18 +39,20 @@ def main():
     ap.add_argument("--storage", required=True, help="directory for the other storage forms")
     args = ap.parse_args()
     p = load_params(args.params, args.model)
-    dense, _ = load_checkpoint(args.dense, args.model)
-    pruned, _ = load_checkpoint(args.pruned, args.model)
-    quantized, layers = load_quantized(args.quantized, args.model)
+    m = p.models[args.model]
+    dense, _ = load_checkpoint(args.dense, args.model, m.arch, m.kwargs)
+    pruned, _ = load_checkpoint(args.pruned, args.model, m.arch, m.kwargs)
+    quantized, layers = load_quantized(args.quantized, args.model, m.arch, m.kwargs)
     other = other_state(quantized, plain_state_dict(quantized))  # batch norm's tensors, say: stored as they are
     files = {"dense": storage.dense_bytes(dense), "pruned_values": storage.values_bytes(pruned),
              "pruned_csr": storage.csr_bytes(pruned),
-             "quantized_fixed": encoding.encode(args.model, layers, huffman=False, other=other)}
-    blob = encoding.encode(args.model, layers, other=other)
-    checks = {"dense": same_weights(storage.load_dense(files["dense"], args.model), dense),
-              "pruned_csr": same_weights(storage.load_csr(files["pruned_csr"], args.model), pruned),
-              "quantized_fixed": decodes_to(files["quantized_fixed"], args.model, layers, other),
-              "compressed": decodes_to(blob, args.model, layers, other)}
+             "quantized_fixed": encoding.encode(args.model, m.arch, m.kwargs, layers, huffman=False, other=other)}
+    blob = encoding.encode(args.model, m.arch, m.kwargs, layers, other=other)
+    names = (args.model, m.arch, m.kwargs)
+    checks = {"dense": same_weights(storage.load_dense(files["dense"], make(m.arch, m.kwargs)), dense),
+              "pruned_csr": same_weights(storage.load_csr(files["pruned_csr"], make(m.arch, m.kwargs)), pruned),
+              "quantized_fixed": decodes_to(files["quantized_fixed"], names, layers, other),
+              "compressed": decodes_to(blob, names, layers, other)}
     failed = [name for name, ok in checks.items() if not ok]
     if failed:
         raise encoding.EncodingError(f"{', '.join(failed)}: does not load back to the model it stores; nothing written")

@@ -10,7 +10,7 @@ import torch
 from common import dataset_tags, load_params, opening, parser, run
 from hanprune import io, measure, storage
 from hanprune.encoding import describe
-from hanprune.models import build, prunable_layers
+from hanprune.models import make, prunable_layers
 from hanprune.pruning import load_checkpoint
 from hanprune.quantize import read_compressed
 from hanprune.train import accuracy
@@ -61,9 +61,10 @@ def main():
     ap.add_argument("--plots", required=True, help="directory for this model's plot data")
     args = ap.parse_args()
     p = load_params(args.params, args.model)
-    dense, _ = load_checkpoint(args.dense, args.model)
-    pruned, ckpt = load_checkpoint(args.pruned, args.model)
-    _, decoded, _ = read_compressed(args.compressed, args.model)
+    m = p.models[args.model]
+    dense, _ = load_checkpoint(args.dense, args.model, m.arch, m.kwargs)
+    pruned, ckpt = load_checkpoint(args.pruned, args.model, m.arch, m.kwargs)
+    _, decoded = read_compressed(args.compressed, args.model, m.arch, m.kwargs)
     with opening(p, f"evaluate@{args.model}", args.model, 0, args.data) as (device, splits, mlrun):
         mlrun.params({"final": p.models[args.model].final, "run": p.run.model_dump(),
                       "tracking.register_max_drop": p.tracking.register_max_drop})
@@ -109,7 +110,7 @@ def main():
             mlrun.run_tags({"registered": "false", "not_registered_reason": reason})
             print(f"evaluate {args.model}: not registered: {reason}")
         else:
-            plain = build(args.model)
+            plain = make(m.arch, m.kwargs)
             plain.load_state_dict(ckpt["state_dict"])
             mlrun.register_model(plain.eval(), f"{args.model}-pruned", splits.test[0][:2].cpu().numpy(),
                                  {**{k: metrics[k] for k in ("compression", "test_pruned", "file_compression")},

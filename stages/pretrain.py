@@ -1,7 +1,7 @@
 """Stage pretrain: train the dense model and write its checkpoint and per-epoch curve."""
 from common import epoch_logger, load_params, opening, parser, run
 from hanprune import io
-from hanprune.models import build, check_fits
+from hanprune.models import check_fits, make
 from hanprune.pruning import checkpoint, weight_std
 from hanprune.train import fit
 
@@ -14,15 +14,16 @@ def main():
     ap.add_argument("--plot", required=True, help="per-epoch CSV to write")
     args = ap.parse_args()
     p = load_params(args.params, args.model)
-    cfg = p.models[args.model].pretrain
+    m = p.models[args.model]
+    cfg = m.pretrain
     with opening(p, f"pretrain@{args.model}", args.model, cfg.seed, args.data) as (device, splits, mlrun):
         mlrun.params({"pretrain": cfg.model_dump(), "data": p.data.model_dump(exclude={"md5"}), "run": p.run.model_dump()})
-        model = build(args.model).to(device)
+        model = make(m.arch, m.kwargs).to(device)
         check_fits(model, args.model, splits.input_shape, splits.classes)  # before any training
         epochs = fit(model, cfg, splits.train, splits.val, splits.test, device,
                      log=epoch_logger(mlrun, f"pretrain {args.model}"))
         test_acc = epochs[-1]["test_accuracy"]
-        io.save_torch(args.out, checkpoint(args.model, model, weight_std(model), history=[]))
+        io.save_torch(args.out, checkpoint(args.model, m.arch, m.kwargs, model, weight_std(model), history=[]))
         io.write_text(args.plot, "epoch,train_loss,val_accuracy,test_accuracy\n" + "".join(
             f"{e['epoch']},{e['train_loss']:.6f},{e['val_accuracy']:.6f},{e['test_accuracy']:.6f}\n" for e in epochs))
         mlrun.metrics({"final_val_accuracy": epochs[-1]["val_accuracy"], "test_accuracy": test_acc})

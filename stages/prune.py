@@ -23,8 +23,9 @@ def main():
     if args.iteration not in p.prune:
         raise ConfigError(f"prune.{args.iteration}: no such iteration in {args.params}; have: {', '.join(p.prune)}")
     it = p.prune[args.iteration]
-    cfg = p.models[it.model].retrain.model_copy(update={"epochs": it.epochs, "lr": it.lr})
-    model, ckpt = load_checkpoint(args.start, it.model)
+    m = p.models[it.model]
+    cfg = m.retrain.model_copy(update={"epochs": it.epochs, "lr": it.lr})
+    model, ckpt = load_checkpoint(args.start, it.model, m.arch, m.kwargs)
     with opening(p, f"prune@{args.iteration}", it.model, cfg.seed, args.data) as (device, splits, mlrun):
         mlrun.params({"prune": it.model_dump(), "retrain": cfg.model_dump()})
         model.to(device)
@@ -49,7 +50,8 @@ def main():
             "kept": {name: l["kept"] for name, l in layers.items()},
         }
         headline = {k: record[k] for k in ("val_pruned", "val_retrained", "compression", "kept")}
-        io.save_torch(args.out, checkpoint(it.model, model, ckpt["dense_std"], ckpt["history"] + [record]))
+        io.save_torch(args.out, checkpoint(it.model, m.arch, m.kwargs, model, ckpt["dense_std"],
+                                           ckpt["history"] + [record]))
         io.write_json(args.metrics, headline)
         io.write_text(args.plot, "epoch,train_loss,val_accuracy\n" + "".join(
             f"{e['epoch']},{e['train_loss']:.6f},{e['val_accuracy']:.6f}\n" for e in epochs))

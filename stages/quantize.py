@@ -4,7 +4,7 @@ Clusters each layer's surviving weights into 2**bits shared values, fine-tunes t
 (codes and sparsity pattern fixed) and writes a checkpoint that also holds codes and codebooks."""
 from common import epoch_logger, load_params, opening, parser, run
 from hanprune import io
-from hanprune.models import build
+from hanprune.models import make
 from hanprune.pruning import attach_masks, checkpoint, load_checkpoint
 from hanprune.quantize import load_into, other_state, quantized_layers, share_weights
 from hanprune.train import accuracy, fit
@@ -19,9 +19,10 @@ def main():
     ap.add_argument("--metrics", required=True, help="JSON metrics to write")
     args = ap.parse_args()
     p = load_params(args.params, args.model)
-    q = p.models[args.model].quantize
-    _, ckpt = load_checkpoint(args.pruned, args.model)
-    model = build(args.model)
+    m = p.models[args.model]
+    q = m.quantize
+    _, ckpt = load_checkpoint(args.pruned, args.model, m.arch, m.kwargs)
+    model = make(m.arch, m.kwargs)
     model.load_state_dict(ckpt["state_dict"])
     with opening(p, f"quantize@{args.model}", args.model, q.finetune.seed, args.data) as (device, splits, mlrun):
         mlrun.params({"quantize": q.model_dump()})
@@ -31,11 +32,11 @@ def main():
         epochs = fit(model, q.finetune, splits.train, splits.val, None, device,
                      log=epoch_logger(mlrun, f"quantize {args.model}"))
         layers = quantized_layers(model.cpu())
-        plain = load_into(build(args.model), layers)
+        plain = load_into(make(m.arch, m.kwargs), layers)
         kept = plain.state_dict()  # and what is not weight-shared (batch norm's, say), as fine-tuned
         plain.load_state_dict({k: v for k, v in other_state(plain, model.state_dict()).items() if k in kept}, strict=False)
         attach_masks(plain, {name: m.float() for name, m in ckpt["masks"].items()})
-        saved = checkpoint(args.model, plain, ckpt["dense_std"], ckpt["history"])
+        saved = checkpoint(args.model, m.arch, m.kwargs, plain, ckpt["dense_std"], ckpt["history"])
         saved["quantized"] = {name: {"codes": l.codes.int(), "codebook": l.codebook} for name, l in layers.items()}
         record = {"val_before": val_before, "val_shared": val_shared,
                   "val_finetuned": epochs[-1]["val_accuracy"]}

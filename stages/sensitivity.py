@@ -14,7 +14,8 @@ def main():
     ap.add_argument("--out", required=True, help="CSV to write: layer, s, kept_percent, val_accuracy")
     args = ap.parse_args()
     p = load_params(args.params, args.model)
-    model, _ = load_checkpoint(args.dense, args.model)
+    m = p.models[args.model]
+    model, _ = load_checkpoint(args.dense, args.model, m.arch, m.kwargs)
     with opening(p, f"sensitivity@{args.model}", args.model, 0, args.data) as (device, splits, mlrun):
         mlrun.params({"s_grid": p.sensitivity.s})
         rows = sensitivity(model.to(device), p.sensitivity.s, lambda m: accuracy(m, *splits.val))

@@ -21,16 +21,6 @@ PARAMS_FILE = ROOT / "params.yaml"
 
 
 @pytest.fixture(autouse=True)
-def _restore_model_registry():
-    """Models a test registers (hanprune.models.register, config.load) are forgotten after it."""
-    from hanprune import models
-    before = dict(models._registered)
-    yield
-    models._registered.clear()
-    models._registered.update(before)
-
-
-@pytest.fixture(autouse=True)
 def _torch_state():
     """Every test starts from the same random state, so a freshly built model is the same in every
     run (an unseeded init draws an exact 0.0 about once in 60 LeNet-300-100s: "dense" would then

@@ -86,21 +86,21 @@ def test_the_cuda_graph_trains_as_the_eager_loop_does(cuda_runtime, key, kind):
     trajectory as the eager loop: capture succeeds (no fallback warning) and two epochs end at the
     same weights up to the last bits (the rate is a tensor in one, a float in the other)."""
     import warnings
-    from hanprune import pruning, quantize, train
+    from hanprune import pruning, quantize
     from hanprune.config import Training
-    from hanprune.models import build, prunable_layers
+    from hanprune.models import make, prunable_layers
     device = cuda_runtime
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64 * 12 + 17, 1, 28, 28, generator=g).to(device), torch.randint(0, 10, (64 * 12 + 17,), generator=g).to(device)
     cfg = Training(seed=0, epochs=2, batch_size=64, lr=0.05, momentum=0.9, schedule="cosine",
                    regularization={"kind": "l2", "strength": 0.0001}, shift=2)
     torch.manual_seed(0)
-    start = build(key)
+    start = make(key)
     if kind != "dense":
         pruning.prune_by_std(start, {n: 0.5 for n in prunable_layers(start)}, pruning.weight_std(start))
     states = []
     for graphs in (True, False):
-        model = build(key)
+        model = make(key)
         if kind == "pruned":  # as the prune stage trains it: masks attached
             pruning.attach_masks(model, pruning.masks_of(start))
             model.load_state_dict(start.state_dict())
@@ -110,17 +110,42 @@ def test_the_cuda_graph_trains_as_the_eager_loop_does(cuda_runtime, key, kind):
             quantize.share_weights(model, {n: 4 for n in prunable_layers(model)}, pruning.masks_of(start))
         model.to(device)
         before = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        train.CUDA_GRAPHS = graphs
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                fit(model, cfg, (x, y), (x[:100], y[:100]), None, device)
-        finally:
-            train.CUDA_GRAPHS = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fit(model, cfg, (x, y), (x[:100], y[:100]), None, device, cuda_graphs=graphs)
         states.append({k: v.detach().cpu() for k, v in model.state_dict().items()})
     for name, value in states[0].items():
         assert torch.allclose(value.float(), states[1][name].float(), atol=1e-5, rtol=0), name
     assert any(not torch.equal(v, before[k]) for k, v in states[1].items())  # it trained
+
+
+def test_one_object_runs_the_step_from_its_graph_or_eagerly(cuda_runtime):
+    """CudaGraphStep: eager warm-up, then the captured graph for full batches, a smaller batch
+    eagerly; a step that cannot be captured (it syncs with the host) runs eagerly from then on,
+    with one warning. Either way every call runs the step exactly once, with its batch and rate."""
+    import warnings
+    from hanprune.train import WARMUP_STEPS, CudaGraphStep
+    device = cuda_runtime
+    calls = [torch.full((3, 4), k, device=device) for k in range(WARMUP_STEPS + 3)] + [torch.ones(3, 2, device=device)]
+    expected = sum(0.5 * float(batch[0].sum()) for batch in calls)
+    for syncs in (False, True):
+        total = torch.zeros((), device=device)
+
+        def step(batch, lr):
+            total.add_(batch[0].sum() * lr)
+            if syncs:
+                total.item()  # not allowed while the stream is captured
+
+        graphed = CudaGraphStep(step, 4, device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for batch in calls:
+                graphed(batch.long(), 0.5)
+        torch.cuda.synchronize()
+        assert (graphed.graph is None) == syncs and graphed.failed == syncs
+        assert [str(w.message).split(" (")[0] for w in caught] == (
+            ["training eagerly: the training step could not be captured as a CUDA graph"] if syncs else [])
+        assert total.item() == expected
 
 
 def test_codebook_gradient_on_cuda_is_indexing_s_and_repeatable(cuda_runtime):

@@ -81,8 +81,7 @@ def test_three_channel_idx_data_brings_its_shape_classes_and_statistics(tmp_path
 
 
 def test_user_model_by_import_path_layers_flops_and_what_is_not_counted(user_module):
-    models.register("mine", "mynets:TinyNet", {"width": 8})
-    model = models.build("mine")
+    model = models.make("mynets:TinyNet", {"width": 8})
     assert list(models.prunable_layers(model)) == LAYERS
     stats = measure.layer_stats(model, (3, 32, 32))
     # the grouped convolution: 8 outputs, each seeing 4 of the 8 inputs, at 32x32 positions
@@ -92,7 +91,7 @@ def test_user_model_by_import_path_layers_flops_and_what_is_not_counted(user_mod
     assert models.unpruned_parameters(model) == {"features.1": 16}
     summary = measure.summary(model, model, 0.9, 0.9, (3, 32, 32))
     assert summary["not_counted"] == {"features.1": 16}
-    assert "not_counted" not in measure.summary(models.build("lenet5"), models.build("lenet5"), 0.9, 0.9, (1, 28, 28))
+    assert "not_counted" not in measure.summary(models.make("lenet5"), models.make("lenet5"), 0.9, 0.9, (1, 28, 28))
 
 
 @pytest.mark.parametrize("arch, kwargs, message", [
@@ -114,13 +113,12 @@ def test_an_architecture_that_cannot_be_made_is_one_config_error(user_module, tm
 
 
 def test_model_and_data_that_do_not_fit_are_refused_before_training(user_module):
-    models.register("three", "mynets:TinyNet", {"classes": 3})
     with pytest.raises(models.ModelError, match=r"model three gives \(2, 3\) for a batch of 2 images; the data "
                                                 r"has 4 classes, so it must give \(2, 4\)"):
-        models.check_fits(models.build("three"), "three", (3, 32, 32), 4)
+        models.check_fits(models.make("mynets:TinyNet", {"classes": 3}), "three", (3, 32, 32), 4)
     with pytest.raises(models.ModelError, match=r"model lenet5 does not take the data's images \(C, H, W\) = "
                                                 r"\(3, 32, 32\): RuntimeError"):
-        models.check_fits(models.build("lenet5"), "lenet5", (3, 32, 32), 4)
+        models.check_fits(models.make("lenet5"), "lenet5", (3, 32, 32), 4)
 
 
 def project(tmp: Path, user_dir: Path, kwargs: dict) -> Path:

@@ -10,7 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hanprune.encoding import FORMAT_VERSION, MAGIC, EncodingError, QuantizedLayer, decode, describe, encode
+from hanprune.encoding import (FORMAT_VERSION, MAGIC, EncodingError, QuantizedLayer, decode, decode_all, describe,
+                               encode)
+
+ARCH = "nets:Net"  # the arch a file names; what it is plays no part in the format
 
 
 def random_layer(shape, density, k, seed=0, bias=True) -> QuantizedLayer:
@@ -35,7 +38,7 @@ def assert_same(back: QuantizedLayer, layer: QuantizedLayer):
 
 
 def round_trip(model_key, layers, **kwargs):
-    blob = encode(model_key, layers, **kwargs)
+    blob = encode(model_key, ARCH, {}, layers, **kwargs)
     key, back = decode(blob)
     assert key == model_key and list(back) == list(layers)
     for name, layer in layers.items():
@@ -65,7 +68,7 @@ def test_round_trip_conv_and_linear_layers_with_and_without_bias():
 
 def test_encoding_is_deterministic():
     layers = {"fc": random_layer((100, 300), 0.1, 64, seed=5)}
-    assert encode("m", layers) == encode("m", {"fc": random_layer((100, 300), 0.1, 64, seed=5)})
+    assert encode("m", ARCH, {}, layers) == encode("m", ARCH, {}, {"fc": random_layer((100, 300), 0.1, 64, seed=5)})
 
 
 @pytest.mark.parametrize("codes, k", [
@@ -81,7 +84,7 @@ def test_round_trip_edge_cases(codes, k):
 
 
 def test_round_trip_of_a_model_without_layers_and_with_a_unicode_key():
-    assert decode(encode("modèle-λ", {})) == ("modèle-λ", {})
+    assert decode(encode("modèle-λ", ARCH, {}, {})) == ("modèle-λ", {})
 
 
 def test_largest_codebook():
@@ -130,9 +133,9 @@ def test_long_gap_uses_fillers_and_stays_small():
 
 def test_automatic_index_bits_is_the_smallest_file():
     layers = {"w": random_layer((100, 300), 0.03, 16, seed=7)}
-    forced = {b: len(encode("m", layers, index_bits=b)) for b in range(1, 17)}
-    assert len(encode("m", layers)) == min(forced.values())
-    assert describe(encode("m", layers))[0]["index_bits"] == min(forced, key=forced.get)
+    forced = {b: len(encode("m", ARCH, {}, layers, index_bits=b)) for b in range(1, 17)}
+    assert len(encode("m", ARCH, {}, layers)) == min(forced.values())
+    assert describe(encode("m", ARCH, {}, layers))[0]["index_bits"] == min(forced, key=forced.get)
 
 
 def test_fixed_width_codes_take_the_same_bits_per_entry_and_huffman_is_never_larger():
@@ -152,7 +155,7 @@ def test_fixed_width_codes_take_the_same_bits_per_entry_and_huffman_is_never_lar
 
 def test_lenet_300_100_layer_compresses_over_30x():
     layer = random_layer((300, 784), 0.08, 64, seed=8, bias=False)
-    blob = encode("lenet300", {"fc1": layer})
+    blob = encode("lenet300", ARCH, {}, {"fc1": layer})
     dense = 300 * 784 * 4
     print(f"\n300x784 at 8% density, 64-entry codebook: {len(blob)} bytes vs {dense} dense "
           f"({dense / len(blob):.1f}x); {describe(blob)[0]}")
@@ -177,16 +180,17 @@ def test_lenet_300_100_encodes_and_decodes_well_under_a_second():
 ])
 def test_encode_rejects_what_the_format_cannot_hold(layer, message):
     with pytest.raises(EncodingError, match=f"layer 'w': {message}"):
-        encode("m", {"w": layer})
+        encode("m", ARCH, {}, {"w": layer})
 
 
 # --------------------------------------------------------------------------------- bad files
 
 LAYER = QuantizedLayer(codes=torch.tensor([[0, -1, 0], [-1, 0, 0]]), codebook=torch.tensor([1.5, 2.5]),
                        bias=torch.tensor([0.5, -0.5]))
-GOOD = encode("m", {"w": LAYER})
-# Offsets in GOOD: preamble 14, key 2+1, layer count 2, name 2+1, ndim 1.
-DIMS = 14 + 3 + 2 + 3 + 1
+GOOD = encode("m", ARCH, {}, {"w": LAYER})
+# Offsets in GOOD: preamble 14, key 2+1, arch 2+8, kwargs 2+2, layer count 2, name 2+1, ndim 1.
+KWARGS = 14 + 3 + 10
+DIMS = KWARGS + 4 + 2 + 3 + 1
 CODE_TABLE = DIMS + 2 * 4 + 4 + 2 * 4 + 1 + 4  # dims, k, codebook, index bits, entries
 # The codes are all 0: the code table is max_length 1, counts [1], symbols [0] (1 byte each).
 
@@ -202,8 +206,38 @@ def patched(offset: int, value: bytes) -> bytes:
 
 
 def test_the_good_file_layout_assumed_below():
+    assert GOOD[:KWARGS + 4] == MAGIC + struct.pack("<HI", 3, len(GOOD)) + b"\x01\x00m\x08\x00nets:Net\x02\x00{}"
     assert GOOD[DIMS:DIMS + 8] == struct.pack("<II", 2, 3)
     assert GOOD[CODE_TABLE:CODE_TABLE + 3] == bytes([1, 1, 0])
+    assert GOOD[-6:-4] == b"\x00\x00"  # no other tensors
+
+
+def test_the_file_names_the_arch_and_its_kwargs_as_sorted_json():
+    kwargs = {"width": 8, "blocks": [1, 2], "name": "ü", "scale": 0.1, "bn": True, "extra": None}
+    blob = encode("mine", "pkg.nets:Net", kwargs, {"w": LAYER})
+    found = decode_all(blob)
+    assert (found.model_key, found.arch, found.kwargs) == ("mine", "pkg.nets:Net", kwargs)
+    text = '{"blocks":[1,2],"bn":true,"extra":null,"name":"\\u00fc","scale":0.1,"width":8}'.encode()
+    assert struct.pack("<H", len(text)) + text in blob
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"sizes": (3, 3)}, r"kwargs \{'sizes': \(3, 3\)\} do not come back from JSON as they are "
+                        r"\(as \{\"sizes\":\[3,3\]\}\)"),
+    ({1: 2}, "do not come back from JSON"),
+    ({"scale": float("inf")}, "are not JSON: Out of range float values"),
+    ({"f": print}, "are not JSON: Object of type builtin_function_or_method"),
+])
+def test_kwargs_that_json_does_not_give_back_are_refused(kwargs, message):
+    with pytest.raises(EncodingError, match=message):
+        encode("m", ARCH, kwargs, {"w": LAYER})
+
+
+@pytest.mark.parametrize("text, message", [(b"[]", "kwargs are a JSON list, not an object"),
+                                           (b"{x", "kwargs are not JSON")])
+def test_kwargs_in_the_file_that_are_not_a_json_object(text, message):
+    with pytest.raises(EncodingError, match=f"corrupt file: {message}"):
+        decode(patched(KWARGS + 2, text))
 
 
 @pytest.mark.parametrize("cut", [0, 3, 8, 11, 20, len(GOOD) // 2, len(GOOD) - 5, len(GOOD) - 1])
@@ -233,8 +267,8 @@ def test_wrong_magic():
 
 
 @pytest.mark.parametrize("version, message", [
-    (3, f"format version 3, newer than this reader supports \\(version {FORMAT_VERSION}\\)"),
-    (0, "unknown format version 0 \\(this reader supports versions 1 and 2\\)"),
+    (4, f"format version 4, newer than this reader supports \\(version {FORMAT_VERSION}\\)"),
+    (0, "unknown format version 0 \\(this reader supports versions 1 to 3\\)"),
 ])
 def test_other_format_version(version, message):
     # The version is checked before the CRC, so a newer file gets this message and not a checksum one.
@@ -269,7 +303,7 @@ def test_code_out_of_codebook_range():
     (CODE_TABLE - 4, struct.pack("<I", 5), "code stream holds 4 entries, the layer says 5"),
     (CODE_TABLE, bytes([32]), "codes up to 32 bits long"),
     (DIMS + 8, struct.pack("<I", 70000), "70000-entry codebook"),
-    (len(GOOD) - 4 - 13, bytes([2]), "bias flag is 2"),
+    (len(GOOD) - 4 - 2 - 13, bytes([2]), "bias flag is 2"),
     (14, b"\xff\xff", "runs past the end of the data"),
 ])
 def test_other_inconsistencies_with_a_valid_checksum(offset, value, message):

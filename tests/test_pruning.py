@@ -1,6 +1,8 @@
 """Magnitude pruning, retraining with masks, and the checkpoint format (hanprune.pruning)."""
 import os
 import pickle
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,9 +10,11 @@ from torch import nn
 
 from hanprune import pruning
 from hanprune.config import Training
-from hanprune.models import build, prunable_layers
+from hanprune.models import make, prunable_layers
 from hanprune.pruning import CheckpointError, StdThreshold
 from hanprune.train import fit, random_shift
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- the rule -----------------------------------------------------------------------------------
@@ -18,7 +22,7 @@ from hanprune.train import fit, random_shift
 def _known_model() -> nn.Module:
     """lenet_300_100 with fc3 (10 x 100) holding -0.999 .. 1.0 in steps of 1/500 (all exact in
     float32), so thresholds land on known values."""
-    model = build("lenet_300_100")
+    model = make("lenet_300_100")
     with torch.no_grad():
         model.fc3.weight.copy_((torch.arange(-499, 501, dtype=torch.float64) / 500).float().view(10, 100))
     return model
@@ -144,7 +148,7 @@ def _tiny_data(n, seed):
 @pytest.mark.parametrize("kind", ["l2", "l1"])
 def test_pruned_weights_stay_zero_through_retraining(kind):
     torch.manual_seed(0)
-    model = build("lenet_300_100")
+    model = make("lenet_300_100")
     pruning.prune_by_std(model, {"fc1": 1.0, "fc2": 0.5}, pruning.weight_std(model))
     masks = {k: v.clone() for k, v in pruning.masks_of(model).items()}
     assert 0.2 < masks["fc1"].float().mean() < 0.8  # a real mix of pruned and kept weights
@@ -152,7 +156,7 @@ def test_pruned_weights_stay_zero_through_retraining(kind):
     cfg = Training(seed=0, epochs=2, batch_size=16, lr=0.1, momentum=0.9, schedule="cosine",
                    regularization={"kind": kind, "strength": 0.01})
     train, val = _tiny_data(64, 1), _tiny_data(32, 2)
-    plain = build("lenet_300_100")
+    plain = make("lenet_300_100")
     checked = []
 
     def log(record):
@@ -189,7 +193,7 @@ def test_conv_training_keeps_masks_and_returns_standard_layout():
     """fit trains convolutions in channels-last layout; the masks hold there too, and the model
     comes back in the standard layout, so checkpoints do not depend on how it was trained."""
     torch.manual_seed(0)
-    model = build("lenet5_caffe")
+    model = make("lenet5_caffe")
     pruning.prune_by_std(model, {"conv2": 1.0}, pruning.weight_std(model))
     keep = model.conv2.weight_mask.bool().clone()
     before = model.conv2.weight_orig.detach().clone()
@@ -236,7 +240,7 @@ def test_sgd_and_rates_give_the_bits_of_torch_optim(schedule, momentum, nesterov
     cfg = Training(seed=0, epochs=1, batch_size=8, lr=0.05, momentum=momentum, nesterov=nesterov,
                    schedule=schedule, regularization={"kind": reg, "strength": 0.001}, shift=0)
     steps = 200
-    ours, theirs = build("lenet_300_100"), build("lenet_300_100")
+    ours, theirs = make("lenet_300_100"), make("lenet_300_100")
     theirs.load_state_dict(ours.state_dict())
     opt = torch.optim.SGD(theirs.parameters(), lr=cfg.lr, momentum=momentum, nesterov=nesterov,
                           weight_decay=0.001 if reg == "l2" else 0.0, fused=True)
@@ -266,7 +270,7 @@ def test_training_on_the_cpu_is_repeatable_to_the_bit(key):
     states = []
     for _ in range(2):
         torch.manual_seed(0)
-        model = build(key)
+        model = make(key)
         pruning.prune_by_std(model, {"fc1": 1.0}, pruning.weight_std(model))
         fit(model, cfg, _tiny_data(96, 1), _tiny_data(32, 2))
         states.append(pruning.plain_state_dict(model))
@@ -279,7 +283,7 @@ def test_training_on_the_cpu_is_repeatable_to_the_bit(key):
 
 def _pruned_model():
     torch.manual_seed(0)
-    model = build("lenet_300_100")
+    model = make("lenet_300_100")
     std = pruning.weight_std(model)
     pruning.prune_by_std(model, {"fc1": 1.0, "fc3": 0.5}, std)
     history = [{"iteration": 1, "s": {"fc1": 1.0, "fc3": 0.5}, "kept": 0.31, "val_accuracy": 0.97}]
@@ -294,11 +298,11 @@ def _save(tmp_path, obj, name="ckpt.pt"):
 
 def test_checkpoint_round_trip(tmp_path):
     model, std, history = _pruned_model()
-    ckpt = pruning.checkpoint("lenet_300_100", model, std, history)
+    ckpt = pruning.checkpoint("lenet_300_100", "lenet_300_100", {}, model, std, history)
     path = _save(tmp_path, ckpt)
 
     loaded, ck = pruning.load_checkpoint(path, "lenet_300_100")
-    assert ck["model"] == "lenet_300_100"
+    assert ck["model"] == "lenet_300_100" and (ck["arch"], ck["kwargs"]) == ("lenet_300_100", {})
     assert ck["format"] == pruning.CHECKPOINT_FORMAT
     assert ck["dense_std"] == std
     assert ck["history"] == history
@@ -315,7 +319,7 @@ def test_checkpoint_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(model.eval()(x), loaded.eval()(x))
     # the saved state dict is the plain architecture's (no _orig/_mask keys)
-    assert set(ck["state_dict"]) == set(build("lenet_300_100").state_dict())
+    assert set(ck["state_dict"]) == set(make("lenet_300_100").state_dict())
     # model_key is optional
     _, ck2 = pruning.load_checkpoint(path)
     assert ck2["model"] == "lenet_300_100"
@@ -323,7 +327,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_checkpoint_loads_with_weights_only(tmp_path):
     model, std, history = _pruned_model()
-    path = _save(tmp_path, pruning.checkpoint("lenet_300_100", model, std, history))
+    path = _save(tmp_path, pruning.checkpoint("lenet_300_100", "lenet_300_100", {}, model, std, history))
     raw = torch.load(path, map_location="cpu", weights_only=True)
     assert raw["model"] == "lenet_300_100"
     assert raw["masks"]["fc1"].dtype == torch.bool
@@ -334,7 +338,7 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
 def test_loaded_checkpoint_can_be_pruned_further(tmp_path):
     """A later round starts from a checkpoint: masks carry over, nothing is revived."""
     model, std, history = _pruned_model()
-    path = _save(tmp_path, pruning.checkpoint("lenet_300_100", model, std, history))
+    path = _save(tmp_path, pruning.checkpoint("lenet_300_100", "lenet_300_100", {}, model, std, history))
     loaded, ck = pruning.load_checkpoint(path, "lenet_300_100")
     old = pruning.masks_of(loaded)["fc1"].clone()
     pruning.prune_by_std(loaded, {"fc1": 1.5}, ck["dense_std"])
@@ -345,7 +349,7 @@ def test_loaded_checkpoint_can_be_pruned_further(tmp_path):
 
 def test_truncated_checkpoint(tmp_path):
     model, std, history = _pruned_model()
-    good = _save(tmp_path, pruning.checkpoint("lenet_300_100", model, std, history))
+    good = _save(tmp_path, pruning.checkpoint("lenet_300_100", "lenet_300_100", {}, model, std, history))
     bad = tmp_path / "truncated.pt"
     data = good.read_bytes()
     bad.write_bytes(data[: len(data) // 2])
@@ -362,7 +366,7 @@ def test_missing_checkpoint(tmp_path):
 
 def test_checkpoint_of_another_model(tmp_path):
     model, std, history = _pruned_model()
-    path = _save(tmp_path, pruning.checkpoint("lenet_300_100", model, std, history))
+    path = _save(tmp_path, pruning.checkpoint("lenet_300_100", "lenet_300_100", {}, model, std, history))
     with pytest.raises(CheckpointError) as e:
         pruning.load_checkpoint(path, "lenet5")
     msg = str(e.value)
@@ -372,7 +376,7 @@ def test_checkpoint_of_another_model(tmp_path):
 
 def test_mask_shape_mismatch(tmp_path):
     model, std, history = _pruned_model()
-    ckpt = pruning.checkpoint("lenet_300_100", model, std, history)
+    ckpt = pruning.checkpoint("lenet_300_100", "lenet_300_100", {}, model, std, history)
     ckpt["masks"]["fc1"] = torch.ones(10, 10, dtype=torch.bool)
     path = _save(tmp_path, ckpt)
     with pytest.raises(CheckpointError) as e:
@@ -384,7 +388,7 @@ def test_mask_shape_mismatch(tmp_path):
 
 def test_mask_for_unknown_layer(tmp_path):
     model, std, history = _pruned_model()
-    ckpt = pruning.checkpoint("lenet_300_100", model, std, history)
+    ckpt = pruning.checkpoint("lenet_300_100", "lenet_300_100", {}, model, std, history)
     ckpt["masks"]["fc9"] = torch.ones(10, 100, dtype=torch.bool)
     path = _save(tmp_path, ckpt)
     with pytest.raises(CheckpointError, match=r"mask for unknown layer 'fc9'; layers: fc1, fc2, fc3"):
@@ -393,7 +397,7 @@ def test_mask_for_unknown_layer(tmp_path):
 
 def test_weights_that_do_not_fit(tmp_path):
     model, std, history = _pruned_model()
-    ckpt = pruning.checkpoint("lenet_300_100", model, std, history)
+    ckpt = pruning.checkpoint("lenet_300_100", "lenet_300_100", {}, model, std, history)
     ckpt["state_dict"]["fc2.weight"] = torch.zeros(7, 300)
     path = _save(tmp_path, ckpt)
     with pytest.raises(CheckpointError) as e:
@@ -407,7 +411,7 @@ def test_not_a_checkpoint(tmp_path, obj):
     path = _save(tmp_path, obj)
     with pytest.raises(CheckpointError) as e:
         pruning.load_checkpoint(path)
-    assert f"not a checkpoint of format {pruning.CHECKPOINT_FORMAT} of this project" in str(e.value)
+    assert f"not a checkpoint of this project (format 1 or {pruning.CHECKPOINT_FORMAT})" in str(e.value)
 
 
 @pytest.mark.parametrize("obj, key", [
@@ -417,6 +421,8 @@ def test_not_a_checkpoint(tmp_path, obj):
                  id="unknown-model"),
     pytest.param({"format": 1, "model": "lenet5", "state_dict": torch.zeros(2), "masks": {}}, None,
                  id="state_dict-not-a-dict"),
+    pytest.param({"format": 2, "model": "lenet5", "state_dict": {}, "masks": {}, "dense_std": {}, "history": []}, None,
+                 id="format2-without-arch"),
 ])
 def test_incomplete_format1_checkpoint(tmp_path, obj, key):
     path = _save(tmp_path, obj)
@@ -432,6 +438,56 @@ def test_random_bytes_not_a_checkpoint(tmp_path):
         pruning.load_checkpoint(path)
 
 
+def _old_checkpoint(ckpt: dict) -> dict:
+    """What the writer of checkpoint format 1 wrote: the same without arch and kwargs."""
+    return {**{k: v for k, v in ckpt.items() if k not in ("arch", "kwargs")}, "format": 1}
+
+
+def test_a_checkpoint_of_format_1_of_a_built_in_loads(tmp_path):
+    model, std, history = _pruned_model()
+    old = _old_checkpoint(pruning.checkpoint("lenet_300_100", "lenet_300_100", {}, model, std, history))
+    path = _save(tmp_path, old)
+    loaded, ck = pruning.load_checkpoint(path, "lenet_300_100")
+    assert ck["format"] == 1 and "arch" not in ck
+    original, restored = pruning.plain_state_dict(model), pruning.plain_state_dict(loaded)
+    assert original.keys() == restored.keys() and all(torch.equal(original[k], restored[k]) for k in original)
+    assert pruning.masks_of(loaded).keys() == {"fc1", "fc3"}
+
+
+GOLDEN = ROOT / "tests" / "data"  # made by the code before checkpoints named their arch (commit 2eb6934)
+SMALL_RESNET = ("examples.small_resnet:SmallResNet", {"channels": 4})
+
+
+def test_a_checkpoint_of_format_1_of_a_model_not_built_in_loads_given_its_arch():
+    """small_resnet-format1.pt: SmallResNet(channels=4), pruned at s = 1, batch norm statistics set."""
+    path = GOLDEN / "small_resnet-format1.pt"
+    with pytest.raises(CheckpointError) as e:
+        pruning.load_checkpoint(path, "small_resnet")
+    assert str(e.value) == (f"{path}: of an older format, which does not name the architecture: model 'small_resnet' "
+                            "is not built in (lenet_300_100, lenet5, lenet5_caffe); give the arch and kwargs it was "
+                            "made with (models.small_resnet of its params file)")
+    model, ck = pruning.load_checkpoint(path, "small_resnet", *SMALL_RESNET)
+    assert ck["format"] == 1 and type(model).__name__ == "SmallResNet"
+    assert _digest(model) == "5e537f0d56a54ef418070df009fa46bf"  # what the code of commit 2eb6934 loaded
+
+
+def test_a_checkpoint_names_its_arch_and_kwargs_and_is_made_from_them(tmp_path):
+    """No registry: the file alone says what to make; an arch and kwargs given must be the file's."""
+    model, ck = pruning.load_checkpoint(GOLDEN / "small_resnet-format1.pt", "small_resnet", *SMALL_RESNET)
+    path = _save(tmp_path, pruning.checkpoint("small_resnet", *SMALL_RESNET, model, ck["dense_std"], []))
+    loaded, ck2 = pruning.load_checkpoint(path)
+    assert (ck2["arch"], ck2["kwargs"]) == SMALL_RESNET and _digest(loaded) == _digest(model)
+    with pytest.raises(CheckpointError, match=r"holds model small_resnet of arch 'examples.small_resnet:SmallResNet' "
+                                              r"with kwargs \{'channels': 4\}, expected arch "
+                                              r"'examples.small_resnet:SmallResNet' with kwargs \{'channels': 8\}"):
+        pruning.load_checkpoint(path, "small_resnet", SMALL_RESNET[0], {"channels": 8})
+
+
+def _digest(model) -> str:
+    import hashlib
+    return hashlib.md5(b"".join(t.numpy().tobytes() for t in pruning.plain_state_dict(model).values())).hexdigest()
+
+
 class _Exploit:
     """Unpickling this would call a non-allowed global that creates `marker`."""
 
@@ -445,7 +501,7 @@ class _Exploit:
 
 
 @pytest.mark.parametrize("how", ["os.system", "open"])
-@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump", "pickle.dump protocol 4"])
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path, how, writer):
     marker = tmp_path / "pwned"
     payload = {"format": pruning.CHECKPOINT_FORMAT, "model": "lenet_300_100", "x": _Exploit(how, marker)}
@@ -453,22 +509,26 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, how, writer):
     if writer == "torch.save":
         torch.save(payload, path)
     else:
-        path.write_bytes(pickle.dumps(payload, protocol=2))
+        path.write_bytes(pickle.dumps(payload, protocol=4 if writer.endswith("4") else 2))
     assert not marker.exists()
-    with pytest.raises(CheckpointError) as e:
-        pruning.load_checkpoint(path, "lenet_300_100")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "Detected pickle protocol 4" warning is not shown
+        with pytest.raises(CheckpointError) as e:
+            pruning.load_checkpoint(path, "lenet_300_100")
     assert not marker.exists(), "the pickled call was executed"
     msg = str(e.value)
-    assert str(path) in msg and "not a readable checkpoint" in msg
-    assert "UnpicklingError" in msg
-    assert ("posix.system" if how == "os.system" else "io.open") in msg  # names the refused global
+    assert msg.startswith(f"{path}: refused unread: it holds objects that a checkpoint of this project never holds")
+    assert msg.endswith("; checkpoints come from the pretrain, prune and quantize stages")
+    if writer != "pickle.dump protocol 4":  # refused at the frame opcode, before the call
+        assert f"(it calls {'posix.system' if how == 'os.system' else 'io.open'})" in msg
+    assert "weights_only" not in msg and "issue" not in msg and "\n" not in msg
 
 
 # --- sensitivity --------------------------------------------------------------------------------
 
 def test_sensitivity_rows():
     torch.manual_seed(0)
-    model = build("lenet_300_100")
+    model = make("lenet_300_100")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     grid = [0.0, 0.5, 1.0, 2.0]
     calls = []

@@ -1,12 +1,16 @@
 """Weight sharing and centroid fine-tuning (hanprune.quantize), and rebuilding a model from a file."""
+import hashlib
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
-from hanprune import encoding, io, pruning, quantize
+from hanprune import __main__ as cli, encoding, io, pruning, quantize
 from hanprune.config import Training
 from hanprune.encoding import EncodingError
-from hanprune.models import build, prunable_layers
+from hanprune.models import make, prunable_layers
 from hanprune.quantize import kmeans_1d, load_into, load_quantized, quantized_layers, read_compressed, share_weights
 from hanprune.train import fit
 
@@ -28,10 +32,10 @@ def test_kmeans_initialises_linearly_and_keeps_empty_clusters():
 
 def _pruned_model(seed=0):
     torch.manual_seed(seed)
-    model = build("lenet_300_100")
+    model = make("lenet_300_100")
     pruning.prune_by_std(model, {"fc1": 1.0, "fc2": 0.8, "fc3": 0.3}, pruning.weight_std(model))
     masks = pruning.masks_of(model)
-    plain = build("lenet_300_100")
+    plain = make("lenet_300_100")
     plain.load_state_dict(pruning.plain_state_dict(model))
     return plain, masks
 
@@ -53,7 +57,7 @@ def test_finetuning_trains_codebooks_by_summed_gradients_and_nothing_else():
     F.cross_entropy(model(x), y).backward()
     fc2 = model.fc2.parametrizations.weight
     # Gradient wrt the effective weight, recomputed on a plain copy with the same weights.
-    plain = load_into(build("lenet_300_100"), quantized_layers(model))
+    plain = load_into(make("lenet_300_100"), quantized_layers(model))
     F.cross_entropy(plain(x), y).backward()
     expected = torch.zeros(8).index_add_(0, codes["fc2"][codes["fc2"] >= 0], plain.fc2.weight.grad[codes["fc2"] >= 0])
     assert torch.allclose(fc2[0].codebook.grad, expected, atol=1e-6)
@@ -75,9 +79,9 @@ def _quantized_checkpoint(tmp_path):
     model, masks = _pruned_model()
     share_weights(model, {"fc1": 4, "fc2": 4, "fc3": 4}, masks)
     layers = quantized_layers(model)
-    plain = load_into(build("lenet_300_100"), layers)
+    plain = load_into(make("lenet_300_100"), layers)
     pruning.attach_masks(plain, {n: m.float() for n, m in masks.items()})
-    ckpt = pruning.checkpoint("lenet_300_100", plain, {n: 1.0 for n in layers}, [])
+    ckpt = pruning.checkpoint("lenet_300_100", "lenet_300_100", {}, plain, {n: 1.0 for n in layers}, [])
     ckpt["quantized"] = {n: {"codes": l.codes.int(), "codebook": l.codebook} for n, l in layers.items()}
     path = tmp_path / "quantized.pt"
     io.save_torch(path, ckpt)
@@ -90,8 +94,8 @@ def test_quantized_checkpoint_round_trip_and_file_decodes_to_the_same_model(tmp_
     for name in layers:
         assert torch.equal(loaded[name].weight(), layers[name].weight())
     blob = tmp_path / "compressed.bin"
-    blob.write_bytes(encoding.encode("lenet_300_100", loaded))
-    _, decoded, _ = read_compressed(blob, "lenet_300_100")
+    blob.write_bytes(encoding.encode("lenet_300_100", "lenet_300_100", {}, loaded))
+    _, decoded = read_compressed(blob, "lenet_300_100")
     x = torch.randn(16, 1, 28, 28)
     model.eval(), decoded.eval()
     assert torch.equal(model(x), decoded(x))
@@ -114,15 +118,81 @@ def test_quantized_checkpoint_without_codes_or_with_wrong_codes_is_refused(tmp_p
 def test_read_compressed_names_the_file_and_the_problem(tmp_path):
     path, _, layers = _quantized_checkpoint(tmp_path)
     blob = tmp_path / "compressed.bin"
-    blob.write_bytes(encoding.encode("lenet_300_100", layers))
+    blob.write_bytes(encoding.encode("lenet_300_100", "lenet_300_100", {}, layers))
     with pytest.raises(EncodingError, match=r"compressed.bin: holds model 'lenet_300_100', expected 'lenet5'"):
         read_compressed(blob, "lenet5")
-    blob.write_bytes(encoding.encode("lenet5", layers))
+    blob.write_bytes(encoding.encode("lenet5", "lenet5", {}, layers))
     with pytest.raises(EncodingError, match="compressed.bin: layers .* do not match"):
         read_compressed(blob)
     blob.write_bytes(b"not a model")
     with pytest.raises(EncodingError, match="compressed.bin: "):
         read_compressed(blob)
+
+
+GOLDEN = Path(__file__).parent / "data"  # files of versions 1 and 2, made by the code of commit 2eb6934
+SMALL_RESNET = ("examples.small_resnet:SmallResNet", {"channels": 4})  # small_resnet-v2.bin's, batch norm set
+
+
+def _digest(model) -> str:
+    return hashlib.md5(b"".join(t.numpy().tobytes() for t in pruning.plain_state_dict(model).values())).hexdigest()
+
+
+@pytest.mark.parametrize("name, key, given, digest", [
+    ("lenet_300_100-v1.bin", "lenet_300_100", (None, None), "e82b60f11f5ac76f4ab30ab1c07bda69"),
+    ("small_resnet-v2.bin", "small_resnet", SMALL_RESNET, "1c03eb7089ab97116a7ae3ec4afcdf4f"),
+])
+def test_compressed_files_of_versions_1_and_2_still_load(name, key, given, digest):
+    """The digest is what commit 2eb6934 decoded them to (weights, biases, batch norm's tensors)."""
+    assert encoding.decode_all((GOLDEN / name).read_bytes()).arch is None
+    found, model = read_compressed(GOLDEN / name, key, *given)
+    assert (found.model_key, found.arch, found.kwargs) == (key, given[0] or key, given[1] or {})
+    assert _digest(model) == digest
+
+
+def test_a_version_2_file_of_a_model_not_built_in_needs_its_arch():
+    with pytest.raises(EncodingError, match=r"small_resnet-v2.bin: of an older format, which does not name the "
+                                            r"architecture: model 'small_resnet' is not built in"):
+        read_compressed(GOLDEN / "small_resnet-v2.bin")
+
+
+def _version_3_of_small_resnet(path: Path) -> Path:
+    found, model = read_compressed(GOLDEN / "small_resnet-v2.bin", "small_resnet", *SMALL_RESNET)
+    path.write_bytes(encoding.encode("small_resnet", *SMALL_RESNET, found.layers, other=found.other))
+    return path
+
+
+def test_a_version_3_file_makes_its_model_from_what_it_says(tmp_path):
+    path = _version_3_of_small_resnet(tmp_path / "v3.bin")
+    found, model = read_compressed(path)
+    assert (found.arch, found.kwargs) == SMALL_RESNET and _digest(model) == "1c03eb7089ab97116a7ae3ec4afcdf4f"
+    with pytest.raises(EncodingError, match=r"v3.bin: holds model small_resnet of arch .* with kwargs "
+                                            r"\{'channels': 4\}, expected arch .* with kwargs \{'channels': 16\}"):
+        read_compressed(path, "small_resnet", SMALL_RESNET[0], {"channels": 16})
+
+
+def test_decode_command_without_params_for_a_model_of_an_import_path(tmp_path, capsys):
+    """python -m hanprune decode FILE: the file names its arch; the --out checkpoint does too."""
+    path = _version_3_of_small_resnet(tmp_path / "v3.bin")
+    cli.main(["decode", str(path), "--out", str(tmp_path / "decoded.pt")])
+    out = capsys.readouterr().out
+    assert f"{path}: small_resnet, {path.stat().st_size} bytes" in out and "block.conv2" in out
+    model, ckpt = pruning.load_checkpoint(tmp_path / "decoded.pt")
+    assert (ckpt["arch"], ckpt["kwargs"]) == SMALL_RESNET
+    decoded, written = pruning.plain_state_dict(read_compressed(path)[1]), pruning.plain_state_dict(model)
+    assert decoded.keys() == written.keys() and all(torch.equal(decoded[k], written[k]) for k in decoded)
+
+
+def test_decode_command_takes_the_arch_of_an_older_file_from_params(tmp_path, capsys, project_params):
+    path = GOLDEN / "small_resnet-v2.bin"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["decode", str(path)])
+    assert e.value.code == 1 and capsys.readouterr().err.startswith(
+        f"error: {path}: of an older format, which does not name the architecture: model 'small_resnet'")
+    project_params["models"]["small_resnet"]["kwargs"] = SMALL_RESNET[1]
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(project_params, sort_keys=False))
+    cli.main(["decode", str(path), "--params", str(params)])
+    assert f"{path}: small_resnet, {path.stat().st_size} bytes" in capsys.readouterr().out
 
 
 def test_shared_weight_gradient_is_the_per_code_sum_and_repeatable_to_the_bit():
@@ -150,11 +220,11 @@ def test_after_weight_sharing_every_surviving_weight_has_its_nearest_centroid(ke
     """k-means converged: each surviving weight's code names the codebook entry nearest to it
     (ties within float rounding allowed), and pruned weights stay zero with code -1."""
     torch.manual_seed(0)
-    model = build(key)
+    model = make(key)
     pruning.prune_by_std(model, {name: 0.8 for name in prunable_layers(model)}, pruning.weight_std(model))
     masks = pruning.masks_of(model)
     original = {name: m.weight.detach().clone() for name, m in prunable_layers(model).items()}
-    plain = build(key)
+    plain = make(key)
     plain.load_state_dict(pruning.plain_state_dict(model))
     share_weights(plain, {name: 4 for name in masks}, masks)
     for name, q in quantized_layers(plain).items():

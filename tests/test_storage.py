@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from hanprune import measure, pruning, storage
-from hanprune.models import build
+from hanprune.models import make
 
 
 def pruned(key: str):
     torch.manual_seed(0)
-    model = build(key)
+    model = make(key)
     layers = {"fc1", "conv2"} & set(pruning.weight_std(model))
     pruning.prune_by_std(model, {name: 1.0 for name in layers}, pruning.weight_std(model))
     return model
@@ -32,32 +32,33 @@ def test_dense_and_csr_files_load_back_the_same_weights(key):
     model = pruned(key)
     expected = pruning.plain_state_dict(model)
     for data, load in [(storage.dense_bytes(model), storage.load_dense), (storage.csr_bytes(model), storage.load_csr)]:
-        back = load(data, key).state_dict()
+        back = load(data, make(key)).state_dict()
         assert set(back) == set(expected)
         for name, t in expected.items():
             assert torch.equal(back[name], t), name
 
 
 def test_csr_of_a_layer_with_empty_rows():
-    model = build("lenet_300_100")
+    model = make("lenet_300_100")
     with torch.no_grad():
         for layer in (model.fc1, model.fc2, model.fc3):
             layer.weight.zero_()
         model.fc2.weight[3, 7] = 1.5
         model.fc2.weight[99, 0] = -2.0
-    back = storage.load_csr(storage.csr_bytes(model), "lenet_300_100")
+    back = storage.load_csr(storage.csr_bytes(model), make("lenet_300_100"))
     assert torch.equal(back.fc2.weight, model.fc2.weight) and int(back.fc1.weight.count_nonzero()) == 0
 
 
-@pytest.mark.parametrize("load, make", [(storage.load_dense, storage.dense_bytes), (storage.load_csr, storage.csr_bytes)])
-def test_files_of_another_size_are_refused(load, make):
-    data = make(pruned("lenet_300_100"))
+@pytest.mark.parametrize("load, write", [(storage.load_dense, storage.dense_bytes),
+                                         (storage.load_csr, storage.csr_bytes)])
+def test_files_of_another_size_are_refused(load, write):
+    data = write(pruned("lenet_300_100"))
     with pytest.raises(storage.StorageError, match="too short"):
-        load(data[:-1], "lenet_300_100")
+        load(data[:-1], make("lenet_300_100"))
     with pytest.raises(storage.StorageError, match="bytes left over"):
-        load(data + b"\0" * 4, "lenet_300_100")
+        load(data + b"\0" * 4, make("lenet_300_100"))
     with pytest.raises(storage.StorageError):
-        load(data, "lenet5_caffe")
+        load(data, make("lenet5_caffe"))
 
 
 def test_corrupt_row_pointers_and_column_indices_are_refused():
@@ -65,9 +66,9 @@ def test_corrupt_row_pointers_and_column_indices_are_refused():
     bad = bytearray(data)
     bad[4:8] = np.int32(-5).tobytes()  # fc1's second row pointer
     with pytest.raises(storage.StorageError, match="row pointers"):
-        storage.load_csr(bytes(bad), "lenet_300_100")
+        storage.load_csr(bytes(bad), make("lenet_300_100"))
     first_col = 4 * 301
     bad = bytearray(data)
     bad[first_col:first_col + 4] = np.int32(784).tobytes()
     with pytest.raises(storage.StorageError, match="column index outside 0..783"):
-        storage.load_csr(bytes(bad), "lenet_300_100")
+        storage.load_csr(bytes(bad), make("lenet_300_100"))
