@@ -68,7 +68,7 @@ def measure(config: dict, data_root: str, steps: int) -> dict:
     onednn = "1" if config["onednn"] else "0"
     probe = child([sys.executable, str(ROOT / "tests" / "numerics_probe.py"), "env", onednn], config)
     timings = {key: child([sys.executable, str(ROOT / "benchmarks" / "steps.py"), data_root, key, str(steps), onednn],
-                          config)["ms_per_step"] for key in MODELS}
+                          config)["ms_per_step"] for key in MODELS} if steps else None
     return {**config, "torch_capability": probe["capability"],
             "md5": {k: v for k, v in probe.items() if "/" in k}, "ms_per_step_real_mnist_batch64": timings}
 
@@ -89,7 +89,7 @@ def compare(files: list[Path]) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT / "data"), help="data root holding real MNIST (the download stage's)")
-    ap.add_argument("--steps", type=int, default=200, help="timed training steps per model and configuration")
+    ap.add_argument("--steps", type=int, default=200, help="timed training steps per model and configuration (0: md5s only)")
     ap.add_argument("--compare", action="store_true", help="only print the comparison of the files there")
     args = ap.parse_args()
     if not args.compare:

@@ -1,4 +1,4 @@
-"""Milliseconds per training step (batch 64, SGD with momentum, channels-last) of a built-in model
+"""Milliseconds per training step (batch 64, SGD with momentum, in hanprune.train's layout) of a built-in model
 on the real MNIST files, with the numeric settings of the environment as given; run in a fresh
 process by benchmarks/numerics.py (the settings are fixed when torch loads):
 
@@ -17,20 +17,20 @@ import torch.nn.functional as F  # noqa: E402
 
 from hanprune import data  # noqa: E402
 from hanprune.models import make  # noqa: E402
-from hanprune.train import channels_last  # noqa: E402
+from hanprune.train import in_layout, memory_format  # noqa: E402
 
 root, key, steps, onednn = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 torch.backends.mkldnn.enabled = onednn
 torch.manual_seed(0)
 torch.set_num_threads(2)
 x, y = data.Splits(data.verified(data.raw_dir(root, "mnist"), "mnist"), 5000, 0).train
-model = make(key).to(memory_format=torch.channels_last)
+model = make(key).to(memory_format=memory_format(torch.device("cpu")))
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
 
 
 def step(i):
     batch = slice(i * 64, (i + 1) * 64)
-    loss = F.cross_entropy(model(channels_last(x[batch])), y[batch])
+    loss = F.cross_entropy(model(in_layout(x[batch])), y[batch])
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()

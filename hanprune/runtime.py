@@ -3,21 +3,22 @@
 configure(portable) must run before torch is imported: the kernel libraries read their settings
 when they load. start(...) then picks the device, seeds and fixes the thread count, once per process.
 
-Portable mode gives the same bytes on any x86-64 CPU with AVX2 at a fixed thread count. Each knob
-was found by measurement (README, "Reproducibility"):
-- ATen's own vectorised kernels (sums, losses, SGD) are compiled for AVX2 and AVX-512 and differ in
-  their bits: ATEN_CPU_CAPABILITY=avx2 pins the AVX2 ones;
-- MKL's GEMM kernels differ by instruction set: its conditional numerical reproducibility mode
-  (MKL_CBWR=AVX2,STRICT) pins one code path, documented to give the same results on every CPU that
-  has it, for a fixed thread count;
-- oneDNN's convolutions promise run-to-run determinism on one platform only, so in portable mode
-  convolutions run on ATen's own kernels (im2col and MKL's GEMM) instead.
+Portable mode gives the same bytes on any x86-64 CPU with AVX2, of either vendor, at a fixed thread
+count (README, "Reproducibility", and benchmarks/numerics/ for what was measured on which CPU):
+- ATen's own vectorised kernels (sums, losses, SGD, im2col) are compiled for AVX2 and AVX-512 and
+  differ in their bits: ATEN_CPU_CAPABILITY=avx2 pins the AVX2 ones, whatever the vendor;
+- MKL's GEMM kernels differ by CPU: MKL_CBWR=COMPATIBLE pins the one code path that oneMKL documents
+  to give the same results on Intel and non-Intel CPUs alike, for a fixed thread count (its AVX2
+  branch does so on Intel CPUs only: on others MKL takes another one);
+- oneDNN promises run-to-run determinism on one platform only, and its convolutions choose their
+  blocking from the CPU's cache sizes, so in portable mode convolutions run on ATen's own kernels
+  (im2col and MKL's GEMM) instead, in the standard memory layout (hanprune.train.memory_format).
 """
 import os
 
 from .errors import HanpruneError
 
-PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT"}
+PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
 
 
 class RuntimeConfigError(HanpruneError):

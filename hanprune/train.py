@@ -17,7 +17,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=x.device)  # summed on the device: one sync
     for i in range(0, len(x), batch_size):
-        correct += (model(channels_last(x[i:i + batch_size])).argmax(1) == y[i:i + batch_size]).sum()
+        correct += (model(in_layout(x[i:i + batch_size])).argmax(1) == y[i:i + batch_size]).sum()
     return correct.item() / len(x)
 
 
@@ -68,13 +68,24 @@ def random_shift(x: torch.Tensor, shift: int, dy: torch.Tensor, dx: torch.Tensor
     return windows[torch.arange(n, device=x.device), :, dy, dx]
 
 
-def channels_last(x: torch.Tensor) -> torch.Tensor:
-    """A copy of the image batch x in channels-last strides, in which oneDNN's CPU convolutions are
-    faster for these small networks, in training and in inference (lenet5_caffe's test accuracy:
-    0.8 s instead of 1.5 s). x.contiguous(memory_format=...) would leave a one-channel batch as it
-    is (it counts as channels-last already), and then a convolution whose weight is in the
-    standard strides (a plain model, or weight_orig * mask) runs in the slow standard layout."""
-    return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+def memory_format(device: torch.device) -> torch.memory_format:
+    """The layout of the model and its batches: channels-last, in which oneDNN's CPU convolutions
+    and cuDNN's are faster for these small networks; the standard layout where oneDNN is off (the
+    portable mode), in which ATen's own CPU convolutions are faster."""
+    if device.type == "cpu" and not torch.backends.mkldnn.enabled:
+        return torch.contiguous_format
+    return torch.channels_last
+
+
+def in_layout(x: torch.Tensor) -> torch.Tensor:
+    """The image batch x in memory_format's layout. For channels-last, a copy: x.contiguous(memory_format=...)
+    would leave a one-channel batch as it is (it counts as channels-last already), and then a
+    convolution whose weight is in the standard strides (a plain model, or weight_orig * mask) runs
+    in the slow standard layout."""
+    layout = memory_format(x.device)
+    if layout == torch.contiguous_format:
+        return x.contiguous()
+    return torch.empty_like(x, memory_format=layout).copy_(x)
 
 
 def fit(model, cfg, train, val, test=None, device=torch.device("cpu"), log=None, cuda_graphs=True) -> list[dict]:
@@ -85,11 +96,9 @@ def fit(model, cfg, train, val, test=None, device=torch.device("cpu"), log=None,
     CUDA, the steps are replayed from a captured CUDA graph (CudaGraphStep) unless cuda_graphs is
     false (benchmarks/run.py times the eager loop so).
 
-    The model and each batch are in channels-last memory layout: oneDNN's CPU convolutions are
-    faster in it for these small networks (an epoch of lenet5_caffe takes 15-19 s instead of
-    26-29 s on the 2-core machines, pruned or not). The standard layout is restored on return, so
-    checkpoints do not depend on it."""
-    model.to(memory_format=torch.channels_last)
+    The model and each batch are in memory_format(device)'s layout; the standard layout is
+    restored on return, so checkpoints do not depend on it."""
+    model.to(memory_format=memory_format(device))
     try:
         return _fit(model, cfg, train, val, test, device, log, cuda_graphs)
     finally:
@@ -114,7 +123,7 @@ def _fit(model, cfg, train, val, test, device, log, cuda_graphs) -> list[dict]:
         """One SGD step on a batch: a (3, len) tensor of image indices and their shifts dy, dx."""
         idx, dy, dx = batch
         images = random_shift(x[idx], cfg.shift, dy, dx) if cfg.shift else x[idx]
-        loss = F.cross_entropy(model(channels_last(images)), y[idx])
+        loss = F.cross_entropy(model(in_layout(images)), y[idx])
         total_loss.add_(loss.detach() * len(idx))
         if l1:
             loss = loss + l1 * sum(m.weight.abs().sum() for m in layers)

@@ -1,8 +1,11 @@
-"""Portable numerics (run.portable): the same bytes whatever instruction sets the CPU offers.
+"""Portable numerics (run.portable): the same bytes whatever CPU runs them.
 
-A CPU without AVX-512 is stood in for by capping MKL, oneDNN and ATen at AVX2 through their own
-environment variables; the portable mode must give the same bytes with and without the caps, and
-the fast mode must not (on a CPU with AVX-512, which is what makes this test able to fail)."""
+The probe (tests/numerics_probe.py) trains, prunes and weight-shares two models on tiny data. In the
+portable mode its md5s must equal the committed reference (tests/portable_reference.json, which
+names the CPUs that gave it): a CPU of another model or vendor that gives other bytes fails here.
+Within one CPU, one without AVX-512 is stood in for by capping MKL, oneDNN and ATen at AVX2 through
+their own environment variables: the portable mode must give the same bytes with and without the
+caps, and the fast mode must not (on a CPU with AVX-512, which is what lets that test fail)."""
 import json
 import os
 import subprocess
@@ -24,6 +27,20 @@ def probe(mode: str, env: dict) -> dict:
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_portable_mode_gives_the_committed_reference_bytes():
+    reference = json.loads((ROOT / "tests" / "portable_reference.json").read_text())
+    got = probe("portable", {})
+    assert got.pop("capability") == "AVX2"
+    differ = {k: (got[k][:8], v[:8]) for k, v in reference["md5"].items() if got[k] != v}
+    assert not differ, (f"this CPU ({cpu_model()}) gives other bytes in the portable mode than "
+                        f"{'; '.join(reference['cpus'])} (probe step: this CPU's md5, the reference's): {differ}")
+
+
+def cpu_model() -> str:
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
 
 
 def test_portable_mode_gives_the_same_bytes_natively_and_under_avx2_caps():
