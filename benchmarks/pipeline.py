@@ -1,8 +1,8 @@
 """Run every stage of dvc.yaml without DVC, in dependency order, in a working directory of its own:
 for a machine that has torch but no DVC (the GPU check, benchmarks/gpu_check.sh). Each stage's
 command is dvc.yaml's, with `foreach` expanded and `${...}` filled in from the params file, and
-its stage scripts taken from this checkout. Times every stage (wall time, and from the stage
-itself its training time, the rest being its fixed cost) and writes them as JSON.
+its stage scripts taken from this checkout. Times every stage (wall time, and its training time:
+the seconds of the epoch lines it prints; the rest is its fixed cost) and writes them as JSON.
 
     python benchmarks/pipeline.py --workdir /tmp/run --params my-params.yaml --out timings.json
 
@@ -21,6 +21,13 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+EPOCH_LINE = re.compile(r" epoch \d+: .*\((\d+\.\d+) s\)$")  # stages/common.py epoch_logger
+
+
+def epoch_seconds(line: str) -> float:
+    """The seconds of an epoch line a stage prints, else 0."""
+    m = EPOCH_LINE.search(line.rstrip("\n"))
+    return float(m[1]) if m else 0.0
 
 
 def lookup(context: dict, dotted: str):
@@ -90,30 +97,31 @@ def main():
     params_text = Path(args.params).read_text()
     (work / "params.yaml").write_text(params_text)
     order = in_order(stages(yaml.safe_load((ROOT / "dvc.yaml").read_text()), yaml.safe_load(params_text)))
-    timings_file = work / "stage-timings.jsonl"
-    timings_file.unlink(missing_ok=True)
-    env = {**os.environ, "HANPRUNE_TIMINGS": str(timings_file)}
     out = Path(args.out or work / "timings.json")
-    start, seconds = time.perf_counter(), {}
+    start, seconds, training = time.perf_counter(), {}, {}
     for s in order:
         cmd = s["cmd"].replace("python stages/", f"{sys.executable} {ROOT}/stages/", 1)
         t = time.perf_counter()
-        proc = subprocess.run(cmd, shell=True, cwd=work, env={**env, "DVC_STAGE": s["name"]})
+        proc = subprocess.Popen(cmd, shell=True, cwd=work, env={**os.environ, "DVC_STAGE": s["name"]},
+                                stdout=subprocess.PIPE, text=True, errors="replace")
+        training[s["name"]] = 0.0
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            training[s["name"]] += epoch_seconds(line)
+        proc.wait()
         seconds[s["name"]] = time.perf_counter() - t
         print(f"pipeline: {s['name']} {seconds[s['name']]:.1f} s", flush=True)
         if proc.returncode != 0:
             raise SystemExit(f"pipeline: stage {s['name']} failed (exit {proc.returncode})")
-        write_timings(out, timings_file, seconds, time.perf_counter() - start, len(order))
+        write_timings(out, seconds, training, time.perf_counter() - start, len(order))
     print(f"pipeline: {len(order)} stages in {time.perf_counter() - start:.0f} s -> {out}")
 
 
-def write_timings(out: Path, timings_file: Path, seconds: dict, total: float, stages: int):
+def write_timings(out: Path, seconds: dict, training: dict, total: float, stages: int):
     """The timings so far (after every stage, so that a run cut short keeps what it measured)."""
-    inner = {r["stage"]: r for r in map(json.loads, timings_file.read_text().splitlines())}
     out.write_text(json.dumps({"seconds": total, "complete": len(seconds) == stages, "stages": {
-        name: {"seconds": sec, "training_seconds": inner[name]["training_seconds"],
-               "fixed_seconds": sec - inner[name]["training_seconds"]} for name, sec in seconds.items()}},
-        indent=2) + "\n")
+        name: {"seconds": sec, "training_seconds": training[name], "fixed_seconds": sec - training[name]}
+        for name, sec in seconds.items()}}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
