@@ -1,7 +1,7 @@
 """Run a command (normally `dvc repro`) and measure every DVC stage it runs: wall time and peak
-resident memory (RSS) of the stage's processes, sampled from /proc every 0.2 s (Linux), and, as each
-stage reports it (HANPRUNE_TIMINGS, stages/common.py), its time from process start to exit, its
-training time (the epochs) and the difference, its fixed cost.
+resident memory (RSS) of the stage's processes, sampled from /proc every 0.2 s (Linux), and, from
+the command's output (passed through), each stage's training time (the seconds of the epoch lines
+it prints after DVC's "Running stage '<stage>':") and the rest of its wall time, its fixed cost.
 
 DVC puts DVC_STAGE=<stage> into the environment of each stage command, so a process belongs to
 the stage named there. Writes benchmarks/stages.json; benchmarks/run.py folds it into results.json.
@@ -13,18 +13,20 @@ Stages that DVC restored from its run-cache instead of running are not measured;
 """
 import argparse
 import json
-import os
+import re
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hanprune import io  # noqa: E402
+from pipeline import epoch_seconds  # noqa: E402  (benchmarks/pipeline.py, beside this script)
 
 INTERVAL = 0.2
+RUNNING = re.compile(r"Running stage '([^']+)':")
 
 
 def children() -> dict[int, int]:
@@ -62,6 +64,18 @@ def stage_and_rss(pid: int) -> tuple[str | None, int]:
     return stage, rss
 
 
+def pass_through(stream, training: dict[str, float]):
+    """Copy the command's output to ours, adding up each stage's epoch seconds into `training`."""
+    stage = None
+    for line in stream:
+        print(line, end="", flush=True)
+        if m := RUNNING.match(line):
+            stage = m[1]
+            training[stage] = 0.0
+        elif stage:
+            training[stage] += epoch_seconds(line)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/stages.json", help="JSON to write")
@@ -71,9 +85,11 @@ def main():
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         ap.error("give the command to run after --")
-    timings = Path(tempfile.mkstemp(prefix="hanprune-timings-", suffix=".jsonl")[1])
     start = time.perf_counter()
-    proc = subprocess.Popen(command, env={**os.environ, "HANPRUNE_TIMINGS": str(timings)})
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, errors="replace")
+    training: dict[str, float] = {}
+    reader = threading.Thread(target=pass_through, args=(proc.stdout, training))
+    reader.start()
     stages: dict[str, dict] = {}
     while proc.poll() is None:
         now = time.perf_counter() - start
@@ -88,15 +104,14 @@ def main():
             s["peak_rss_bytes"] = max(s["peak_rss_bytes"], rss)
         time.sleep(INTERVAL)
     total = time.perf_counter() - start
-    reported = {r["stage"]: r for r in map(json.loads, timings.read_text().splitlines())}
-    timings.unlink()
+    reader.join()
     result = {"command": " ".join(command), "returncode": proc.returncode, "wall_seconds": total,
               "stages": {name: {"seconds": s["last_seen"] - s["first_seen"] + INTERVAL,
                                 "peak_rss_mb": s["peak_rss_bytes"] / 2 ** 20} for name, s in stages.items()}}
-    for name, r in reported.items():
+    for name, seconds in training.items():
         if name in result["stages"]:
-            result["stages"][name].update(process_seconds=r["seconds"], training_seconds=r["training_seconds"],
-                                          fixed_seconds=r["seconds"] - r["training_seconds"])
+            s = result["stages"][name]
+            s.update(training_seconds=seconds, fixed_seconds=s["seconds"] - seconds)
     if args.add and Path(args.out).exists():
         before = json.loads(Path(args.out).read_text())
         result = {"command": f"{before['command']} + {result['command']}",

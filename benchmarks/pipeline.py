@@ -4,7 +4,8 @@ and their commands are those DVC resolved and wrote into dvc.lock (`foreach` exp
 filled in), so they are the committed run's: a change to dvc.yaml or to the params that name stages
 or fill their commands needs `dvc repro` first. The params file given is the one the stages read;
 their scripts are this checkout's. Times every stage (wall time, and from the stage itself its
-training time, the rest being its fixed cost) and writes them as JSON.
+training time: the seconds of the epoch lines it prints; the rest is its fixed cost) and writes them
+as JSON.
 
     python benchmarks/pipeline.py --workdir /tmp/run --params my-params.yaml --out timings.json
 
@@ -15,6 +16,7 @@ import argparse
 import graphlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -23,6 +25,13 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+EPOCH_LINE = re.compile(r" epoch \d+: .*\((\d+\.\d+) s\)$")  # stages/common.py epoch_logger
+
+
+def epoch_seconds(line: str) -> float:
+    """The seconds of an epoch line a stage prints, else 0."""
+    m = EPOCH_LINE.search(line.rstrip("\n"))
+    return float(m[1]) if m else 0.0
 
 
 def inside(a: str, b: str) -> bool:
@@ -55,30 +64,31 @@ def main():
     params_text = Path(args.params).read_text()
     (work / "params.yaml").write_text(params_text)
     order = in_order(yaml.safe_load((ROOT / "dvc.lock").read_text()))
-    timings_file = work / "stage-timings.jsonl"
-    timings_file.unlink(missing_ok=True)
-    env = {**os.environ, "HANPRUNE_TIMINGS": str(timings_file)}
     out = Path(args.out or work / "timings.json")
-    start, seconds = time.perf_counter(), {}
+    start, seconds, training = time.perf_counter(), {}, {}
     for name, cmd in order:
         cmd = cmd.replace("python stages/", f"{sys.executable} {ROOT}/stages/", 1)
         t = time.perf_counter()
-        proc = subprocess.run(cmd, shell=True, cwd=work, env={**env, "DVC_STAGE": name})
+        proc = subprocess.Popen(cmd, shell=True, cwd=work, env={**os.environ, "DVC_STAGE": name},
+                                stdout=subprocess.PIPE, text=True, errors="replace")
+        training[name] = 0.0
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            training[name] += epoch_seconds(line)
+        proc.wait()
         seconds[name] = time.perf_counter() - t
         print(f"pipeline: {name} {seconds[name]:.1f} s", flush=True)
         if proc.returncode != 0:
             raise SystemExit(f"pipeline: stage {name} failed (exit {proc.returncode})")
-        write_timings(out, timings_file, seconds, time.perf_counter() - start, len(order))
+        write_timings(out, seconds, training, time.perf_counter() - start, len(order))
     print(f"pipeline: {len(order)} stages in {time.perf_counter() - start:.0f} s -> {out}")
 
 
-def write_timings(out: Path, timings_file: Path, seconds: dict, total: float, stages: int):
+def write_timings(out: Path, seconds: dict, training: dict, total: float, stages: int):
     """The timings so far (after every stage, so that a run cut short keeps what it measured)."""
-    inner = {r["stage"]: r for r in map(json.loads, timings_file.read_text().splitlines())}
     out.write_text(json.dumps({"seconds": total, "complete": len(seconds) == stages, "stages": {
-        name: {"seconds": sec, "training_seconds": inner[name]["training_seconds"],
-               "fixed_seconds": sec - inner[name]["training_seconds"]} for name, sec in seconds.items()}},
-        indent=2) + "\n")
+        name: {"seconds": sec, "training_seconds": training[name], "fixed_seconds": sec - training[name]}
+        for name, sec in seconds.items()}}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

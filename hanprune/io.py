@@ -1,6 +1,7 @@
 """Atomic file output: write to a temporary file beside the target, fsync, rename.
 A process killed at any moment leaves the old file or none, never a truncated one."""
 import contextlib
+import csv
 import errno
 import io
 import json
@@ -55,6 +56,16 @@ def write_bytes(path, data: bytes):
 
 def write_text(path, text: str):
     write_bytes(path, text.encode())
+
+
+def write_csv(path, header: list[str], rows):
+    """A CSV of `header` and `rows` (their fields written as str() gives them: format numbers
+    before), with \n line endings."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text(path, text.getvalue())
 
 
 def write_json(path, obj):

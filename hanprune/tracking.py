@@ -1,25 +1,48 @@
-"""MLflow logging that never costs a DVC output: if the store is unreachable the stage warns once
-and goes on, unless tracking is required, in which case it fails before any work is done.
+"""MLflow logging that never costs a DVC output.
 
-Run logs in the calling process. Background runs the same Run in a worker process (this module as
-`python -m hanprune.tracking`), so that MLflow's import and its store (about 2 s on the 2-core
-machines) overlap with the stage's own work instead of adding to it."""
+MlflowRun logs in the calling process. BackgroundRun has an MlflowRun in a worker process make
+the calls: the one process of a concurrent.futures pool (start_worker), forked before the stage
+imports torch, so that MLflow's import and the opening of its store overlap the stage's own work
+on the other core. BackgroundRun's methods check their arguments in the calling process (a wrong
+call is a TypeError where it is made) and return at once; the worker makes the calls in order;
+finish() waits for them all.
+
+Whatever goes wrong costs one line on stderr (warn), never an output:
+- the store cannot be opened (unreachable, MLflow missing, a read-only database): every later
+  call is a no-op; with tracking.required the stage fails instead, before any work;
+- a logging call fails (the server went away): the run logs nothing more;
+- the worker process dies (killed, out of memory): the run logs nothing more.
+MLflow's own log lines (a 40-line traceback for a read-only database) are off; HANPRUNE_DEBUG=1
+keeps them and prints the traceback behind each warning.
+
+HANPRUNE_STRICT_TRACKING=1 (tests/conftest.py sets it) makes a logging call that fails after the
+run is open raise instead (from finish(), for a BackgroundRun): against the tests' local stores
+such a failure is a bug in this project (a value MLflow refuses, an argument it cannot take), not a
+store going away. Tests that make a store fail on purpose unset it. A store that cannot be opened
+and a dead worker still only warn."""
 import contextlib
 import fcntl
 import functools
+import inspect
+import multiprocessing
 import os
-import pickle
-import subprocess
+import signal
 import sys
+import threading
 import time
-import warnings
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from types import SimpleNamespace
 
 from .errors import HanpruneError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+if not os.environ.get("HANPRUNE_DEBUG"):
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "CRITICAL")  # what fails is reported by warn(), in one line
 
 
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -27,6 +50,21 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 class TrackingError(HanpruneError):
     pass
+
+
+def warn(message: str):
+    """One line on stderr (with HANPRUNE_DEBUG=1, after the traceback being handled)."""
+    if os.environ.get("HANPRUNE_DEBUG"):
+        traceback.print_exc()
+    print(f"warning: {message}; continuing without tracking", file=sys.stderr, flush=True)
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"  # one line, whatever the store said
+
+
+def _strict() -> bool:
+    return os.environ.get("HANPRUNE_STRICT_TRACKING") == "1"
 
 
 def default_uri(root) -> str:
@@ -51,7 +89,7 @@ def _store_lock(uri: str):
     opens the store and finds or creates the experiment and the parent run: stages of parallel
     experiments (`dvc queue start -j 2`) would otherwise race to create the tables, the experiment
     or a parent. Other stores take no lock: a server creates its tables once, and a lost race to
-    create the experiment is handled in Run._experiment."""
+    create the experiment is handled in MlflowRun._experiment."""
     if not uri.startswith("sqlite:///"):
         yield
         return
@@ -66,8 +104,9 @@ def _store_lock(uri: str):
 
 
 def _best_effort(method):
-    """A Run method that is a no-op when the store could not be reached, and whose failure (the
-    store went away) costs one warning, never an exception."""
+    """An MlflowRun method that is a no-op when the store could not be reached, and whose failure
+    (the store went away) costs one warning and ends the run's logging: every later call would wait
+    for its own timeout. Under HANPRUNE_STRICT_TRACKING the failure is raised."""
     @functools.wraps(method)
     def call(self, *args, **kwargs):
         if self.run is None:
@@ -75,11 +114,14 @@ def _best_effort(method):
         try:
             method(self, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 - any store failure is reported the same way
-            warnings.warn(f"MLflow logging to {self.uri} failed: {type(e).__name__}: {str(e)[:300]}")
+            if _strict():
+                raise
+            warn(f"MLflow logging to {self.uri} failed: {_reason(e)}")
+            self.run = None
     return call
 
 
-class Run:
+class MlflowRun:
     """One MLflow run. All methods are no-ops when the store could not be reached.
 
     With `group` (tags that identify one pipeline run of one model), the run is created as a child
@@ -100,11 +142,10 @@ class Run:
                     tags["mlflow.parentRunId"] = self.parent_id
             self.run = self.client.create_run(exp_id, run_name=name, tags=tags)
         except Exception as e:  # noqa: BLE001 - any store failure is reported the same way
-            reason = " ".join(str(e).split())[:300]  # one line, whatever the store said
-            message = f"MLflow tracking store {uri} unreachable: {type(e).__name__}: {reason}"
+            message = f"MLflow tracking store {uri} unreachable: {_reason(e)}"
             if required:
                 raise TrackingError(message + " (tracking.required is true)") from None
-            print(f"warning: {message}; continuing without tracking", file=sys.stderr)
+            warn(message)
 
     def _experiment(self, name: str) -> str:
         """The experiment's id, created if need be, and marked as model training (EXPERIMENT_KIND),
@@ -204,50 +245,81 @@ class Run:
         self.finish("FAILED" if exc_type else "FINISHED")
 
 
-class Background:
-    """A Run in a worker process. Every call is handed over (pickled through a pipe) and returns at
-    once; finish() waits until the worker has logged everything. The worker reports an
-    unreachable store itself (one warning); with `required` the constructor waits for it to
-    connect, and raises TrackingError if it cannot, so the stage fails before any work. A worker
-    that cannot even start costs one warning."""
+def start_worker(uri: str) -> ProcessPoolExecutor:
+    """The worker process for BackgroundRun, forked now: call it before torch is imported (a fork
+    after torch's thread pool ran leaves the worker hanging at its first parallel operation). It
+    imports MLflow and opens the store at `uri` meanwhile, at a lower priority than the stage."""
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
+    pool.submit(_start, uri)  # a fork pool forks at its first task
+    return pool
 
-    def __init__(self, uri: str, experiment: str, name: str, tags: dict, required: bool,
-                 group: dict | None = None, worker: subprocess.Popen | None = None):
-        self.proc = worker or start_worker(uri)
-        self._send("open", uri, experiment, name, tags, required, group)
+
+def _in_worker(method):
+    """A BackgroundRun method: the worker calls MlflowRun's `method`, whose signature the arguments
+    are checked against here first."""
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def submit(self, *args, **kwargs):
+        signature.bind(self, *args, **kwargs)  # a wrong call is a TypeError here, not a warning from the worker
+        self._submit(_call, method.__name__, args, kwargs)
+    return submit
+
+
+class BackgroundRun:
+    """An MlflowRun made by the worker process of `pool` (start_worker; one pool serves one run
+    after another). Every call returns at once; finish() waits until the worker has made them all.
+    The worker reports a store it cannot open (one warning); with `required` the constructor waits
+    for it to open the run, and raises TrackingError if it cannot, so the stage fails before any
+    work. A worker that died costs one warning, at whichever call finds it dead."""
+
+    def __init__(self, pool: ProcessPoolExecutor, uri: str, experiment: str, name: str, tags: dict,
+                 required: bool, group: dict | None = None):
+        self.pool, self.uri, self.calls = pool, uri, []
+        self._submit(_open, os.getcwd(), uri, experiment, name, tags, required, group)
         if required:
-            answer = self.proc.stdout.readline().decode().strip()
-            if answer != "ok":
-                self.proc.wait()
-                raise TrackingError(answer or f"MLflow tracking worker for {uri} exited without connecting")
+            try:
+                if self.pool is None:  # already dead
+                    raise BrokenProcessPool
+                self.calls.pop().result()
+            except BrokenProcessPool:
+                raise TrackingError(f"MLflow tracking worker for {uri} died before opening the run "
+                                    "(tracking.required is true)") from None
 
-    def _send(self, method: str, *args, **kwargs):
-        """One message: its length (8 bytes), then the pickled call, so that a call the worker
-        cannot unpickle (a model class it cannot import) costs that call only."""
-        if self.proc.stdin.closed:
+    def _submit(self, fn, *args):
+        if self.pool is None:
             return
         try:
-            message = pickle.dumps((method, args, kwargs))
-        except Exception as e:  # noqa: BLE001 - whatever pickle raises for an object it cannot take
-            warnings.warn(f"MLflow logging skipped {method}: {type(e).__name__}: {e}")
-            return
-        try:
-            self.proc.stdin.write(len(message).to_bytes(8, "little") + message)
-            self.proc.stdin.flush()
-        except OSError as e:  # the worker is gone
-            warnings.warn(f"MLflow logging stopped: its worker process exited ({e})")
-            self.proc.stdin.close()
+            self.calls.append(self.pool.submit(fn, *args))
+        except BrokenProcessPool:
+            self._worker_died()
 
-    def __getattr__(self, method):
-        if method not in LOGGING_METHODS:
-            raise AttributeError(method)
-        return lambda *args, **kwargs: self._send(method, *args, **kwargs)
+    def _worker_died(self):
+        if self.pool is not None:
+            warn(f"MLflow logging to {self.uri} stopped: its worker process died")
+            self.pool = None
+
+    params = _in_worker(MlflowRun.params)
+    metrics = _in_worker(MlflowRun.metrics)
+    run_tags = _in_worker(MlflowRun.run_tags)
+    table = _in_worker(MlflowRun.table)
+    artifact = _in_worker(MlflowRun.artifact)
+    register_model = _in_worker(MlflowRun.register_model)
 
     def finish(self, status="FINISHED"):
-        self._send("finish", status)
-        if not self.proc.stdin.closed:
-            self.proc.stdin.close()
-        self.proc.wait()
+        """End the run, once the worker has made every call before; the failure of a call that the
+        worker did not report itself (an argument it could not take) costs one warning."""
+        self._submit(_finish, status)
+        calls, self.calls = self.calls, []
+        for call in calls:
+            try:
+                call.result()
+            except BrokenProcessPool:
+                self._worker_died()
+            except Exception as e:  # noqa: BLE001 - whatever the call raised
+                if _strict():
+                    raise
+                warn(f"MLflow logging to {self.uri} failed: {_reason(e)}")
 
     def __enter__(self):
         return self
@@ -256,64 +328,53 @@ class Background:
         self.finish("FAILED" if exc_type else "FINISHED")
 
 
-LOGGING_METHODS = ("params", "metrics", "run_tags", "table", "artifact", "register_model")
+# The worker process's state: the store it opened (once connected is set), the run it logs to.
+_worker = SimpleNamespace(uri=None, client=None, connected=threading.Event(), run=None)
 
 
-def start_worker(uri: str) -> subprocess.Popen:
-    """A worker process for Background. Started before the stage imports torch, it imports MLflow
-    and opens the store at `uri` meanwhile, on the other core, at a lower priority than the stage."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the stage's imports
-    return subprocess.Popen([sys.executable, "-m", "hanprune.tracking", uri], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, env=env)
-
-
-def _serve(uri: str):
-    """The worker: open the store, build the Run from the first message, apply the others to it in
-    order; a stage that ends without calling finish (it was killed) leaves a FAILED run."""
+def _start(uri: str):
+    """The worker's first task. It opens the store in a thread, so that a stage that ends before
+    opening a run (--help, a bad argument) is not kept waiting for it. Ctrl-C stops the stage, not
+    the worker, which goes when the stage goes."""
     os.nice(5)
-    client = None
-    with contextlib.suppress(Exception):  # Run reports what fails, once it is asked for
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_connect_then_watch, args=(uri,), daemon=True).start()
+
+
+def _connect_then_watch(uri: str):
+    """Import MLflow and open the store (MlflowRun reports what fails, once a run is asked for);
+    then wait for the stage process to end: if it ends without finish() (it was killed), the run is
+    FAILED and the worker exits."""
+    with contextlib.suppress(Exception):
         from mlflow.tracking import MlflowClient
         with _store_lock(uri):
             client = MlflowClient(uri)
             client.search_experiments(max_results=1)  # creates the store's tables on first use
-    messages = _messages(sys.stdin.buffer)
-    try:
-        _, (uri_asked, experiment, name, tags, required, group), _ = pickle.loads(next(messages))
-    except StopIteration:  # the stage ended before opening a run (--help, a bad argument)
-        return
-    try:
-        run = Run(uri_asked, experiment, name, tags, required, group, client if uri_asked == uri else None)
-    except TrackingError as e:
-        print(e, flush=True)
-        return
-    if required:
-        print("ok", flush=True)
-    for message in messages:
-        try:
-            method, args, kwargs = pickle.loads(message)
-        except Exception as e:  # noqa: BLE001 - e.g. a model whose class this process cannot import
-            warnings.warn(f"MLflow logging skipped a call it could not read: {type(e).__name__}: {e}")
-            continue
-        getattr(run, method)(*args, **kwargs)
-        if method == "finish":
-            break
-    else:  # the stage ended without finish(): it was killed
-        run.finish("FAILED")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # all logged: skip the interpreter's teardown of MLflow and SQLAlchemy
+        _worker.uri, _worker.client = uri, client
+    _worker.connected.set()
+    multiprocessing.parent_process().join()
+    if _worker.run is not None:
+        with contextlib.suppress(Exception):
+            _worker.run.finish("FAILED")
+    os._exit(0)
 
 
-def _messages(stream):
-    """The messages Background._send wrote, until the stage closes the pipe."""
-    while len(head := stream.read(8)) == 8:
-        yield stream.read(int.from_bytes(head, "little"))
+def _open(cwd: str, uri: str, experiment: str, name: str, tags: dict, required: bool, group: dict | None):
+    os.chdir(cwd)  # relative paths (artifacts) as the stage means them
+    _worker.connected.wait()
+    _worker.run = MlflowRun(uri, experiment, name, tags, required, group,
+                            _worker.client if uri == _worker.uri else None)
+
+
+def _call(method: str, args: tuple, kwargs: dict):
+    getattr(_worker.run, method)(*args, **kwargs)
+
+
+def _finish(status: str):
+    run, _worker.run = _worker.run, None
+    run.finish(status)
 
 
 def _columns(rows: list[dict]) -> dict[str, list]:
     return {k: [r.get(k) for r in rows] for k in rows[0]} if rows else {}
 
-
-if __name__ == "__main__":
-    _serve(sys.argv[1])

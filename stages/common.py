@@ -1,36 +1,24 @@
-"""Glue shared by the stage scripts: the opening every stage shares (params, numeric mode, device
-and seeds, verified data, MLflow run), error exits. This is the only place that knows about DVC
-(its environment variables)."""
+"""Glue shared by the stage scripts: their shared arguments, the opening every stage shares
+(params, numeric mode, device and seeds, verified data, MLflow run) and error exits. This is the
+only place that knows about DVC (its environment variables).
+
+Every stage script imports this module first, before torch, and importing it does the two things
+that must come before torch: it applies run.portable of the params file on the command line (the
+kernel libraries read their settings when they load), and it forks the MLflow worker process
+(tracking.start_worker), which imports MLflow while this process imports torch."""
 import argparse
 import contextlib
-import json
 import os
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: hanprune, models' code
 
-from hanprune import runtime, tracking  # noqa: E402  (import no torch)
-
-
-def _portable_requested(argv: list[str]) -> bool:
-    """run.portable of the params file given on the command line, read before torch is imported.
-    A file that cannot be read counts as false here; config.load reports what is wrong with it."""
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--params=")), None)
-    if path is None:
-        path = argv[argv.index("--params") + 1] if "--params" in argv[:-1] else "params.yaml"
-    try:
-        return yaml.safe_load(Path(path).read_text())["run"]["portable"] is True
-    except (OSError, yaml.YAMLError, TypeError, KeyError):
-        return False
-
-
-runtime.configure(_portable_requested(sys.argv))
+from hanprune import runtime, tracking  # noqa: E402  (neither imports torch)
 
 
 def repo_root() -> Path:
@@ -45,30 +33,55 @@ def repo_root() -> Path:
         return Path.cwd()
 
 
-_tracking_worker = tracking.start_worker(tracking.default_uri(repo_root()))  # MLflow loads while torch does
+def portable_requested(argv: list[str]) -> bool:
+    """run.portable of the params file that --params names in argv (default params.yaml). A bad
+    argument or a file that cannot be read counts as false here: the stage's parser and
+    config.load report what is wrong."""
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    pre.add_argument("--params", default="params.yaml")
+    try:
+        path = pre.parse_known_args(argv)[0].params
+        return yaml.safe_load(Path(path).read_text())["run"]["portable"] is True
+    except (argparse.ArgumentError, OSError, yaml.YAMLError, TypeError, KeyError):
+        return False
 
-from hanprune import config, data  # noqa: E402
+
+# Before torch is imported:
+runtime.configure(portable_requested(sys.argv[1:]))
+TRACKING_WORKER = tracking.start_worker(tracking.default_uri(repo_root()))
+
+from hanprune import config, data  # noqa: E402  (these import torch)
 from hanprune.errors import HanpruneError  # noqa: E402
 
+SHARED_ARGUMENTS = {
+    "model": {"help": "model key, e.g. lenet5"},
+    "--data": {"default": "data", "help": "data root (default: data)"},
+    "--dense": {"required": True, "help": "dense checkpoint"},
+    "--pruned": {"required": True, "help": "final pruned checkpoint"},
+}
 
-def parser(description: str) -> argparse.ArgumentParser:
+
+def parser(description: str, *shared: str) -> argparse.ArgumentParser:
+    """A stage's argument parser: --params and the `shared` arguments (names in SHARED_ARGUMENTS)."""
     ap = argparse.ArgumentParser(description=description)
+    for name in shared:
+        ap.add_argument(name, **SHARED_ARGUMENTS[name])
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     return ap
 
 
-def run(main):
+def run_stage(main):
     """Run a stage's main(). The project's own errors and file errors become one 'error: ...' line
     and exit code 1; anything else is a bug: its traceback, one line saying so, exit code 2.
-    With HANPRUNE_TIMINGS set (benchmarks/monitor.py, benchmarks/pipeline.py), append the stage's
-    time from process start and its training time (the epochs) to that file, one JSON line."""
+    A stage that the interpreter was started for (`python stages/x.py ...`, not a test running
+    main() in its process) ends with os._exit(0) once main() has written and logged everything: it
+    skips the interpreter's teardown of torch, a large part of a short stage's fixed cost."""
     try:
         main()
-        _record_timing()
-        if _is_the_program(main):
+        if sys.orig_argv[1:] == sys.argv:
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(0)  # all written and logged: skip the interpreter's teardown (0.3-0.7 s)
+            os._exit(0)
     except (HanpruneError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -79,57 +92,11 @@ def run(main):
         sys.exit(2)
 
 
-_training_seconds = 0.0
-
-
-def _is_the_program(main) -> bool:
-    """Whether this process was started to run main's script (`python stages/x.py`), rather than a
-    test running it in-process (sys.orig_argv is the interpreter's own command line)."""
-    script = sys.orig_argv[1] if len(sys.orig_argv) > 1 else ""
-    return Path(script).resolve() == Path(main.__code__.co_filename).resolve()
-
-
-def _process_age() -> float:
-    """Seconds since this process started, from /proc on Linux (10 ms ticks); else since this
-    module loaded."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        return float(Path("/proc/uptime").read_text().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return time.time() - _LOADED
-
-
-_LOADED = time.time()
-
-
-def _record_timing():
-    path = os.environ.get("HANPRUNE_TIMINGS")
-    if path:
-        record = {"stage": os.environ.get("DVC_STAGE", Path(sys.argv[0]).stem),
-                  "seconds": _process_age(), "training_seconds": _training_seconds}
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
 def load_params(path, model: str | None = None) -> config.Params:
     p = config.load(path)
     if model is not None and model not in p.models:
         raise config.ConfigError(f"model {model!r} is not in params models: {', '.join(p.models)}")
     return p
-
-
-@contextlib.contextmanager
-def opening(p: config.Params, name: str, model: str | None = None, seed: int = 0, data_root=None):
-    """What every stage does first: numeric mode, device, seed and threads (hanprune.runtime); the
-    dataset data.name under data_root, verified and moved to the device as splits (splits.dataset
-    says what it is); the MLflow run, tagged with the dataset. Yields (device, splits or None, run)."""
-    device = runtime.start(p.run.device, p.run.threads, p.run.portable, seed)
-    splits = None
-    if data_root is not None:
-        dataset = data.verified(data.raw_dir(data_root, p.data.name), p.data.name)
-        splits = data.Splits(dataset, p.data.val_size, p.data.val_seed).to(device)
-    with open_run(p, name, model, splits and splits.dataset) as mlrun:
-        yield device, splits, mlrun
 
 
 def git_commit() -> str:
@@ -140,30 +107,39 @@ def git_commit() -> str:
         return "unknown"
 
 
-def open_run(params, name: str, model: str | None, dataset: data.Dataset | None) -> tracking.Background:
-    """An MLflow run named after the DVC stage. Runs of one model in one pipeline run are grouped
-    under a parent run identified by (model, git commit, DVC experiment name): every stage process
-    finds the same parent by searching these tags, so no run id has to travel between stages."""
+@contextlib.contextmanager
+def opening(p: config.Params, name: str, model: str | None = None, seed: int = 0, data_root=None):
+    """What every stage does first: numeric mode, device, seed and threads (hanprune.runtime); the
+    dataset data.name under data_root, verified and moved to the device as splits (splits.dataset
+    says what it is); the MLflow run, named after the DVC stage and tagged with the dataset.
+    Yields (device, splits or None, run).
+
+    Runs of one model in one pipeline run are grouped under a parent run identified by (model, git
+    commit, DVC experiment name): every stage process finds the same parent by searching these
+    tags, so no run id has to travel between stages."""
+    device = runtime.start(p.run.device, p.run.threads, p.run.portable, seed)
+    splits = None
+    if data_root is not None:
+        dataset = data.verified(data.raw_dir(data_root, p.data.name), p.data.name)
+        splits = data.Splits(dataset, p.data.val_size, p.data.val_seed).to(device)
     group = {"model": model or "all", "git_commit": git_commit(),
              "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace")}
-    tags = {**group, "dvc_stage": os.environ.get("DVC_STAGE", name), **dataset_tags(dataset)}
-    global _tracking_worker
-    worker, _tracking_worker = _tracking_worker, None  # the one started at import, else a new one
-    return tracking.Background(tracking.default_uri(repo_root()), params.tracking.experiment,
-                               os.environ.get("DVC_STAGE", name), tags, params.tracking.required, group,
-                               worker=worker)
+    stage = os.environ.get("DVC_STAGE", name)
+    tags = {**group, "dvc_stage": stage, **dataset_tags(splits and splits.dataset)}
+    with tracking.BackgroundRun(TRACKING_WORKER, tracking.default_uri(repo_root()), p.tracking.experiment,
+                                stage, tags, p.tracking.required, group) as mlrun:
+        yield device, splits, mlrun
 
 
 def dataset_tags(dataset: data.Dataset | None) -> dict[str, str]:
     return {"dataset": dataset.name if dataset else "", "dataset_md5": dataset.md5 if dataset else ""}
 
 
-def epoch_logger(run: tracking.Background, label: str):
+def epoch_logger(run: tracking.BackgroundRun, label: str):
+    """Print each epoch's line (benchmarks/pipeline.py and monitor.py add up its seconds) and log it."""
     def log(record: dict):
-        global _training_seconds
-        _training_seconds += record["seconds"]
         extra = f" test {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
         print(f"{label} epoch {record['epoch']}: loss {record['train_loss']:.4f} "
-              f"val {record['val_accuracy']:.4f}{extra} ({record['seconds']:.1f} s)", flush=True)
+              f"val {record['val_accuracy']:.4f}{extra} ({record['seconds']:.2f} s)", flush=True)
         run.metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
     return log

@@ -1,6 +1,6 @@
 """Stage download: put the verified dataset data.name into <out>/<directory>/raw (torchvision's
 layout) with its dataset.json."""
-from common import dataset_tags, load_params, opening, parser, run
+from common import dataset_tags, load_params, opening, parser, run_stage
 from hanprune import data, sources
 
 
@@ -20,4 +20,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    run_stage(main)

@@ -4,7 +4,7 @@ differences, codebooks, Huffman coding; see hanprune/encoding.py), and the stora
 Every loadable file is read back and checked before anything is written."""
 import torch
 
-from common import load_params, opening, parser, run
+from common import load_params, opening, parser, run_stage
 from hanprune import encoding, io, storage
 from hanprune.models import make
 from hanprune.pruning import load_checkpoint, plain_state_dict
@@ -30,10 +30,7 @@ def decodes_to(blob: bytes, names: tuple[str, str, dict], layers: dict, other: d
 
 
 def main():
-    ap = parser(__doc__)
-    ap.add_argument("model", help="model key")
-    ap.add_argument("--dense", required=True, help="dense checkpoint")
-    ap.add_argument("--pruned", required=True, help="final pruned checkpoint")
+    ap = parser(__doc__, "model", "--dense", "--pruned")
     ap.add_argument("--quantized", required=True, help="checkpoint written by the quantize stage")
     ap.add_argument("--out", required=True, help="compressed model file to write")
     ap.add_argument("--storage", required=True, help="directory for the other storage forms")
@@ -67,4 +64,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    run_stage(main)

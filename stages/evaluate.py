@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from common import dataset_tags, load_params, opening, parser, run
+from common import dataset_tags, load_params, opening, parser, run_stage
 from hanprune import io, measure, storage
 from hanprune.encoding import describe
 from hanprune.models import make, prunable_layers
@@ -50,11 +50,7 @@ def not_registered_reason(history: list[dict], max_drop: float) -> str | None:
 
 
 def main():
-    ap = parser(__doc__)
-    ap.add_argument("model", help="model key")
-    ap.add_argument("--data", default="data", help="data root")
-    ap.add_argument("--dense", required=True, help="dense checkpoint")
-    ap.add_argument("--pruned", required=True, help="final pruned checkpoint")
+    ap = parser(__doc__, "model", "--data", "--dense", "--pruned")
     ap.add_argument("--compressed", required=True, help="compressed model file (encode stage)")
     ap.add_argument("--storage", required=True, help="directory of the other storage forms (encode stage)")
     ap.add_argument("--metrics", required=True, help="metrics JSON to write")
@@ -87,11 +83,11 @@ def main():
         w = prunable_layers(dense)[hist_layer].weight.detach()
         lo, hi = float(w.min()), float(w.max())
         edges = torch.linspace(lo, hi, HIST_BINS + 1).tolist()
-        io.write_text(f"{args.plots}/iterations.csv", "iteration,val_pruned,val_retrained,compression\n"
-                      + "".join(f"{h['iteration']},{h['val_pruned'] or ''},{h['val_retrained'] or ''},"
-                                f"{h['compression']:.4f}\n" for h in history))
-        io.write_text(f"{args.plots}/kept.csv", "iteration,layer,kept_percent\n" + "".join(
-            f"{h['iteration']},{n},{100 * k:.3f}\n" for h in history for n, k in h["kept"].items()))
+        io.write_csv(f"{args.plots}/iterations.csv", ["iteration", "val_pruned", "val_retrained", "compression"],
+                     [[h["iteration"], h["val_pruned"] or "", h["val_retrained"] or "", f"{h['compression']:.4f}"]
+                      for h in history])
+        io.write_csv(f"{args.plots}/kept.csv", ["iteration", "layer", "kept_percent"],
+                     [[h["iteration"], n, f"{100 * k:.3f}"] for h in history for n, k in h["kept"].items()])
         io.write_json(f"{args.plots}/weights.json", {
             "layer": hist_layer, "edges": edges,
             "dense": weight_histogram(dense, hist_layer, lo, hi),
@@ -124,4 +120,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    run_stage(main)

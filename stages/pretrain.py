@@ -1,5 +1,5 @@
 """Stage pretrain: train the dense model and write its checkpoint and per-epoch curve."""
-from common import epoch_logger, load_params, opening, parser, run
+from common import epoch_logger, load_params, opening, parser, run_stage
 from hanprune import io
 from hanprune.models import check_fits, make
 from hanprune.pruning import checkpoint, weight_std
@@ -7,9 +7,7 @@ from hanprune.train import fit
 
 
 def main():
-    ap = parser(__doc__)
-    ap.add_argument("model", help="model key, e.g. lenet_300_100")
-    ap.add_argument("--data", default="data", help="data root")
+    ap = parser(__doc__, "model", "--data")
     ap.add_argument("--out", required=True, help="checkpoint to write")
     ap.add_argument("--plot", required=True, help="per-epoch CSV to write")
     args = ap.parse_args()
@@ -24,8 +22,9 @@ def main():
                      log=epoch_logger(mlrun, f"pretrain {args.model}"))
         test_acc = epochs[-1]["test_accuracy"]
         io.save_torch(args.out, checkpoint(args.model, m.arch, m.kwargs, model, weight_std(model), history=[]))
-        io.write_text(args.plot, "epoch,train_loss,val_accuracy,test_accuracy\n" + "".join(
-            f"{e['epoch']},{e['train_loss']:.6f},{e['val_accuracy']:.6f},{e['test_accuracy']:.6f}\n" for e in epochs))
+        io.write_csv(args.plot, ["epoch", "train_loss", "val_accuracy", "test_accuracy"],
+                     [[e["epoch"], f"{e['train_loss']:.6f}", f"{e['val_accuracy']:.6f}", f"{e['test_accuracy']:.6f}"]
+                      for e in epochs])
         mlrun.metrics({"final_val_accuracy": epochs[-1]["val_accuracy"], "test_accuracy": test_acc})
     seconds = sum(e["seconds"] for e in epochs)
     print(f"pretrain {args.model}: {cfg.epochs} epochs in {seconds:.0f} s "
@@ -33,4 +32,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    run_stage(main)

@@ -3,7 +3,7 @@
 Reads the previous round's checkpoint, removes weights with |w| < s * std (of the dense layer) per layer, retrains the
 survivors (pruned weights stay exactly zero), and writes the new checkpoint, whose masks and
 history carry everything the next round and the evaluation need."""
-from common import epoch_logger, load_params, opening, parser, run
+from common import epoch_logger, load_params, opening, parser, run_stage
 from hanprune import io, measure
 from hanprune.config import ConfigError
 from hanprune.pruning import PruningError, checkpoint, load_checkpoint, prune_by_std
@@ -11,9 +11,8 @@ from hanprune.train import accuracy, fit
 
 
 def main():
-    ap = parser(__doc__)
+    ap = parser(__doc__, "--data")
     ap.add_argument("iteration", help="key under prune: in params.yaml, e.g. lenet5-iter2")
-    ap.add_argument("--data", default="data", help="data root")
     ap.add_argument("--start", required=True, help="checkpoint to start from")
     ap.add_argument("--out", required=True, help="checkpoint to write")
     ap.add_argument("--metrics", required=True, help="JSON metrics of this round to write")
@@ -53,8 +52,8 @@ def main():
         io.save_torch(args.out, checkpoint(it.model, m.arch, m.kwargs, model, ckpt["dense_std"],
                                            ckpt["history"] + [record]))
         io.write_json(args.metrics, headline)
-        io.write_text(args.plot, "epoch,train_loss,val_accuracy\n" + "".join(
-            f"{e['epoch']},{e['train_loss']:.6f},{e['val_accuracy']:.6f}\n" for e in epochs))
+        io.write_csv(args.plot, ["epoch", "train_loss", "val_accuracy"],
+                     [[e["epoch"], f"{e['train_loss']:.6f}", f"{e['val_accuracy']:.6f}"] for e in epochs])
         mlrun.metrics({k: v for k, v in record.items() if k != "iteration"}, step=it.iteration, on_parent=True)
         mlrun.table([{"layer": n, **l} for n, l in layers.items()], "layers.json")
     print(f"prune {args.iteration}: val {val_before:.4f} -> pruned {val_pruned:.4f} -> retrained "
@@ -63,4 +62,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    run_stage(main)

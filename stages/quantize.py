@@ -2,7 +2,7 @@
 
 Clusters each layer's surviving weights into 2**bits shared values, fine-tunes the shared values
 (codes and sparsity pattern fixed) and writes a checkpoint that also holds codes and codebooks."""
-from common import epoch_logger, load_params, opening, parser, run
+from common import epoch_logger, load_params, opening, parser, run_stage
 from hanprune import io
 from hanprune.models import make
 from hanprune.pruning import attach_masks, checkpoint, load_checkpoint
@@ -11,10 +11,7 @@ from hanprune.train import accuracy, fit
 
 
 def main():
-    ap = parser(__doc__)
-    ap.add_argument("model", help="model key")
-    ap.add_argument("--data", default="data", help="data root")
-    ap.add_argument("--pruned", required=True, help="final pruned checkpoint")
+    ap = parser(__doc__, "model", "--data", "--pruned")
     ap.add_argument("--out", required=True, help="quantized checkpoint to write")
     ap.add_argument("--metrics", required=True, help="JSON metrics to write")
     args = ap.parse_args()
@@ -49,4 +46,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    run_stage(main)

@@ -3,7 +3,7 @@ and plot data."""
 import json
 from pathlib import Path
 
-from common import dataset_tags, load_params, opening, parser, run
+from common import dataset_tags, load_params, opening, parser, run_stage
 from hanprune import data, io, report
 
 
@@ -14,8 +14,7 @@ def save_png(fig, path: Path) -> str:
 
 
 def main():
-    ap = parser(__doc__)
-    ap.add_argument("--data", default="data", help="data root (the report names the dataset)")
+    ap = parser(__doc__, "--data")
     ap.add_argument("--metrics", default="metrics", help="directory of <model>.json metrics")
     ap.add_argument("--plots", default="plots", help="directory of <model>/ plot data")
     ap.add_argument("--out", default="reports", help="output directory")
@@ -44,4 +43,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    run_stage(main)

@@ -1,16 +1,13 @@
 """Stage sensitivity: prune one layer at a time at a grid of s, without retraining, and measure
 validation accuracy (the paper's Figure 6). Explains the per-layer s chosen in params.yaml."""
-from common import load_params, opening, parser, run
+from common import load_params, opening, parser, run_stage
 from hanprune import io
 from hanprune.pruning import load_checkpoint, sensitivity
 from hanprune.train import accuracy
 
 
 def main():
-    ap = parser(__doc__)
-    ap.add_argument("model", help="model key")
-    ap.add_argument("--data", default="data", help="data root")
-    ap.add_argument("--dense", required=True, help="dense checkpoint")
+    ap = parser(__doc__, "model", "--data", "--dense")
     ap.add_argument("--out", required=True, help="CSV to write: layer, s, kept_percent, val_accuracy")
     args = ap.parse_args()
     p = load_params(args.params, args.model)
@@ -19,8 +16,8 @@ def main():
     with opening(p, f"sensitivity@{args.model}", args.model, 0, args.data) as (device, splits, mlrun):
         mlrun.params({"s_grid": p.sensitivity.s})
         rows = sensitivity(model.to(device), p.sensitivity.s, lambda m: accuracy(m, *splits.val))
-        io.write_text(args.out, "layer,s,kept_percent,val_accuracy\n" + "".join(
-            f"{r['layer']},{r['s']},{100 * r['kept']:.3f},{r['score']:.4f}\n" for r in rows))
+        io.write_csv(args.out, ["layer", "s", "kept_percent", "val_accuracy"],
+                     [[r["layer"], r["s"], f"{100 * r['kept']:.3f}", f"{r['score']:.4f}"] for r in rows])
         mlrun.table(rows, "sensitivity.json")
     worst = {}
     for r in rows:
@@ -30,4 +27,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run(main)
+    run_stage(main)

@@ -86,3 +86,17 @@ def test_unreachable_torchvision_mirrors_fail_fast_naming_what_was_tried(monkeyp
     for mirror in datasets.BUILT_IN["mnist"].mirrors:
         assert f"{mirror}train-images-idx3-ubyte.gz" in str(e.value)
     assert "network is unreachable" in str(e.value)
+
+
+def test_write_csv_writes_the_bytes_the_stages_f_strings_wrote(tmp_path):
+    """The CSVs the stages write (plots/) are DVC outputs: the csv module must give the bytes of the
+    f-strings it replaced, \\n line endings, numbers formatted by the caller, '' and ints as they are."""
+    epochs = [{"epoch": 1, "train_loss": 2.302585093, "val_accuracy": 0.1135, "s": 0.25, "val": None},
+              {"epoch": 12, "train_loss": 0.0000004, "val_accuracy": 1.0, "s": 2, "val": 0.9876543}]
+    io.write_csv(tmp_path / "new.csv", ["epoch", "train_loss", "val_accuracy", "s", "val"],
+                 [[e["epoch"], f"{e['train_loss']:.6f}", f"{e['val_accuracy']:.6f}", e["s"], e["val"] or ""]
+                  for e in epochs])
+    old = "epoch,train_loss,val_accuracy,s,val\n" + "".join(
+        f"{e['epoch']},{e['train_loss']:.6f},{e['val_accuracy']:.6f},{e['s']},{e['val'] or ''}\n" for e in epochs)
+    assert (tmp_path / "new.csv").read_bytes() == old.encode()
+    assert [p.name for p in tmp_path.iterdir()] == ["new.csv"]  # written atomically: no temporary file left

@@ -60,7 +60,7 @@ def repo(tmp_path_factory):
     sh(repo, "git", "init", "-q")
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "tiny project")
-    # under benchmarks/monitor.py: each stage reports its own time and training time
+    # under benchmarks/monitor.py: each stage's time, and its training time from its epoch lines
     first = sh(repo, sys.executable, str(ROOT / "benchmarks" / "monitor.py"), "--out", str(tmp / "stages.json"),
                "--", "dvc", "repro")
     sh(repo, "git", "add", "-A")
@@ -69,13 +69,13 @@ def repo(tmp_path_factory):
 
 
 def test_every_stage_reports_its_fixed_cost(repo):
-    """monitor.py reads what each stage process reported (stages/common.py, HANPRUNE_TIMINGS): its
-    time from process start and its epochs' time; the rest is the fixed cost."""
+    """monitor.py measures each stage's time and adds up the seconds of the epoch lines it prints
+    after DVC's "Running stage" line; the rest is the fixed cost."""
     repo, params, _ = repo
     stages = json.loads((repo.parent / "stages.json").read_text())["stages"]
     assert set(stages) == expected_stages(params)
     for name, s in stages.items():
-        assert 0 < s["fixed_seconds"] <= s["process_seconds"] <= s["seconds"] + 0.5, name
+        assert 0 < s["fixed_seconds"] <= s["seconds"], name
         trains = name.split("@")[0] in ("pretrain", "prune", "quantize")
         assert (s["training_seconds"] > 0) == trains, name
 

@@ -2,7 +2,10 @@
 the stage's existing output untouched. The scripts run in this process (runpy), as `dvc repro`
 would run them, to keep the suite fast."""
 import json
+import os
 import runpy
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -352,3 +355,52 @@ def test_disk_full_while_saving_keeps_the_old_checkpoint(project, capsys, monkey
     assert code == 1 and "No space left on device" in last_line(err) and last_line(err).startswith("error: ")
     assert (project / "out.pt").read_bytes() == OLD
     assert not list(project.glob(".out.pt.*"))  # no temporary file left behind
+
+
+def _stage_process(project, *args, **env) -> subprocess.Popen:
+    """A stage run as `dvc repro` runs it: its own process, MLflow logging to the project's store."""
+    return subprocess.Popen([sys.executable, str(ROOT / "stages" / f"{args[0]}.py"), *args[1:]], cwd=project,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _assert_pretrained(project):
+    assert (project / "out.pt").read_bytes() != OLD and pruning.load_checkpoint(project / "out.pt", "lenet_300_100")
+    assert (project / "plot.csv").read_text().startswith("epoch,train_loss,val_accuracy,test_accuracy\n")
+
+
+def test_tracking_worker_killed_mid_stage_costs_one_warning(project):
+    """Issue 29.1: the MLflow worker process killed (or out of memory) while the stage trains
+    (12 epochs): the stage ended with `error: [Errno 32] Broken pipe`, exit 1."""
+    proc = _stage_process(project, *PRETRAIN)
+    out = [proc.stdout.readline()]
+    assert " epoch 1: " in out[0], out[0] + proc.stderr.read()
+    (worker,) = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()  # git has exited by now
+    os.kill(int(worker), signal.SIGKILL)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert " epoch 12: " in rest and "pretrain lenet_300_100: 12 epochs" in rest
+    assert err.splitlines() == [f"warning: MLflow logging to sqlite:///{project}/mlflow.db stopped: its worker "
+                                "process died; continuing without tracking"]
+    _assert_pretrained(project)
+
+
+def test_read_only_tracking_store_costs_one_line(project, request):
+    """Issue 29.2: an existing store that cannot be written (`chmod 444 mlflow.db`; as root, which
+    chmod does not stop, `chattr +i`): MLflow's 40-line traceback came before the warning."""
+    from mlflow import MlflowClient
+    db = project / "store" / "mlflow.db"
+    db.parent.mkdir()
+    MlflowClient(f"sqlite:///{db}").create_experiment("han-pruning")  # the store of earlier runs
+    db.chmod(0o444)
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
+            pytest.skip("as root, a read-only file needs chattr +i, which this file system refuses")
+        request.addfinalizer(lambda: subprocess.run(["chattr", "-i", str(db)]))
+    proc = _stage_process(project, *PRETRAIN, MLFLOW_TRACKING_URI=f"sqlite:///{db}")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    (line,) = err.splitlines()
+    assert line.startswith(f"warning: MLflow tracking store sqlite:///{db} unreachable: ")
+    assert "readonly database" in line and line.endswith("; continuing without tracking")
+    _assert_pretrained(project)
