@@ -30,7 +30,7 @@ def main():
     ap = parser(__doc__)
     ap.add_argument("model", help="model key")
     ap.add_argument("--dense", required=True, help="dense checkpoint")
-    ap.add_argument("--pruned", required=True, help="final pruned checkpoint")
+    ap.add_argument("--pruned", required=True, help="the selected pruned checkpoint (select stage)")
     ap.add_argument("--quantized", required=True, help="checkpoint written by the quantize stage")
     ap.add_argument("--out", required=True, help="compressed model file to write")
     ap.add_argument("--storage", required=True, help="directory for the other storage forms")

@@ -54,7 +54,7 @@ def main():
     ap.add_argument("model", help="model key")
     ap.add_argument("--data", default="data", help="data root")
     ap.add_argument("--dense", required=True, help="dense checkpoint")
-    ap.add_argument("--pruned", required=True, help="final pruned checkpoint")
+    ap.add_argument("--pruned", required=True, help="the selected pruned checkpoint (select stage)")
     ap.add_argument("--compressed", required=True, help="compressed model file (encode stage)")
     ap.add_argument("--storage", required=True, help="directory of the other storage forms (encode stage)")
     ap.add_argument("--metrics", required=True, help="metrics JSON to write")
@@ -65,7 +65,7 @@ def main():
     pruned, ckpt = load_checkpoint(args.pruned, args.model)
     _, decoded, _ = read_compressed(args.compressed, args.model)
     with opening(p, f"evaluate@{args.model}", args.model, 0, args.data) as (device, splits, mlrun):
-        mlrun.params({"final": p.models[args.model].final, "run": p.run.model_dump(),
+        mlrun.params({"pruned": args.pruned, "run": p.run.model_dump(),
                       "tracking.register_max_drop": p.tracking.register_max_drop})
         dense_acc = accuracy(dense.to(device), *splits.test)
         pruned_acc = accuracy(pruned.to(device), *splits.test)

@@ -14,7 +14,7 @@ def main():
     ap = parser(__doc__)
     ap.add_argument("model", help="model key")
     ap.add_argument("--data", default="data", help="data root")
-    ap.add_argument("--pruned", required=True, help="final pruned checkpoint")
+    ap.add_argument("--pruned", required=True, help="the selected pruned checkpoint (select stage)")
     ap.add_argument("--out", required=True, help="quantized checkpoint to write")
     ap.add_argument("--metrics", required=True, help="JSON metrics to write")
     args = ap.parse_args()
