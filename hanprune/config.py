@@ -193,7 +193,7 @@ def _check_round(where: str, it: Iteration, layers: list[str]) -> None:
         loc = ".".join(str(x) for x in err["loc"])
         if err["type"] in _BOUNDS:
             bound = next(iter(err["ctx"].values()))
-            raise ConfigError(f"{where}.{loc}: must be {_BOUNDS[err['type']]} {bound}, got {err['input']}") from None
+            raise ConfigError(f"{where}.{loc}: must be {_BOUNDS[err['type']]} {bound:g}, got {err['input']}") from None
         raise ConfigError(f"{where}.{loc}: {err['msg']} (got {err['input']!r})") from None
     if not values and it.budget is None:
         raise ConfigError(f"{where}: give {rule.key} ({'per layer' if rule.per_layer else 'one value'}) "

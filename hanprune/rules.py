@@ -72,7 +72,7 @@ ALL = "all"  # the layer name of the global rule's scan rows: every prunable lay
 
 
 class Quantile(prune.BasePruningMethod):
-    """Prune the smallest |w| until round(q × total) of the layer's `total` weights are pruned.
+    """Prune the smallest |w| until q × total (rounded half up) of the layer's `total` weights are pruned.
     Chained after an earlier mask, torch passes only the survivors: the pruned count includes the
     earlier rounds', so q is the total pruned fraction. Ties in |w| are broken by position (the
     earlier flat index goes first), so the mask is the same on every run."""
@@ -87,7 +87,7 @@ class Quantile(prune.BasePruningMethod):
     def compute_mask(self, t, default_mask):
         mask = default_mask.clone()
         alive = default_mask.flatten().nonzero().squeeze(1)
-        more = round(self.q * self.total) - (self.total - alive.numel())
+        more = math.floor(self.q * self.total + 0.5) - (self.total - alive.numel())
         if more > 0:
             order = t.flatten()[alive].abs().argsort(stable=True)
             mask.view(-1)[alive[order[:more]]] = 0
@@ -162,16 +162,28 @@ def prune_round(model: nn.Module, rule: str, values, dense_std: dict[str, float]
     if rule == "std":  # its own check names the largest s that keeps a weight
         return prune_by_std(model, values, dense_std)
     r = RULES[rule]
-    trial = copy.deepcopy(model)
-    r.apply(prunable_layers(trial), values, dense_std)
-    emptied = [name for name, m in prunable_layers(trial).items()
-               if hasattr(m, "weight_mask") and not m.weight_mask.any()]
+    trial = _shadow(prunable_layers(model))
+    r.apply(trial, values, dense_std)
+    emptied = [name for name, m in trial.items() if hasattr(m, "weight_mask") and not m.weight_mask.any()]
     if emptied:
         where = f"{r.key}.{emptied[0]}" if r.per_layer else r.key
         value = values[emptied[0]] if r.per_layer else values
         raise PruningError(f"{where} = {value:g} removes every weight of {', '.join(emptied)} (rule {rule}); "
                            f"allowed: a smaller {r.key}")
     r.apply(prunable_layers(model), values, dense_std)
+
+
+def _shadow(layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Stand-ins holding a copy of each layer's weight and mask, to try a rule on (a pruned model
+    cannot be deep-copied: its weight is computed from weight_orig and the mask)."""
+    out = {}
+    for name, m in layers.items():
+        holder = nn.Module()
+        holder.weight = nn.Parameter(m.weight.detach().clone())  # what torch's apply ranks
+        if hasattr(m, "weight_mask"):
+            prune.custom_from_mask(holder, "weight", m.weight_mask.detach().clone())
+        out[name] = holder
+    return out
 
 
 def scan(model: nn.Module, rule: str, grid: list[float], score) -> list[dict]:

@@ -129,7 +129,8 @@ def test_emptying_check_looks_only_at_surviving_weights():
 
 def test_sensitivity_may_empty_a_layer():
     """The scan (the paper's Figure 6) goes on to s where a layer has no weights left: a data point, not an error."""
-    rows = pruning.sensitivity(_known_model(), [3.0], lambda m: 0.0)
+    from hanprune.rules import scan
+    rows = scan(_known_model(), "std", [3.0], lambda m: 0.0)
     assert [r["kept"] for r in rows if r["layer"] == "fc3"] == [0.0]
 
 # --- retraining keeps pruned weights at zero ------------------------------------------------------
