@@ -468,6 +468,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, how, writer):
 # --- sensitivity --------------------------------------------------------------------------------
 
 def test_sensitivity_rows():
+    from hanprune.rules import scan
     torch.manual_seed(0)
     model = build("lenet_300_100")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -480,7 +481,7 @@ def test_sensitivity_rows():
         calls.append(next(iter(masks)))
         return float(sum(int(m.sum()) for m in masks.values()))
 
-    rows = pruning.sensitivity(model, grid, score)
+    rows = scan(model, "std", grid, score)
     assert [(r["layer"], r["s"]) for r in rows] == [(l, s) for l in ("fc1", "fc2", "fc3") for s in grid]
     assert calls == [r["layer"] for r in rows]
     for layer in ("fc1", "fc2", "fc3"):
