@@ -44,7 +44,7 @@ def main():
         try:
             prune_round(model, it.rule, values, ckpt["dense_std"])
         except PruningError as e:  # name the params key: prune.<iteration>.s.<layer>
-            if schedule["set_by_budget"]:
+            if it.budget is not None:
                 raise PruningError(f"prune.{args.iteration}.{e} (from the budget: {args.schedule})") from None
             raise PruningError(f"prune.{args.iteration}.{e}") from None
         val_pruned = accuracy(model, *splits.val)

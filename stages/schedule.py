@@ -14,7 +14,7 @@ def main():
     ap = parser(__doc__)
     ap.add_argument("iteration", help="key under prune: in params.yaml, e.g. small_resnet-iter1")
     ap.add_argument("--scan", required=True, help="the model's sensitivity CSV")
-    ap.add_argument("--out", required=True, help="JSON to write: rule, its values (s or q), budget, the layers it set")
+    ap.add_argument("--out", required=True, help="JSON to write: the rule and its values (s or q)")
     args = ap.parse_args()
     p = load_params(args.params)
     if args.iteration not in p.prune:
@@ -23,8 +23,7 @@ def main():
     with open(args.scan, newline="") as f:
         rows = list(csv.DictReader(f))
     values, from_budget = round_values(it.rule, it.values, it.budget, rows)
-    io.write_json(args.out, {"rule": it.rule, RULES[it.rule].key: values,
-                             "budget": it.budget and it.budget.model_dump(), "set_by_budget": from_budget})
+    io.write_json(args.out, {"rule": it.rule, RULES[it.rule].key: values})  # only what the round reads
     shown = " ".join(f"{n} {v:g}" for n, v in values.items()) if isinstance(values, dict) else f"{values:g}"
     print(f"schedule {args.iteration}: rule {it.rule}, {shown}"
           + (f" ({len(from_budget)} from the budget)" if from_budget else "") + f" -> {args.out}")

@@ -59,7 +59,7 @@ def _write_schedule(project, params):
     """schedule.json as the schedule stage writes it for round 1's s (when the params still have one)."""
     it = (params.get("prune") or {}).get("lenet_300_100-iter1")
     if isinstance(it, dict) and isinstance(it.get("s"), dict):
-        io.write_json(project / "schedule.json", {"rule": "std", "s": it["s"], "budget": None, "set_by_budget": []})
+        io.write_json(project / "schedule.json", {"rule": "std", "s": it["s"]})
 
 
 def edit_params(project, change):
