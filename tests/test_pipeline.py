@@ -197,19 +197,20 @@ def test_sigkill_inside_the_checkpoint_write_leaves_the_old_file_or_none(repo):
 def test_a_budget_edit_reruns_only_its_round_and_what_follows(repo):
     """Round 3 takes fc2 and fc3 from the scan (fc1 stays by hand); then its budget's scale halves.
     Each edit re-runs that round's schedule, and the round and what follows only if its values changed."""
-    repo, _, _ = repo
+    repo, params, _ = repo
     p = yaml.safe_load((repo / "params.yaml").read_text())
     it = p["prune"]["lenet_300_100-iter3"]
     it.update(s={"fc1": it["s"]["fc1"]}, budget={"max_drop": 0.05, "scale": 1.0})
-    follows = {"schedule@lenet_300_100-iter3", "prune@lenet_300_100-iter3", "select@lenet_300_100",
-               "quantize@lenet_300_100", "encode@lenet_300_100", "evaluate@lenet_300_100", "report"}
+    selects = {f"select@{m}" for m in params["models"]}  # each re-checks: it reads the prune section
+    follows = {"schedule@lenet_300_100-iter3", "prune@lenet_300_100-iter3", "quantize@lenet_300_100",
+               "encode@lenet_300_100", "evaluate@lenet_300_100", "report"} | selects
     schedule_file = repo / "metrics" / "schedule" / "lenet_300_100-iter3.json"
     before = json.loads(schedule_file.read_text())
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     out = sh(repo, "dvc", "repro").stdout
     schedule = json.loads(schedule_file.read_text())
     assert set(schedule["s"]) == {"fc1", "fc2", "fc3"} and schedule["s"]["fc1"] == it["s"]["fc1"]
-    unchanged = {"schedule@lenet_300_100-iter3", "select@lenet_300_100"}  # select reads the prune section
+    unchanged = {"schedule@lenet_300_100-iter3"} | selects
     assert ran(out) == (follows if schedule["s"] != before["s"] else unchanged)
     assert json.loads((repo / "metrics" / "prune" / "lenet_300_100-iter3.json").read_text())["s"] == schedule["s"]
     it["budget"]["scale"] = 0.5
@@ -230,7 +231,7 @@ def test_changing_round_2_of_3_reruns_only_what_follows_it(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     out = sh(repo, "dvc", "repro").stdout
     assert ran(out) == {"schedule@lenet_300_100-iter2", "prune@lenet_300_100-iter2", "prune@lenet_300_100-iter3",
-                        "select@lenet_300_100", "quantize@lenet_300_100", "encode@lenet_300_100",
+                        "select@lenet_300_100", "select@lenet5", "quantize@lenet_300_100", "encode@lenet_300_100",
                         "evaluate@lenet_300_100", "report"}
     diff = json.loads(sh(repo, "dvc", "params", "diff", "--json").stdout)
     assert "prune.lenet_300_100-iter2.s.fc1" in diff["params.yaml"]
@@ -253,7 +254,7 @@ def test_exp_run_with_a_prune_param_makes_an_experiment(repo):
     s = p["prune"]["lenet_300_100-iter3"]["s"]["fc1"] + 0.5
     out = sh(repo, "dvc", "exp", "run", "-n", "tiny-exp", "-S", f"prune.lenet_300_100-iter3.s.fc1={s}").stdout
     assert ran(out) == {"schedule@lenet_300_100-iter3", "prune@lenet_300_100-iter3", "select@lenet_300_100",
-                        "quantize@lenet_300_100", "encode@lenet_300_100", "evaluate@lenet_300_100", "report"}
+                        "select@lenet5", "quantize@lenet_300_100", "encode@lenet_300_100", "evaluate@lenet_300_100", "report"}
     shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
     exp = next(e for row in shown for e in (row.get("experiments") or [])
                if e["revs"][0]["name"] == "tiny-exp")["revs"][0]["data"]
