@@ -240,7 +240,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT / "data"), help="data root (params data.name's directory under it)")
     ap.add_argument("--models", nargs="+", default=["lenet_300_100", "lenet5", "lenet5_caffe"])
-    ap.add_argument("--params", default=str(ROOT / "params.yaml"), help="its models.<m>.final names the pruned checkpoints")
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"), help="the params of the run whose models/<m>/selected.pt are measured")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--quick", action="store_true", help="one repetition, 200 latency calls, 2,000 images")
     ap.add_argument("--no-pipeline", action="store_true", help="skip the dvc timings")
@@ -282,7 +282,7 @@ def main():
         print(f"numeric modes {key} ...", flush=True)
         cpu["numerics"][key] = bench_numerics(key, args, reps)
         project = Path(args.params).parent
-        final = params.models[key].final
+        final = f"models/{key}/selected.pt"  # the round stage select chose
         print(f"inference {key} ({final}) ...", flush=True)
         cpu["inference"][key] = bench_inference(key, project / f"models/{key}/dense.pt", project / final,
                                                 test_x, calls, reps)

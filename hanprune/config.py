@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .datasets import BUILT_IN, FILES, SOURCES, Spec, spec as dataset_spec
 from .errors import HanpruneError
 from .models import ModelError, make, prunable_layers
+from .rules import RULES
 
 
 class ConfigError(HanpruneError):
@@ -110,6 +111,12 @@ class Quantize(Strict):
     finetune: Training
 
 
+class Select(Strict):
+    """Which round goes on to weight sharing and evaluation (stage select@<model>)."""
+    max_drop: float = Field(ge=0, le=1, description=(
+        "the most compressed round whose validation accuracy is at most this (0..1) below the dense model's"))
+
+
 class ModelCfg(Strict):
     arch: str = Field(description="a built-in (lenet_300_100, lenet5, lenet5_caffe) or package.module:Class")
     kwargs: dict = Field(default_factory=dict, description="keyword arguments of the architecture's class")
@@ -117,28 +124,41 @@ class ModelCfg(Strict):
                                   "dvc.yaml (DVC says if it is missing)")
     pretrain: Training
     retrain: Training
-    final: str
+    select: Select
     quantize: Quantize
 
 
+class Budget(Strict):
+    """Per-layer values from the sensitivity scan: per layer, the largest grid value up to which
+    pruning that layer alone costs at most max_drop validation accuracy, times scale."""
+    max_drop: float = Field(ge=0, le=1)
+    scale: float = Field(gt=0)
+
+
 class Iteration(Strict):
+    """One prune round. Besides these keys, the values of its rule (RULES[rule].schema: s per layer
+    for std, q per layer for quantile, one q for global); a budget fills the layers they leave out."""
+    model_config = ConfigDict(extra="allow")
     model: str
     iteration: int = Field(ge=1)
     start: str
-    s: dict[str, float]
+    rule: str
+    budget: Budget | None = None
     epochs: int = Field(ge=1)
     lr: float = Field(gt=0)
 
-
-class Sensitivity(Strict):
-    s: list[float] = Field(min_length=1)
+    @property
+    def values(self):
+        """The rule's values as given in params (per layer, or one); a budget may fill more."""
+        rule = RULES[self.rule]
+        return getattr(rule.schema.model_validate(self.model_extra), rule.key)
 
 
 class Params(Strict):
     data: Data
     run: Run
     tracking: Tracking
-    sensitivity: Sensitivity
+    sensitivity: dict[str, list[float]]  # a grid per rule key (s, q): the values the scan prunes at
     models: dict[str, ModelCfg]
     prune: dict[str, Iteration]
 
@@ -148,7 +168,40 @@ def dense_path(model: str) -> str:
 
 
 def iteration_path(model: str, k: int) -> str:
-    return f"models/{model}/iter{k}.pt"
+    return f"models/{model}/rounds/iter{k}.pt"
+
+
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<", "less_than_equal": "<="}
+
+
+def _check_round(where: str, it: Iteration, layers: list[str]) -> None:
+    """A round's rule, and its values against the rule's schema and the model's layers."""
+    if it.rule not in RULES:
+        raise ConfigError(f"{where}.rule: unknown rule {it.rule!r}{_suggest(it.rule, RULES)}; "
+                          f"allowed: {', '.join(RULES)}")
+    rule = RULES[it.rule]
+    allowed = [*Iteration.model_fields, rule.key]
+    for extra in it.model_extra:
+        if extra != rule.key:
+            takes = f"; rule {it.rule} takes {rule.key}" if any(r.key == extra for r in RULES.values()) else ""
+            raise ConfigError(f"{where}.{extra}: unknown key{_suggest(extra, allowed)}{takes}; "
+                              f"allowed: {', '.join(allowed)}")
+    try:
+        values = it.values
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] in _BOUNDS:
+            bound = next(iter(err["ctx"].values()))
+            raise ConfigError(f"{where}.{loc}: must be {_BOUNDS[err['type']]} {bound:g}, got {err['input']}") from None
+        raise ConfigError(f"{where}.{loc}: {err['msg']} (got {err['input']!r})") from None
+    if not values and it.budget is None:
+        raise ConfigError(f"{where}: give {rule.key} ({'per layer' if rule.per_layer else 'one value'}) "
+                          f"or a budget ({{max_drop: ..., scale: ...}})")
+    for layer in values if rule.per_layer else []:
+        if layer not in layers:
+            raise ConfigError(f"{where}.{rule.key}.{layer}: no such layer in {it.model}; layers: "
+                              f"{', '.join(layers)}" + _suggest(layer, layers))
 
 
 def _check_pipeline(p: Params) -> None:
@@ -176,13 +229,7 @@ def _check_pipeline(p: Params) -> None:
         if key != f"{it.model}-iter{it.iteration}":
             raise ConfigError(f"{where}: key must be '<model>-iter<iteration>', "
                               f"i.e. {it.model}-iter{it.iteration}")
-        layers = layers_of[it.model]
-        for layer, s in it.s.items():
-            if layer not in layers:
-                raise ConfigError(f"{where}.s.{layer}: no such layer in {it.model}; layers: "
-                                  f"{', '.join(layers)}" + _suggest(layer, layers))
-            if not s >= 0:
-                raise ConfigError(f"{where}.s.{layer}: must be >= 0, got {s}")
+        _check_round(where, it, layers_of[it.model])
         chains[it.model].append(it)
     for model, its in chains.items():
         its.sort(key=lambda it: it.iteration)
@@ -197,9 +244,20 @@ def _check_pipeline(p: Params) -> None:
                 what = "no stage produces it" if it.start not in produced else "that is not the previous checkpoint"
                 raise ConfigError(f"prune.{model}-iter{k}.start: {it.start!r}: {what}; "
                                   f"expected {produced[k - 1]!r}")
-        if p.models[model].final != produced[-1]:
-            raise ConfigError(f"models.{model}.final: {p.models[model].final!r} is not the last "
-                              f"iteration's checkpoint; expected {produced[-1]!r}")
+        rules = sorted({it.rule for it in its})
+        if len(rules) > 1:
+            raise ConfigError(f"prune: the rounds of {model} use the rules {', '.join(rules)}; use one (the "
+                              "sensitivity scan, and a budget, are in the units of its values)")
+        key = RULES[rules[0]].key
+        grid = p.sensitivity.get(key)
+        if grid is None or 0 not in grid:
+            raise ConfigError(f"sensitivity.{key}: the grid of {key} for rule {rules[0]} (model {model}) "
+                              + ("is missing" if grid is None else "must hold 0 (the dense model, from which "
+                                 "the scan's accuracy drops are measured)"))
+    for key in p.sensitivity:
+        keys = list(dict.fromkeys(r.key for r in RULES.values()))
+        if key not in keys:
+            raise ConfigError(f"sensitivity.{key}: unknown grid{_suggest(key, keys)}; allowed: {', '.join(keys)}")
 
 
 def _suggest(word, choices) -> str:

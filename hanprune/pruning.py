@@ -1,10 +1,10 @@
 """Magnitude pruning after Han et al. 2015, on top of torch.nn.utils.prune.
 
-The rule (StdThreshold) only computes a mask. Applying it, keeping pruned weights at zero through
-training (weight = weight_orig * weight_mask, recomputed before every forward) and combining masks
-across rounds is torch's re-parametrisation; this module adds the checkpoint format around it.
+A rule (hanprune/rules.py: StdThreshold, Quantile, GlobalMagnitude) only computes a mask. Applying
+it, keeping pruned weights at zero through training (weight = weight_orig * weight_mask, recomputed
+before every forward) and combining masks across rounds is torch's re-parametrisation; this module
+adds the checkpoint format around it.
 """
-import math
 import pickle
 import re
 import warnings
@@ -16,48 +16,9 @@ from torch.nn.utils import prune
 from .models import ModelError, architecture, make, prunable_layers
 from .errors import HanpruneError
 
+from .rules import PruningError, StdThreshold, prune_by_std, weight_std  # noqa: F401 (the rules live there)
+
 CHECKPOINT_FORMAT = 2  # format 1, read too, is the same without arch and kwargs
-
-
-class StdThreshold(prune.BasePruningMethod):
-    """Remove weights with |w| < s * std, where std is the standard deviation of the layer's
-    weights in the dense, pretrained model (so s is an absolute threshold across rounds: a round
-    with a larger s prunes more). Chained after an earlier mask, torch's PruningContainer passes
-    only the surviving entries here; pruned weights stay pruned."""
-
-    PRUNING_TYPE = "unstructured"
-
-    def __init__(self, s: float, std: float):
-        if not s >= 0:
-            raise ValueError(f"s must be >= 0, got {s}")
-        self.threshold = s * std
-
-    def compute_mask(self, t, default_mask):
-        return default_mask * (t.abs() >= self.threshold).to(default_mask.dtype)
-
-
-def weight_std(model: nn.Module) -> dict[str, float]:
-    return {name: m.weight.detach().std().item() for name, m in prunable_layers(model).items()}
-
-
-class PruningError(HanpruneError):
-    pass
-
-
-def prune_by_std(model: nn.Module, s: dict[str, float], std: dict[str, float]) -> None:
-    """One prune round. Refuses (PruningError, model untouched) an s that would leave a layer
-    with no weights at all: retraining a dead network would only waste the epochs."""
-    layers = prunable_layers(model)
-    for name, value in s.items():
-        m = layers[name]
-        w = m.weight_orig[m.weight_mask.bool()] if hasattr(m, "weight_mask") else m.weight  # the survivors
-        largest = w.detach().abs().max().item() if w.numel() else 0.0
-        if value * std[name] > largest:
-            allowed = math.floor(largest / std[name] * 1000) / 1000
-            raise PruningError(f"s.{name} = {value:g} removes every remaining weight of {name} (threshold "
-                               f"{value * std[name]:.4g} > largest |w| {largest:.4g}); allowed: s <= {allowed:g}")
-    for name, value in s.items():
-        StdThreshold.apply(layers[name], "weight", s=value, std=std[name])
 
 
 def attach_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
@@ -144,18 +105,3 @@ def load_checkpoint(path, model_key: str | None = None, arch: str | None = None,
                                   f"weight has {tuple(layers[name].weight.shape)}")
     attach_masks(model, {k: v.float() for k, v in ckpt["masks"].items()})
     return model, ckpt
-
-
-def sensitivity(model: nn.Module, s_grid: list[float], score) -> list[dict]:
-    """The paper's Figure 6: prune one layer at a time at each s (no retraining) and score the model.
-    Returns rows of layer, s, kept fraction of that layer and score(pruned model)."""
-    import copy
-    std = weight_std(model)
-    rows = []
-    for layer in prunable_layers(model):
-        for s in s_grid:
-            pruned = copy.deepcopy(model)
-            StdThreshold.apply(prunable_layers(pruned)[layer], "weight", s=s, std=std[layer])  # may empty it
-            kept = prunable_layers(pruned)[layer].weight_mask.mean().item()
-            rows.append({"layer": layer, "s": s, "kept": kept, "score": score(pruned)})
-    return rows

@@ -232,24 +232,52 @@ def figures(key: str, plots_dir: Path, out_dir: Path, save) -> dict[str, str]:
     return made
 
 
-def schedule_table(final_s: dict[str, float], sensitivity_csv: str, m: dict) -> str:
-    """Why these s: each layer's final s beside what pruning that layer alone to about the same
-    s did to validation accuracy in the sensitivity scan (no retraining)."""
+def schedule_table(final_s: dict[str, float], sensitivity_csv: str, m: dict, key: str = "s") -> str:
+    """Why these values: each layer's value (s, or q) in the selected round beside what pruning that
+    layer alone to about the same value did to validation accuracy in the sensitivity scan (no
+    retraining)."""
     scan = list(csv.DictReader(_io.StringIO(sensitivity_csv)))
     rows = []
     for layer, s in final_s.items():
         points = [r for r in scan if r["layer"] == layer]
-        near = min(points, key=lambda r: abs(float(r["s"]) - s))
+        near = min(points, key=lambda r: abs(float(r[key]) - s))
         worst = min(points, key=lambda r: float(r["val_accuracy"]))
-        rows.append([layer, f"{s:g}", f"{100 * m['layers'][layer]['kept']:.1f}%", near["s"],
+        rows.append([layer, f"{s:g}", f"{100 * m['layers'][layer]['kept']:.1f}%", near[key],
                      f"{100 * float(near['val_accuracy']):.2f}%", f"{100 * float(worst['val_accuracy']):.1f}%"])
-    return tabulate(rows, headers=["layer", "final s", "kept after retraining", "scan s",
-                                   "val acc., this layer alone at scan s", "val acc. at the largest scan s"],
+    return tabulate(rows, headers=["layer", f"final {key}", "kept after retraining", f"scan {key}",
+                                   f"val acc., this layer alone at scan {key}", f"val acc. at the largest scan {key}"],
                     tablefmt="github")
 
 
+def rounds_table(rounds: list[dict], selection: dict) -> str:
+    """Per round: its rule, the values it used (* = chosen by the budget from the scan), and its
+    validation accuracy and compression; the selected round marked."""
+    body = []
+    for r in rounds:
+        values = r["values"]
+        shown = (", ".join(f"{n} {v:g}" + ("*" if n in r["set_by_budget"] else "") for n, v in values.items())
+                 if isinstance(values, dict) else f"{values:g}" + ("*" if r["set_by_budget"] else ""))
+        budget = f"max_drop {r['budget']['max_drop']:g}, scale {r['budget']['scale']:g}" if r["budget"] else "-"
+        body.append([r["iteration"] + (" (selected)" if int(r["iteration"]) == selection["round"] else ""), r["rule"],
+                     f"{r['key']}: {shown}", budget, _fmt_pct(r["val_retrained"]), f"{r['compression']:.2f}x"])
+    return tabulate(body, headers=["round", "rule", "values (* from the budget)", "budget", "val acc. after retraining",
+                                   "compression"], tablefmt="github")
+
+
+def selection_line(selection: dict) -> str:
+    s = selection
+    rule = f"the most compressed round within {100 * s['max_drop']:.2f} points of the dense validation accuracy"
+    if s["held"]:
+        return (f"Selected (stage select, validation only): round {s['round']} of {s['rounds']}, {s['compression']:.1f}x, "
+                f"val {100 * s['val']:.2f}% against dense {100 * s['val_dense']:.2f}%: {rule}. Rule held: **yes**.")
+    return (f"Selected (stage select, validation only): **no round meets the rule** ({rule}); going on with the least "
+            f"compressed, round {s['round']} of {s['rounds']} ({s['compression']:.1f}x, val {100 * s['val']:.2f}% against "
+            f"dense {100 * s['val_dense']:.2f}%). Rule held: **no**.")
+
+
 def render(dataset, models: dict[str, dict], iterations: dict[str, str], images: dict[str, dict[str, str]],
-           schedules: dict[str, str], quantize: dict[str, dict]) -> str:
+           schedules: dict[str, str], quantize: dict[str, dict], selections: dict[str, dict],
+           rounds: dict[str, str]) -> str:
     """The report of every model; `dataset` (hanprune.data.Dataset) names the data they saw."""
     parts = [f"# Pruning report: {dataset.title}", "",
              f"Han et al. 2015 magnitude pruning on {dataset.title} (data.name `{dataset.name}`, md5 of its four "
@@ -262,12 +290,14 @@ def render(dataset, models: dict[str, dict], iterations: dict[str, str], images:
         parts += [f"## {key}", "", "### Against the paper and the reference implementation", "",
                   "Errors are test errors; kept = non-zero weights / weights (biases excluded), as in the paper's Tables 2-3.",
                   "", side_by_side(key, m), "", target_line(key, m), "", *not_counted_line(m),
-                  "### Iterations (validation accuracy)", "", iteration_table(iterations[key]), "",
+                  "### Rounds and the selected one", "", selection_line(selections[key]), "", rounds[key], "",
+                  "### Iterations up to the selected round (validation accuracy)", "", iteration_table(iterations[key]), "",
                   "### The schedule and the sensitivity scan", "",
-                  "The last round's s per layer against the one-layer-at-a-time scan on the dense model. Layers "
-                  "whose accuracy falls early in the scan (the most sensitive) get the smallest s; s is in units of "
-                  "the dense layer's weight std, and retraining between rounds lets the final s go beyond what "
-                  "one-shot pruning of that layer tolerates.", "", schedules[key], ""]
+                  "The selected round's values per layer against the one-layer-at-a-time scan on the dense model. "
+                  "Layers whose accuracy falls early in the scan (the most sensitive) get the smallest values; s is in "
+                  "units of the dense layer's weight std, q a fraction of the layer's weights, and retraining between "
+                  "rounds lets the final values go beyond what one-shot pruning of that layer tolerates.", "",
+                  schedules[key], ""]
         for title, name in images[key].items():
             parts += [f"**{title}**", "", f"![{title}]({name})", ""]
         parts += ["### Deep Compression: the bytes on disk", "",

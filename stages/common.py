@@ -57,7 +57,7 @@ SHARED_ARGUMENTS = {
     "model": {"help": "model key, e.g. lenet5"},
     "--data": {"default": "data", "help": "data root (default: data)"},
     "--dense": {"required": True, "help": "dense checkpoint"},
-    "--pruned": {"required": True, "help": "final pruned checkpoint"},
+    "--pruned": {"required": True, "help": "the selected pruned checkpoint (select stage)"},
 }
 
 

@@ -62,7 +62,7 @@ def main():
     pruned, ckpt = load_checkpoint(args.pruned, args.model, m.arch, m.kwargs)
     _, decoded = read_compressed(args.compressed, args.model, m.arch, m.kwargs)
     with opening(p, f"evaluate@{args.model}", args.model, 0, args.data) as (device, splits, mlrun):
-        mlrun.params({"final": p.models[args.model].final, "run": p.run.model_dump(),
+        mlrun.params({"pruned": args.pruned, "run": p.run.model_dump(),
                       "tracking.register_max_drop": p.tracking.register_max_drop})
         dense_acc = accuracy(dense.to(device), *splits.test)
         pruned_acc = accuracy(pruned.to(device), *splits.test)

@@ -1,12 +1,17 @@
 """Stage prune: one prune-and-retrain round (Han et al. 2015) of one model.
 
-Reads the previous round's checkpoint, removes weights with |w| < s * std (of the dense layer) per layer, retrains the
-survivors (pruned weights stay exactly zero), and writes the new checkpoint, whose masks and
-history carry everything the next round and the evaluation need."""
+Reads the previous round's checkpoint, prunes by the round's rule with the values the schedule
+stage wrote (e.g. |w| < s * std of the dense layer, per layer), retrains the survivors (pruned
+weights stay exactly zero), and writes the new checkpoint, whose masks and history carry everything
+the next round and the evaluation need."""
+import json
+from pathlib import Path
+
 from common import epoch_logger, load_params, opening, parser, run_stage
 from hanprune import io, measure
 from hanprune.config import ConfigError
-from hanprune.pruning import PruningError, checkpoint, load_checkpoint, prune_by_std
+from hanprune.pruning import PruningError, checkpoint, load_checkpoint
+from hanprune.rules import RULES, prune_round
 from hanprune.train import accuracy, fit
 
 
@@ -14,6 +19,7 @@ def main():
     ap = parser(__doc__, "--data")
     ap.add_argument("iteration", help="key under prune: in params.yaml, e.g. lenet5-iter2")
     ap.add_argument("--start", required=True, help="checkpoint to start from")
+    ap.add_argument("--schedule", required=True, help="the round's values, as the schedule stage wrote them")
     ap.add_argument("--out", required=True, help="checkpoint to write")
     ap.add_argument("--metrics", required=True, help="JSON metrics of this round to write")
     ap.add_argument("--plot", required=True, help="per-epoch CSV to write")
@@ -24,14 +30,22 @@ def main():
     it = p.prune[args.iteration]
     m = p.models[it.model]
     cfg = m.retrain.model_copy(update={"epochs": it.epochs, "lr": it.lr})
+    schedule = json.loads(Path(args.schedule).read_text())
+    key = RULES[it.rule].key
+    if schedule.get("rule") != it.rule or key not in schedule:
+        raise ConfigError(f"{args.schedule}: not the schedule of prune.{args.iteration} (rule {it.rule}); "
+                          "run its schedule stage")
+    values = schedule[key]
     model, ckpt = load_checkpoint(args.start, it.model, m.arch, m.kwargs)
     with opening(p, f"prune@{args.iteration}", it.model, cfg.seed, args.data) as (device, splits, mlrun):
-        mlrun.params({"prune": it.model_dump(), "retrain": cfg.model_dump()})
+        mlrun.params({"prune": it.model_dump(), "retrain": cfg.model_dump(), "chosen": {key: values}})
         model.to(device)
         val_before = accuracy(model, *splits.val)
         try:
-            prune_by_std(model, it.s, ckpt["dense_std"])
+            prune_round(model, it.rule, values, ckpt["dense_std"])
         except PruningError as e:  # name the params key: prune.<iteration>.s.<layer>
+            if it.budget is not None:
+                raise PruningError(f"prune.{args.iteration}.{e} (from the budget: {args.schedule})") from None
             raise PruningError(f"prune.{args.iteration}.{e}") from None
         val_pruned = accuracy(model, *splits.val)
         epochs = fit(model, cfg, splits.train, splits.val, None, device,
@@ -48,7 +62,7 @@ def main():
             "compression": total["params"] / total["nonzero"],
             "kept": {name: l["kept"] for name, l in layers.items()},
         }
-        headline = {k: record[k] for k in ("val_pruned", "val_retrained", "compression", "kept")}
+        headline = {**{k: record[k] for k in ("val_pruned", "val_retrained", "compression", "kept")}, key: values}
         io.save_torch(args.out, checkpoint(it.model, m.arch, m.kwargs, model, ckpt["dense_std"],
                                            ckpt["history"] + [record]))
         io.write_json(args.metrics, headline)

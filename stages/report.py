@@ -5,6 +5,7 @@ from pathlib import Path
 
 from common import dataset_tags, load_params, opening, parser, run_stage
 from hanprune import data, io, report
+from hanprune.rules import RULES
 
 
 def save_png(fig, path: Path) -> str:
@@ -24,7 +25,7 @@ def main():
     dataset = data.verified(data.raw_dir(args.data, p.data.name), p.data.name)
     with opening(p, "report") as (_, _, mlrun):
         mlrun.run_tags(dataset_tags(dataset))
-        models, iterations, images, schedules, quantize = {}, {}, {}, {}, {}
+        models, iterations, images, schedules, quantize, selections, rounds = {}, {}, {}, {}, {}, {}, {}
         for key in p.models:
             models[key] = json.loads(Path(args.plots, key, "final", "detail.json").read_text())
             quantize[key] = {**json.loads(Path(args.metrics, "quantize", f"{key}.json").read_text()),
@@ -32,9 +33,25 @@ def main():
             iterations[key] = Path(args.plots, key, "final", "iterations.csv").read_text()
             made = report.figures(key, Path(args.plots, key), out / "figures", save_png)
             images[key] = {title: f"figures/{name}" for title, name in made.items()}
-            last = max((it for it in p.prune.values() if it.model == key), key=lambda it: it.iteration)
-            schedules[key] = report.schedule_table(last.s, Path(args.plots, key, "sensitivity.csv").read_text(), models[key])
-        io.write_text(out / "REPORT.md", report.render(dataset, models, iterations, images, schedules, quantize))
+            selections[key] = json.loads(Path(args.metrics, "select", f"{key}.json").read_text())
+            mine = []
+            for name, it in sorted(((n, it) for n, it in p.prune.items() if it.model == key), key=lambda x: x[1].iteration):
+                schedule = json.loads(Path(args.metrics, "schedule", f"{name}.json").read_text())
+                figures = json.loads(Path(args.metrics, "prune", f"{name}.json").read_text())
+                rule_key = RULES[it.rule].key
+                values = schedule[rule_key]
+                by_budget = ([] if it.budget is None else [n for n in values if n not in it.values]
+                             if isinstance(values, dict) else [] if it.values is not None else ["all"])
+                mine.append({"iteration": str(it.iteration), "rule": it.rule, "key": rule_key, "values": values,
+                             "set_by_budget": by_budget, "budget": it.budget and it.budget.model_dump(), **figures})
+            rounds[key] = report.rounds_table(mine, selections[key])
+            chosen = mine[selections[key]["round"] - 1]
+            scan = Path(args.plots, key, "sensitivity.csv").read_text()
+            schedules[key] = (report.schedule_table(chosen["values"], scan, models[key], chosen["key"])
+                              if isinstance(chosen["values"], dict) else
+                              f"Rule global: one q = {chosen['values']:g} for all layers (the scan prunes them all at once).")
+        io.write_text(out / "REPORT.md", report.render(dataset, models, iterations, images, schedules, quantize,
+                                                       selections, rounds))
         mlrun.artifact(out / "REPORT.md")
         for names in images.values():
             for name in names.values():

@@ -1,28 +1,34 @@
-"""Stage sensitivity: prune one layer at a time at a grid of s, without retraining, and measure
-validation accuracy (the paper's Figure 6). Explains the per-layer s chosen in params.yaml."""
+"""Stage sensitivity: prune one layer at a time at a grid of values of the model's rule (s for std,
+q for quantile; for global all layers at once, layer `all`), without retraining, and measure
+validation accuracy (the paper's Figure 6). Explains the per-layer values in params.yaml, and is
+what a round's budget chooses them from."""
 from common import load_params, opening, parser, run_stage
 from hanprune import io
-from hanprune.pruning import load_checkpoint, sensitivity
+from hanprune.pruning import load_checkpoint
+from hanprune.rules import RULES, scan
 from hanprune.train import accuracy
 
 
 def main():
     ap = parser(__doc__, "model", "--data", "--dense")
-    ap.add_argument("--out", required=True, help="CSV to write: layer, s, kept_percent, val_accuracy")
+    ap.add_argument("--out", required=True, help="CSV to write: layer, s (or q), kept_percent, val_accuracy")
     args = ap.parse_args()
     p = load_params(args.params, args.model)
     m = p.models[args.model]
+    rule = p.prune[f"{args.model}-iter1"].rule  # every round of a model has the same rule
+    key = RULES[rule].key
+    grid = p.sensitivity[key]
     model, _ = load_checkpoint(args.dense, args.model, m.arch, m.kwargs)
     with opening(p, f"sensitivity@{args.model}", args.model, 0, args.data) as (device, splits, mlrun):
-        mlrun.params({"s_grid": p.sensitivity.s})
-        rows = sensitivity(model.to(device), p.sensitivity.s, lambda m: accuracy(m, *splits.val))
-        io.write_csv(args.out, ["layer", "s", "kept_percent", "val_accuracy"],
-                     [[r["layer"], r["s"], f"{100 * r['kept']:.3f}", f"{r['score']:.4f}"] for r in rows])
+        mlrun.params({"rule": rule, f"{key}_grid": grid})
+        rows = scan(model.to(device), rule, grid, lambda m: accuracy(m, *splits.val))
+        io.write_csv(args.out, ["layer", key, "kept_percent", "val_accuracy"],
+                     [[r["layer"], r[key], f"{100 * r['kept']:.3f}", f"{r['score']:.4f}"] for r in rows])
         mlrun.table(rows, "sensitivity.json")
     worst = {}
     for r in rows:
         worst[r["layer"]] = min(worst.get(r["layer"], 1.0), r["score"])
-    print(f"sensitivity {args.model}: {len(rows)} points; lowest val accuracy per layer: "
+    print(f"sensitivity {args.model}: rule {rule}, {len(rows)} points; lowest val accuracy per layer: "
           + ", ".join(f"{k} {v:.3f}" for k, v in worst.items()) + f" -> {args.out}")
 
 

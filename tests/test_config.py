@@ -159,7 +159,7 @@ def test_start_no_stage_produces(tmp_path, project_params):
     assert "prune.lenet5-iter3.start" in msg
     assert "'models/lenet5/iter9.pt'" in msg
     assert "no stage produces it" in msg
-    assert "expected 'models/lenet5/iter2.pt'" in msg
+    assert "expected 'models/lenet5/rounds/iter2.pt'" in msg
 
 
 def test_start_not_the_previous_checkpoint(tmp_path, project_params):
@@ -167,7 +167,7 @@ def test_start_not_the_previous_checkpoint(tmp_path, project_params):
     msg = _error(tmp_path, project_params)
     assert "prune.lenet5-iter3.start" in msg
     assert "not the previous checkpoint" in msg
-    assert "expected 'models/lenet5/iter2.pt'" in msg
+    assert "expected 'models/lenet5/rounds/iter2.pt'" in msg
 
 
 def test_iteration_gap(tmp_path, project_params):
@@ -191,22 +191,54 @@ def test_prune_model_not_in_models(tmp_path, project_params):
     assert "did you mean 'lenet5'?" in msg
 
 
-def test_final_not_last_checkpoint(tmp_path, project_params):
-    project_params["models"]["lenet_300_100"]["final"] = "models/lenet_300_100/iter3.pt"
-    msg = _error(tmp_path, project_params)
-    assert "models.lenet_300_100.final" in msg
-    assert "'models/lenet_300_100/iter3.pt'" in msg
-    assert "expected 'models/lenet_300_100/iter4.pt'" in msg
-
-
-def test_final_follows_added_iteration(tmp_path, project_params):
-    """Adding a round as the params.yaml comment says: new entry + final pointing at it."""
+def test_added_round_loads(tmp_path, project_params):
+    """Adding a round is one entry: no other key points at the last round."""
     project_params["prune"]["lenet5-iter4"] = dict(project_params["prune"]["lenet5-iter3"],
-                                                   iteration=4, start="models/lenet5/iter3.pt")
-    assert "lenet5.final" in _error(tmp_path, project_params)  # final not yet moved
-    project_params["models"]["lenet5"]["final"] = "models/lenet5/iter4.pt"
+                                                   iteration=4, start="models/lenet5/rounds/iter3.pt")
     p = config.load(_write(tmp_path, project_params))
-    assert p.models["lenet5"].final == config.iteration_path("lenet5", 4)
+    assert p.prune["lenet5-iter4"].start == config.iteration_path("lenet5", 3)
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda r: r.update(rule="quantil"), "prune.lenet5-iter1.rule: unknown rule 'quantil' (did you mean 'quantile'?); "
+                                         "allowed: std, quantile, global"),
+    (lambda r: r.update(rule="quantile"), "prune.lenet5-iter1.s: unknown key; rule quantile takes q; allowed: model, "
+                                          "iteration, start, rule, budget, epochs, lr, q"),
+    (lambda r: r.update(rule="quantile", s=None, q={"fc1": 1.0}), "prune.lenet5-iter1.q.fc1: must be < 1, got 1.0"),
+    (lambda r: r.update(rule="global", s=None, q={"fc1": 0.5}), "prune.lenet5-iter1.q: Input should be a valid number"),
+    (lambda r: r.pop("s"), "prune.lenet5-iter1: give s (per layer) or a budget ({max_drop: ..., scale: ...})"),
+    (lambda r: r.update(budget={"max_drop": 0.01}), "prune.lenet5-iter1.budget.scale: missing"),
+    (lambda r: r.pop("rule"), "prune.lenet5-iter1.rule: missing"),
+])
+def test_round_rule_errors(tmp_path, project_params, change, expected):
+    change(project_params["prune"]["lenet5-iter1"])
+    project_params["prune"]["lenet5-iter1"] = {k: v for k, v in project_params["prune"]["lenet5-iter1"].items()
+                                               if v is not None}
+    assert expected in _error(tmp_path, project_params)
+
+
+def test_a_model_s_rounds_share_one_rule_and_its_grid_holds_zero(tmp_path, project_params):
+    r = project_params["prune"]["lenet5-iter2"]
+    r.update(rule="quantile", q={"fc1": 0.5})
+    del r["s"]
+    assert "prune: the rounds of lenet5 use the rules quantile, std; use one" in _error(tmp_path, project_params)
+    for k in (1, 3):
+        r = project_params["prune"][f"lenet5-iter{k}"]
+        r.update(rule="quantile", q={"fc1": 0.5})
+        del r["s"]
+    project_params["sensitivity"]["q"] = [0.1, 0.5]
+    assert "sensitivity.q: the grid of q for rule quantile (model lenet5) must hold 0" in _error(tmp_path, project_params)
+    project_params["sensitivity"]["q"] = [0.0, 0.5]
+    assert config.load(_write(tmp_path, project_params)).prune["lenet5-iter3"].values == {"fc1": 0.5}
+
+
+def test_budget_and_select_load(tmp_path, project_params):
+    p = config.load(_write(tmp_path, project_params))
+    assert p.prune["small_resnet-iter1"].budget.model_dump() == {"max_drop": 0.01, "scale": 0.5}
+    assert p.prune["small_resnet-iter1"].values == {}
+    assert p.models["lenet5"].select.max_drop == 0.002
+    project_params["models"]["lenet5"]["select"] = {"max_drop": 2}
+    assert "models.lenet5.select.max_drop: Input should be less than or equal to 1" in _error(tmp_path, project_params)
 
 
 def _own_dataset(params: dict) -> dict:

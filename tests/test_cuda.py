@@ -57,7 +57,7 @@ def test_every_stage_kind_runs_on_cuda(tmp_path):
 def test_two_cuda_runs_give_the_same_bytes(tmp_path):
     first, second = project(tmp_path / "a", "cuda"), project(tmp_path / "b", "cuda")
     for tmp in (first, second):
-        run(tmp, *stage_commands(KEY, 1)[:4])  # pretrain, sensitivity, prune, quantize
+        run(tmp, *stage_commands(KEY, 1)[:6])  # pretrain, sensitivity, schedule, prune, select, quantize
     assert digests(first) == digests(second)
 
 

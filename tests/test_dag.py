@@ -261,14 +261,16 @@ def test_every_dep_is_produced_by_a_stage_or_tracked(dvc_stages):
 def test_model_stages_depend_on_the_architecture_s_file_and_params(dvc_yaml):
     """Every stage that builds a model lists the file that defines its architecture
     (models.<key>.code) and its arch and kwargs. A prune round reaches the file through its start
-    checkpoint, which pretrain wrote."""
+    checkpoint, which pretrain wrote, and a round's schedule through the scan."""
     per_model = [(name, spec) for name, spec in stage_specs(dvc_yaml) if "foreach" in dvc_yaml["stages"][name]]
-    assert {name for name, _ in per_model} == {"pretrain", "sensitivity", "prune", "quantize", "encode", "evaluate"}
+    per_round = {"schedule", "prune"}
+    assert {name for name, _ in per_model} == {"pretrain", "sensitivity", "quantize", "encode", "evaluate",
+                                               "select"} | per_round
     for name, spec in per_model:
         deps = [_dep_name(d) for d in spec.get("deps", [])]
         params = {p for p in spec.get("params", []) if isinstance(p, str)}
-        key = "${item.model}" if name == "prune" else "${key}"
-        if name != "prune":
+        key = "${item.model}" if name in per_round else "${key}"
+        if name not in per_round:
             assert "${item.code}" in deps, f"stage {name}: add the dep ${{item.code}}"
         assert {f"models.{key}.arch", f"models.{key}.kwargs"} <= params, f"stage {name}: add the arch params"
 
@@ -308,3 +310,11 @@ def test_the_pipeline_without_dvc_refuses_a_cycle():
                        "b": {"cmd": "b", "deps": [{"path": "x"}], "outs": [{"path": "y"}]}}}
     with pytest.raises(SystemExit, match="pipeline: dependency cycle among"):
         _pipeline_module().in_order(lock)
+
+
+def test_no_stage_script_shadows_a_standard_module():
+    """stages/ is sys.path[0] of every stage (and of the MLflow worker it starts): a stages/select.py
+    would be imported by `subprocess` in place of the standard `select` and break it."""
+    import sys
+    clash = sorted(p.stem for p in STAGES_DIR.glob("*.py") if p.stem in sys.stdlib_module_names)
+    assert not clash, f"rename these stage scripts: {clash}"

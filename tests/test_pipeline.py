@@ -83,8 +83,8 @@ def test_every_stage_reports_its_fixed_cost(repo):
 def expected_stages(params) -> set[str]:
     stages = {"download", "report"}
     for m in params["models"]:
-        stages |= {f"{stage}@{m}" for stage in ("pretrain", "sensitivity", "quantize", "encode", "evaluate")}
-    stages |= {f"prune@{k}" for k in params["prune"]}
+        stages |= {f"{stage}@{m}" for stage in ("pretrain", "sensitivity", "select", "quantize", "encode", "evaluate")}
+    stages |= {f"{stage}@{k}" for k in params["prune"] for stage in ("schedule", "prune")}
     return stages
 
 
@@ -121,15 +121,20 @@ def test_first_repro_runs_every_stage_and_writes_metrics(repo):
         rounds = [json.loads((repo / "metrics" / "prune" / f"{model}-iter{k}.json").read_text())
                   for k in range(1, ITERATIONS[model] + 1)]
         for r in rounds:
-            assert set(r) == {"val_pruned", "val_retrained", "compression", "kept"}
+            assert set(r) == {"val_pruned", "val_retrained", "compression", "kept", "s"}
             assert r["val_retrained"] > 5 * CHANCE and all(0 < k <= 1 for k in r["kept"].values())
         assert [r["compression"] for r in rounds] == sorted(r["compression"] for r in rounds)
+        selected = json.loads((repo / "metrics" / "select" / f"{model}.json").read_text())
+        assert selected["round"] == ITERATIONS[model] and selected["held"] is True  # tiny params: max_drop 1
+        assert (repo / "models" / model / "selected.pt").read_bytes() == (
+            repo / "models" / model / "rounds" / f"iter{ITERATIONS[model]}.pt").read_bytes()
         q = json.loads((repo / "metrics" / "quantize" / f"{model}.json").read_text())
         assert set(q) == {"val_before", "val_shared", "val_finetuned"}
         assert q["val_before"] == pytest.approx(rounds[-1]["val_retrained"], abs=0.011)
     report = (repo / "reports" / "REPORT.md").read_text()
     assert report.startswith(f"# Pruning report: {TINY}\n") and "## lenet_300_100" in report and "Han et al. 2015" in report
     assert "| + Huffman coding " in report and "`storage/csr.bin`" in report
+    assert "Rule held: **yes**" in report and "| 3 (selected) | std " in report
     for png in re.findall(r"\]\(([^)]+\.png)\)", report):
         assert (repo / "reports" / png).stat().st_size > 1000
 
@@ -189,14 +194,45 @@ def test_sigkill_inside_the_checkpoint_write_leaves_the_old_file_or_none(repo):
     temporary[0].unlink()
 
 
+def test_a_budget_edit_reruns_only_its_round_and_what_follows(repo):
+    """Round 3 takes fc2 and fc3 from the scan (fc1 stays by hand); then its budget's scale halves.
+    Each edit re-runs that round's schedule, and the round and what follows only if its values changed."""
+    repo, params, _ = repo
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    it = p["prune"]["lenet_300_100-iter3"]
+    it.update(s={"fc1": it["s"]["fc1"]}, budget={"max_drop": 0.05, "scale": 1.0})
+    selects = {f"select@{m}" for m in params["models"]}  # each re-checks: it reads the prune section
+    follows = {"schedule@lenet_300_100-iter3", "prune@lenet_300_100-iter3", "quantize@lenet_300_100",
+               "encode@lenet_300_100", "evaluate@lenet_300_100", "report"} | selects
+    schedule_file = repo / "metrics" / "schedule" / "lenet_300_100-iter3.json"
+    before = json.loads(schedule_file.read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    out = sh(repo, "dvc", "repro").stdout
+    schedule = json.loads(schedule_file.read_text())
+    assert set(schedule["s"]) == {"fc1", "fc2", "fc3"} and schedule["s"]["fc1"] == it["s"]["fc1"]
+    unchanged = {"schedule@lenet_300_100-iter3"} | selects
+    assert ran(out) == (follows if schedule["s"] != before["s"] else unchanged)
+    assert json.loads((repo / "metrics" / "prune" / "lenet_300_100-iter3.json").read_text())["s"] == schedule["s"]
+    it["budget"]["scale"] = 0.5
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    out = sh(repo, "dvc", "repro").stdout
+    halved = json.loads(schedule_file.read_text())
+    assert halved["s"] == {"fc1": it["s"]["fc1"], **{n: round(schedule["s"][n] * 0.5, 6) for n in ("fc2", "fc3")}}
+    assert ran(out) == (follows if halved["s"] != schedule["s"] else unchanged)
+    diff = json.loads(sh(repo, "dvc", "params", "diff", "--json").stdout)["params.yaml"]
+    assert "prune.lenet_300_100-iter3.budget.scale" in diff and "prune.lenet_300_100-iter3.s.fc2" in diff
+    assert "prune.lenet_300_100-iter3.s.fc1" not in diff  # what the user set: fc1 kept its value
+
+
 def test_changing_round_2_of_3_reruns_only_what_follows_it(repo):
     repo, params, _ = repo
     p = yaml.safe_load((repo / "params.yaml").read_text())
     p["prune"]["lenet_300_100-iter2"]["s"]["fc1"] += 0.3
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     out = sh(repo, "dvc", "repro").stdout
-    assert ran(out) == {"prune@lenet_300_100-iter2", "prune@lenet_300_100-iter3", "quantize@lenet_300_100",
-                        "encode@lenet_300_100", "evaluate@lenet_300_100", "report"}
+    assert ran(out) == {"schedule@lenet_300_100-iter2", "prune@lenet_300_100-iter2", "prune@lenet_300_100-iter3",
+                        "select@lenet_300_100", "select@lenet5", "quantize@lenet_300_100", "encode@lenet_300_100",
+                        "evaluate@lenet_300_100", "report"}
     diff = json.loads(sh(repo, "dvc", "params", "diff", "--json").stdout)
     assert "prune.lenet_300_100-iter2.s.fc1" in diff["params.yaml"]
     shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout)
@@ -217,8 +253,8 @@ def test_exp_run_with_a_prune_param_makes_an_experiment(repo):
     p = yaml.safe_load((repo / "params.yaml").read_text())
     s = p["prune"]["lenet_300_100-iter3"]["s"]["fc1"] + 0.5
     out = sh(repo, "dvc", "exp", "run", "-n", "tiny-exp", "-S", f"prune.lenet_300_100-iter3.s.fc1={s}").stdout
-    assert ran(out) == {"prune@lenet_300_100-iter3", "quantize@lenet_300_100", "encode@lenet_300_100",
-                        "evaluate@lenet_300_100", "report"}
+    assert ran(out) == {"schedule@lenet_300_100-iter3", "prune@lenet_300_100-iter3", "select@lenet_300_100",
+                        "select@lenet5", "quantize@lenet_300_100", "encode@lenet_300_100", "evaluate@lenet_300_100", "report"}
     shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
     exp = next(e for row in shown for e in (row.get("experiments") or [])
                if e["revs"][0]["name"] == "tiny-exp")["revs"][0]["data"]
@@ -236,7 +272,8 @@ def test_mlflow_store_groups_stage_runs_under_a_parent_per_model(repo):
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     by_id = {r.info.run_id: r for r in runs}
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert {r.info.run_name for r in children} >= expected_stages(params) - {"download"}
+    unlogged = {"download"} | {f"schedule@{k}" for k in params["prune"]}  # a schedule logs nothing
+    assert {r.info.run_name for r in children} >= expected_stages(params) - unlogged
     for r in children:  # every stage run hangs under the parent of its model and pipeline run
         parent = by_id[r.data.tags["mlflow.parentRunId"]]
         assert parent.data.tags["pipeline_parent"] == "true"
@@ -257,7 +294,7 @@ def test_mlflow_store_groups_stage_runs_under_a_parent_per_model(repo):
     parent = by_id[evaluate.data.tags["mlflow.parentRunId"]]
     steps = {m.step for m in client.get_metric_history(parent.info.run_id, "compression")}
     assert steps == {1, 2, 3}
-    assert evaluate.data.params["final"] == params["models"]["lenet_300_100"]["final"]  # every stage logs its params
+    assert evaluate.data.params["pruned"] == "models/lenet_300_100/selected.pt"  # every stage logs its params
     # The UI opens the experiment on its runs (not MLflow 3's GenAI overview), and a parent run's
     # time spans its children's.
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -266,7 +303,7 @@ def test_mlflow_store_groups_stage_runs_under_a_parent_per_model(repo):
         p_info = by_id[parent_id].info
         assert p_info.start_time <= min(r.info.start_time for r in kids)
         assert p_info.end_time >= max(r.info.end_time for r in kids)
-    assert {"checkpoint/iter3.pt", "layers.json", "lenet_300_100.json", "detail.json"} <= {
+    assert {"checkpoint/selected.pt", "layers.json", "lenet_300_100.json", "detail.json"} <= {
         a.path for path in ("", "checkpoint") for a in client.list_artifacts(evaluate.info.run_id, path)}
 
 
@@ -294,7 +331,7 @@ def test_unreachable_tracking_warns_and_still_writes_outputs(repo, tmp_path):
     repo, _, _ = repo
     out = tmp_path / "m.json"
     proc = sh(repo, sys.executable, "stages/evaluate.py", "lenet_300_100", "--dense", "models/lenet_300_100/dense.pt",
-              "--pruned", "models/lenet_300_100/iter1.pt", "--compressed", "models/lenet_300_100/compressed.bin",
+              "--pruned", "models/lenet_300_100/rounds/iter1.pt", "--compressed", "models/lenet_300_100/compressed.bin",
               "--storage", "models/lenet_300_100/storage", "--metrics", str(out), "--plots", str(tmp_path / "plots"),
               MLFLOW_TRACKING_URI="http://127.0.0.1:9")
     assert "warning: MLflow tracking store http://127.0.0.1:9 unreachable" in proc.stderr
@@ -418,7 +455,7 @@ def test_against_a_real_mlflow_server(repo, tmp_path):
         assert [m.step for m in client.get_metric_history(parent.info.run_id, "compression")] == [2]
         evaluate = runs["evaluate@lenet_300_100"]
         assert {"layer.fc1.kept", "layer.fc3.flops_pruned"} <= set(evaluate.data.metrics)
-        assert "checkpoint/iter3.pt" in {a.path for a in client.list_artifacts(evaluate.info.run_id, "checkpoint")}
+        assert "checkpoint/selected.pt" in {a.path for a in client.list_artifacts(evaluate.info.run_id, "checkpoint")}
         (version,) = client.search_model_versions("name = 'lenet_300_100-pruned'")
         assert float(version.tags["compression"]) > 1
     finally:

@@ -133,7 +133,8 @@ def test_emptying_check_looks_only_at_surviving_weights():
 
 def test_sensitivity_may_empty_a_layer():
     """The scan (the paper's Figure 6) goes on to s where a layer has no weights left: a data point, not an error."""
-    rows = pruning.sensitivity(_known_model(), [3.0], lambda m: 0.0)
+    from hanprune.rules import scan
+    rows = scan(_known_model(), "std", [3.0], lambda m: 0.0)
     assert [r["kept"] for r in rows if r["layer"] == "fc3"] == [0.0]
 
 # --- retraining keeps pruned weights at zero ------------------------------------------------------
@@ -527,6 +528,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, how, writer):
 # --- sensitivity --------------------------------------------------------------------------------
 
 def test_sensitivity_rows():
+    from hanprune.rules import scan
     torch.manual_seed(0)
     model = make("lenet_300_100")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -539,7 +541,7 @@ def test_sensitivity_rows():
         calls.append(next(iter(masks)))
         return float(sum(int(m.sum()) for m in masks.values()))
 
-    rows = pruning.sensitivity(model, grid, score)
+    rows = scan(model, "std", grid, score)
     assert [(r["layer"], r["s"]) for r in rows] == [(l, s) for l in ("fc1", "fc2", "fc3") for s in grid]
     assert calls == [r["layer"] for r in rows]
     for layer in ("fc1", "fc2", "fc3"):

@@ -28,6 +28,7 @@ def project(tmp_path, monkeypatch):
     md5 = write_tiny_mnist(tmp_path / "source")
     params = tiny_params(ROOT / "params.yaml", tmp_path / "source", md5, {"lenet_300_100": 1})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _write_schedule(tmp_path, params)
     spec = datasets.spec(TINY, md5)
     data.write_raw(sources.fetch(spec, "local", tmp_path / "source")[1], tmp_path / "data", spec)  # as download does
     model = make("lenet_300_100")
@@ -53,14 +54,22 @@ def last_line(err: str) -> str:
     return err.strip().splitlines()[-1]
 
 
-PRUNE = ["prune", "lenet_300_100-iter1", "--start", "models/lenet_300_100/dense.pt", "--out", "out.pt",
-         "--metrics", "metrics.json", "--plot", "plot.csv"]
+PRUNE = ["prune", "lenet_300_100-iter1", "--start", "models/lenet_300_100/dense.pt", "--schedule", "schedule.json",
+         "--out", "out.pt", "--metrics", "metrics.json", "--plot", "plot.csv"]
+
+
+def _write_schedule(project, params):
+    """schedule.json as the schedule stage writes it for round 1's s (when the params still have one)."""
+    it = (params.get("prune") or {}).get("lenet_300_100-iter1")
+    if isinstance(it, dict) and isinstance(it.get("s"), dict):
+        io.write_json(project / "schedule.json", {"rule": "std", "s": it["s"]})
 
 
 def edit_params(project, change):
     p = yaml.safe_load((project / "params.yaml").read_text())
     change(p)
     (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    _write_schedule(project, p)
 
 
 def _set(path, value):
@@ -315,8 +324,8 @@ def test_bad_compressed_file(project, capsys, monkeypatch):
     assert (project / "metrics.json").read_bytes() == OLD
 
 
-@pytest.mark.parametrize("script", ["download", "pretrain", "sensitivity", "prune", "quantize", "encode", "evaluate",
-                                    "report"])
+@pytest.mark.parametrize("script", ["download", "pretrain", "sensitivity", "schedule", "prune", "select_round",
+                                    "quantize", "encode", "evaluate", "report"])
 def test_help_and_usage_errors(capsys, monkeypatch, script):
     assert run_stage(capsys, monkeypatch, script, "--help")[0] == 0
     code, err = run_stage(capsys, monkeypatch, script, "--no-such-flag")

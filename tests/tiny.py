@@ -37,7 +37,7 @@ def tiny_params(params_file: Path, local_dir: Path, md5: dict, iterations: dict[
         p["models"][key]["pretrain"].update(epochs=12, batch_size=32)  # lenet5 learns the tiny data by epoch 8
         p["models"][key]["retrain"].update(epochs=1, batch_size=32)
         p["models"][key]["quantize"]["finetune"].update(epochs=1, batch_size=32)
-        p["models"][key]["final"] = f"models/{key}/iter{n}.pt"
+        p["models"][key]["select"] = {"max_drop": 1.0}  # the last round, whatever the tiny data's accuracies
     prune = {}
     for key, it in p["prune"].items():
         if it["model"] in iterations and it["iteration"] <= iterations[it["model"]]:
@@ -50,14 +50,18 @@ def stage_commands(key: str, rounds: int) -> list[list[str]]:
     """The commands dvc.yaml runs for one model after download (script name, then arguments), with
     `rounds` prune rounds, the data under data/, run from the project directory."""
     m = f"models/{key}"
-    prune = [["prune.py", f"{key}-iter{k}", "--data", "data", "--start", f"{m}/dense.pt" if k == 1 else f"{m}/iter{k - 1}.pt",
-              "--out", f"{m}/iter{k}.pt", "--metrics", f"metrics/prune/{key}-iter{k}.json", "--plot", f"plots/{key}/retrain{k}.csv"]
-             for k in range(1, rounds + 1)]
-    final = f"{m}/iter{rounds}.pt"
+    prune = [cmd for k in range(1, rounds + 1) for cmd in (
+        ["schedule.py", f"{key}-iter{k}", "--scan", f"plots/{key}/sensitivity.csv", "--out",
+         f"metrics/schedule/{key}-iter{k}.json"],
+        ["prune.py", f"{key}-iter{k}", "--data", "data", "--start", f"{m}/dense.pt" if k == 1 else f"{m}/rounds/iter{k - 1}.pt",
+         "--schedule", f"metrics/schedule/{key}-iter{k}.json", "--out", f"{m}/rounds/iter{k}.pt",
+         "--metrics", f"metrics/prune/{key}-iter{k}.json", "--plot", f"plots/{key}/retrain{k}.csv"])]
+    final = f"{m}/selected.pt"
     return [
         ["pretrain.py", key, "--data", "data", "--out", f"{m}/dense.pt", "--plot", f"plots/{key}/pretrain.csv"],
         ["sensitivity.py", key, "--data", "data", "--dense", f"{m}/dense.pt", "--out", f"plots/{key}/sensitivity.csv"],
         *prune,
+        ["select_round.py", key, "--rounds", f"{m}/rounds", "--out", final, "--metrics", f"metrics/select/{key}.json"],
         ["quantize.py", key, "--data", "data", "--pruned", final, "--out", f"{m}/quantized.pt",
          "--metrics", f"metrics/quantize/{key}.json"],
         ["encode.py", key, "--dense", f"{m}/dense.pt", "--pruned", final, "--quantized", f"{m}/quantized.pt",
