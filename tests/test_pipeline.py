@@ -4,7 +4,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,50 +13,18 @@ import torch
 import yaml
 
 from hanprune.models import prunable_layers
-from tests.tiny import TINY, tiny_params, write_tiny_mnist
+from tests.tiny import ROOT, TINY, env, ran, sh, tiny_project
 
-ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["hanprune", "stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"]
 # lenet_300_100 with 3 rounds (so a middle round can be edited), and a conv model through every stage.
 ITERATIONS = {"lenet_300_100": 3, "lenet5": 1}
 CHANCE = 0.1  # ten classes
-
-
-def env(tmp: Path, **extra) -> dict:
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    e.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{e['PATH']}", DVC_NO_ANALYTICS="1",
-             DVC_SITE_CACHE_DIR=str(tmp / "dvc-site"), MLFLOW_DISABLE_TELEMETRY="true",
-             GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    e.update(extra)
-    return e
-
-
-def sh(repo: Path, *cmd, check=True, **extra_env) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=repo, env=env(repo.parent, **extra_env), capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     repo = tmp / "project"
-    repo.mkdir()
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
-    shutil.copytree(ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
-    for d in repo.rglob("__pycache__"):
-        shutil.rmtree(d)
-    md5 = write_tiny_mnist(tmp / "tiny-mnist")
-    params = tiny_params(ROOT / "params.yaml", tmp / "tiny-mnist", md5, ITERATIONS)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(repo, "git", "init", "-q")
+    params = tiny_project(repo, ITERATIONS)
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "tiny project")
     # under benchmarks/monitor.py: each stage's time, and its training time from its epoch lines

@@ -1,5 +1,11 @@
-"""Tiny generated MNIST-like data and a params.yaml for it, so the pipeline runs in seconds."""
+"""Tiny generated MNIST-like data and a params.yaml for it, so the pipeline runs in seconds; a copy
+of the project using them, in a temporary git repository, and how to run commands in it."""
 import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +14,8 @@ import yaml
 from hanprune.idx import idx_images, idx_labels
 
 TINY = "tiny"  # data.name of the generated data: it lies in <root>/tiny/raw
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["hanprune", "stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"]
 
 
 def write_tiny_mnist(directory: Path, n_train=600, n_test=200, seed=0) -> dict[str, str]:
@@ -71,3 +79,43 @@ def stage_commands(key: str, rounds: int) -> list[list[str]]:
          "--plots", f"plots/{key}/final"],
         ["report.py", "--metrics", "metrics", "--plots", "plots", "--out", "reports"],
     ]
+
+
+def tiny_project(repo: Path, iterations: dict[str, int]) -> dict:
+    """A copy of the project (its code, dvc.yaml and .dvc/config) in a new git repository `repo`,
+    not yet committed, with tiny data beside it (repo/../tiny-mnist) and the tiny params.yaml for
+    `iterations` (tiny_params). Returns the params."""
+    repo.mkdir()
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
+    shutil.copytree(ROOT / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
+    for d in repo.rglob("__pycache__"):
+        shutil.rmtree(d)
+    md5 = write_tiny_mnist(repo.parent / "tiny-mnist")
+    params = tiny_params(ROOT / "params.yaml", repo.parent / "tiny-mnist", md5, iterations)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(repo, "git", "init", "-q", "-b", "main")
+    return params
+
+
+def env(tmp: Path, **extra) -> dict:
+    """The environment commands run in: the Python environment's bin first, no MLflow, DVC or AWS
+    settings of the caller's, DVC's site cache under `tmp`."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "AWS_"))}
+    e.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{e['PATH']}", DVC_NO_ANALYTICS="1",
+             DVC_SITE_CACHE_DIR=str(tmp / "dvc-site"), MLFLOW_DISABLE_TELEMETRY="true",
+             GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    e.update(extra)
+    return e
+
+
+def sh(repo: Path, *cmd, check=True, **extra_env) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=repo, env=env(repo.parent, **extra_env), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
