@@ -263,10 +263,11 @@ def test_the_worker_exits_with_its_stage_and_a_run_left_open_is_failed(tmp_path,
         assert run.data.metrics == {"loss": 1.0}
 
 
-def test_a_model_registered_through_the_worker_loads_back(tmp_path):
+def test_a_model_registered_through_the_worker_loads_back(tmp_path, monkeypatch):
     """BackgroundRun.register_model: the model travels to the worker process, which logs and
     registers it with the version's tags; the loaded model computes what the model computes."""
     import mlflow
+    monkeypatch.chdir(tmp_path)  # the store's artifacts go to ./mlruns
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval()
