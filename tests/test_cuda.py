@@ -49,9 +49,19 @@ def digests(tmp: Path) -> dict[str, str]:
 
 
 def test_every_stage_kind_runs_on_cuda(tmp_path):
+    """The whole tiny pipeline on CUDA: the models learn, and the compressed file decodes (on the
+    CPU) to a model that scores what evaluate measured on the GPU, up to an image."""
+    import json
+    from hanprune.quantize import read_compressed
+    from hanprune.train import accuracy
     tmp = project(tmp_path, "cuda")
     run(tmp, *stage_commands(KEY, 1))
-    assert (tmp / "reports" / "REPORT.md").exists() and (tmp / f"models/{KEY}/compressed.bin").stat().st_size > 0
+    assert (tmp / "reports" / "REPORT.md").read_text().startswith(f"# Pruning report: {TINY}")
+    metrics = json.loads((tmp / f"metrics/{KEY}.json").read_text())
+    assert metrics["test_dense"] > 0.5 and metrics["test_pruned"] > 0.5
+    _, decoded = read_compressed(tmp / f"models/{KEY}/compressed.bin", KEY)
+    x, y = data.load_split(data.verified(data.raw_dir(tmp / "data", TINY), TINY), train=False)
+    assert metrics["test_compressed"] == pytest.approx(accuracy(decoded, x, y), abs=1.5 / len(y))
 
 
 def test_two_cuda_runs_give_the_same_bytes(tmp_path):
@@ -63,10 +73,29 @@ def test_two_cuda_runs_give_the_same_bytes(tmp_path):
 
 @pytest.mark.parametrize("first,then", [("cpu", "cuda"), ("cuda", "cpu")])
 def test_a_checkpoint_continues_on_the_other_device(tmp_path, first, then):
+    """Pretrained on one device, pruned and evaluated on the other: round 1's masks are the
+    thresholds on the dense checkpoint's weights, and evaluate's dense accuracy is what the dense
+    checkpoint scores here on the CPU (up to an image whose argmax the device's last bits flip)."""
+    import json
+    from hanprune import pruning
+    from hanprune.train import accuracy
     tmp = project(tmp_path, first)
     run(tmp, *stage_commands(KEY, 1)[:2], device=first)  # pretrain, sensitivity
     run(tmp, *stage_commands(KEY, 1)[2:], device=then)  # prune onward
     assert (tmp / "reports" / "REPORT.md").exists()
+    dense, ckpt = pruning.load_checkpoint(tmp / f"models/{KEY}/dense.pt", KEY)
+    _, pruned = pruning.load_checkpoint(tmp / f"models/{KEY}/rounds/iter1.pt", KEY)
+    s = json.loads((tmp / f"metrics/schedule/{KEY}-iter1.json").read_text())["s"]
+    assert set(pruned["masks"]) == set(s)
+    for name, value in s.items():
+        weight = ckpt["state_dict"][f"{name}.weight"]
+        assert torch.equal(pruned["masks"][name], weight.abs() >= value * pruned["dense_std"][name]), name
+    assert pruned["dense_std"] == ckpt["dense_std"]
+    p = yaml.safe_load((tmp / "params.yaml").read_text())
+    splits = data.Splits(data.verified(data.raw_dir(tmp / "data", TINY), TINY), p["data"]["val_size"], p["data"]["val_seed"])
+    metrics = json.loads((tmp / f"metrics/{KEY}.json").read_text())
+    assert metrics["test_dense"] == pytest.approx(accuracy(dense, *splits.test), abs=1.5 / len(splits.test[1]))
+    assert metrics["test_dense"] > 0.5  # it learned: chance is 0.1
 
 
 @pytest.fixture

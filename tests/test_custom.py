@@ -16,6 +16,7 @@ from hanprune import config, data, datasets, idx, measure, models, sources
 from tests.tiny import stage_commands, tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 
 USER_MODULE = '''
 from torch import nn

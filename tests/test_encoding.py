@@ -1,8 +1,11 @@
 """The compressed file format: exact round trips, filler entries, sizes, and one clear error per bad file."""
+import hashlib
+import heapq
+import json
 import math
 import struct
-import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hanprune.encoding import (FORMAT_VERSION, MAGIC, EncodingError, QuantizedLayer, decode, decode_all, describe,
-                               encode)
+from hanprune.encoding import (FORMAT_VERSION, MAGIC, EncodingError, QuantizedLayer, _huffman, decode, decode_all,
+                               describe, encode)
 
 ARCH = "nets:Net"  # the arch a file names; what it is plays no part in the format
 
@@ -162,12 +165,98 @@ def test_lenet_300_100_layer_compresses_over_30x():
     assert len(blob) < dense / 30
 
 
-def test_lenet_300_100_encodes_and_decodes_well_under_a_second():
-    layers = {"fc1": random_layer((300, 784), 0.08, 64, seed=9), "fc2": random_layer((100, 300), 0.09, 64, seed=10),
-              "fc3": random_layer((10, 100), 0.26, 64, seed=11)}
-    start = time.perf_counter()
-    round_trip("lenet300", layers)
-    assert time.perf_counter() - start < 1.0
+GOLDEN = Path(__file__).parent / "data"
+
+
+def _md5(t: torch.Tensor) -> str:
+    return hashlib.md5(t.numpy().tobytes()).hexdigest()
+
+
+def test_the_committed_version_3_file_decodes_to_its_committed_tensors_and_encodes_back_to_its_bytes():
+    """model-v3.bin (made by the encoder of commit 35781c9) and the md5s of what it holds
+    (model-v3.json): a 4-D layer with a bias, a layer with filler entries and no bias, and other
+    tensors of both dtypes. An encoder and a decoder that change together (the round trips above
+    still pass) break this file: the format is the specification, not the code."""
+    blob = (GOLDEN / "model-v3.bin").read_bytes()
+    expected = json.loads((GOLDEN / "model-v3.json").read_text())
+    assert hashlib.md5(blob).hexdigest() == expected["file_md5"]
+    assert struct.unpack_from("<H", blob, len(MAGIC))[0] == 3
+    found = decode_all(blob)
+    assert (found.model_key, found.arch, found.kwargs) == (expected["model_key"], expected["arch"], expected["kwargs"])
+    assert list(found.layers) == list(expected["layers"])
+    for name, layer in found.layers.items():
+        e = expected["layers"][name]
+        assert list(layer.codes.shape) == e["shape"] and layer.codes.dtype == torch.int64
+        assert _md5(layer.codes) == e["codes_int64"] and _md5(layer.codebook) == e["codebook_float32"], name
+        assert (None if layer.bias is None else _md5(layer.bias)) == e["bias_float32"], name
+        assert _md5(layer.weight()) == e["weight_float32"], name
+    assert {n: {"dtype": str(t.dtype), "shape": list(t.shape), "md5": _md5(t)} for n, t in found.other.items()} \
+        == expected["other"]
+    assert [r["entries"] > r["nonzero"] for r in describe(blob)] == [True, True]  # fillers in both layers
+    again = encode(found.model_key, found.arch, found.kwargs, found.layers, other=found.other)
+    assert again == blob
+
+
+def _reference_huffman_bits(frequencies: list[int]) -> int:
+    """The length of the coded stream under an optimal prefix code (Huffman's algorithm, heapq):
+    the sum of the weights of every merge."""
+    heap = [f for f in frequencies if f > 0]
+    if len(heap) == 1:
+        return heap[0]  # a lone symbol: 1 bit each
+    heapq.heapify(heap)
+    total = 0
+    while len(heap) > 1:
+        merged = heapq.heappop(heap) + heapq.heappop(heap)
+        total += merged
+        heapq.heappush(heap, merged)
+    return total
+
+
+@pytest.mark.parametrize("frequencies", [
+    [5], [1, 1], [1, 2, 4, 8, 16, 32, 64], [100, 1, 1, 1, 1], [0, 7, 0, 3, 3, 3, 0, 9],
+    np.random.default_rng(0).integers(0, 1000, 65).tolist(), (2 ** np.arange(20)).tolist(),
+])
+def test_huffman_codes_are_optimal_and_within_the_entropy_bound(frequencies):
+    f = np.asarray(frequencies, dtype=np.int64)
+    code = _huffman(f, "test")
+    assert code.n_bits == _reference_huffman_bits(frequencies)
+    n = int(f.sum())
+    p = f[f > 0] / n
+    entropy = float(-(p * np.log2(p)).sum()) * n
+    assert entropy - 1e-9 <= code.n_bits < entropy + n or len(p) == 1
+    lengths = {s: len(w) for s, w in code.codewords.items()}
+    assert code.n_bits == sum(int(f[s]) * lengths[s] for s in lengths)
+    words = sorted(w.to01() for w in code.codewords.values())
+    assert not any(b.startswith(a) for a, b in zip(words, words[1:]))  # prefix-free
+
+
+def test_a_layer_s_coded_streams_are_as_short_as_an_optimal_code_allows():
+    """Through the file: the code section of a layer of skewed codes is the Huffman-optimal length."""
+    rng = np.random.default_rng(13)
+    codes = torch.from_numpy(rng.choice(8, size=2000, p=[0.5, 0.2, 0.1, 0.1, 0.05, 0.03, 0.01, 0.01]))
+    layer = QuantizedLayer(codes=codes, codebook=torch.arange(8, dtype=torch.float32))
+    row, = describe(round_trip("m", {"w": layer}, index_bits=1))  # every gap 0: no fillers
+    assert row["entries"] == 2000
+    present = len(torch.unique(codes))
+    longest = max(len(w) for w in _huffman(np.bincount(codes.numpy(), minlength=9), "w").codewords.values())
+    table = 1 + longest + present + 4  # max length, counts, symbols (1 byte each), bit count
+    bits = _reference_huffman_bits(np.bincount(codes.numpy()).tolist())
+    assert row["bytes_codes"] == table + math.ceil(bits / 8)
+
+
+def test_other_tensors_round_trip_with_their_dtype_and_shape():
+    """Batch norm's tensors (format versions 2 and 3): float32 of any shape, int64 (0-dim for
+    num_batches_tracked), in their order; another dtype is refused."""
+    other = {"bn.weight": torch.tensor([1.5, -2.0, 0.25]), "bn.running_mean": torch.randn(3),
+             "bn.num_batches_tracked": torch.tensor(12345678901), "table": torch.arange(6, dtype=torch.int64).view(2, 3),
+             "scalar": torch.tensor(0.5)}
+    found = decode_all(encode("m", ARCH, {}, {"w": LAYER}, other=other))
+    assert list(found.other) == list(other)
+    for name, t in other.items():
+        back = found.other[name]
+        assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back, t), name
+    with pytest.raises(EncodingError, match="tensor 'x': dtype float64 is not float32 or int64"):
+        encode("m", ARCH, {}, {"w": LAYER}, other={"x": torch.zeros(2, dtype=torch.float64)})
 
 
 @pytest.mark.parametrize("layer, message", [

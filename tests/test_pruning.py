@@ -191,11 +191,15 @@ def test_pruned_weights_stay_zero_through_retraining(kind):
 
 
 def test_conv_training_keeps_masks_and_returns_standard_layout():
-    """fit trains convolutions in channels-last layout; the masks hold there too, and the model
-    comes back in the standard layout, so checkpoints do not depend on how it was trained."""
+    """fit trains convolutions in channels-last layout; the masks hold there too (in the weight the
+    forward pass uses, not only in the saved state, which plain_state_dict multiplies by the mask
+    itself), and the model comes back in the standard layout, so checkpoints do not depend on how
+    it was trained."""
     torch.manual_seed(0)
     model = make("lenet5_caffe")
     pruning.prune_by_std(model, {"conv2": 1.0}, pruning.weight_std(model))
+    with torch.no_grad():
+        model.conv2.weight_mask[:, 3] = 0  # conv2 ignores its input channel 3 altogether
     keep = model.conv2.weight_mask.bool().clone()
     before = model.conv2.weight_orig.detach().clone()
     cfg = Training(seed=0, epochs=1, batch_size=16, lr=0.1, momentum=0.9, schedule="cosine",
@@ -203,9 +207,29 @@ def test_conv_training_keeps_masks_and_returns_standard_layout():
     fit(model, cfg, _tiny_data(64, 1), _tiny_data(32, 2))
     for t in (model.conv2.weight_orig, model.conv2.weight_mask, model.conv1.weight):
         assert t.is_contiguous()
+    model.eval()
+    x = _tiny_data(8, 3)[0]
+    with torch.no_grad():
+        out = model(x)
+    assert (model.conv2.weight[~keep] == 0).all()  # the weight that forward just used
+    assert not torch.equal(model.conv2.weight[keep], before[keep])
+
+    def perturbed(channel):
+        def hook(module, args):
+            (inputs,) = args
+            inputs = inputs.clone()
+            inputs[:, channel] += 100 * torch.randn_like(inputs[:, channel])
+            return (inputs,)
+        handle = model.conv2.register_forward_pre_hook(hook)  # after pruning's hook, which sets weight
+        try:
+            with torch.no_grad():
+                return model(x)
+        finally:
+            handle.remove()
+    assert torch.equal(perturbed(3), out)  # the pruned channel has no effect on the output
+    assert not torch.equal(perturbed(4), out)  # a channel with survivors has
     state = pruning.plain_state_dict(model)
-    assert (state["conv2.weight"][~keep] == 0).all()
-    assert not torch.equal(state["conv2.weight"][keep], before[keep])
+    assert torch.equal(state["conv2.weight"], model.conv2.weight)
 
 
 def test_random_shift_translates_each_image_by_its_own_offset():

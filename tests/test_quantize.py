@@ -233,3 +233,23 @@ def test_after_weight_sharing_every_surviving_weight_has_its_nearest_centroid(ke
         distance = (w[survivors].double().unsqueeze(1) - q.codebook.double()).abs()  # (survivors, k)
         chosen = distance.gather(1, q.codes[survivors].unsqueeze(1)).squeeze(1)
         assert (chosen <= distance.min(1).values + 1e-6).all(), name
+
+
+def test_a_file_s_other_tensors_load_into_the_model_and_must_be_the_model_s(tmp_path):
+    """Batch norm's tensors come from the file as they are (read_compressed); a file that lacks one,
+    has one the model does not, or one of another shape is refused with its name."""
+    found, _ = read_compressed(GOLDEN / "small_resnet-v2.bin", "small_resnet", *SMALL_RESNET)
+    assert found.other and any(t.dtype == torch.int64 for t in found.other.values())  # num_batches_tracked
+    path = tmp_path / "v3.bin"
+    changed = {**found.other}
+    name, tensor = next((k, v) for k, v in found.other.items() if k.endswith("running_mean"))
+    changed[name] = tensor + 1
+    path.write_bytes(encoding.encode("small_resnet", *SMALL_RESNET, found.layers, other=changed))
+    _, model = read_compressed(path)
+    assert torch.equal(model.state_dict()[name], tensor + 1)
+    for other, message in [({k: v for k, v in found.other.items() if k != name}, "holds the tensors"),
+                           ({**found.other, "extra": torch.zeros(1)}, "holds the tensors"),
+                           ({**found.other, name: torch.zeros(2)}, rf"tensor {name}: shape \(2,\), small_resnet has")]:
+        path.write_bytes(encoding.encode("small_resnet", *SMALL_RESNET, found.layers, other=other))
+        with pytest.raises(EncodingError, match=message):
+            read_compressed(path)

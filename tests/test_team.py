@@ -18,7 +18,7 @@ import yaml
 
 from tests.tiny import ROOT, env, ran, sh, tiny_project
 
-pytestmark = pytest.mark.team
+pytestmark = [pytest.mark.team, pytest.mark.slow]
 
 MODEL = "lenet_300_100"  # one model, one prune round: the smallest pipeline that has every stage
 STAGES = {"download", f"pretrain@{MODEL}", f"sensitivity@{MODEL}", f"prune@{MODEL}-iter1", f"quantize@{MODEL}",

@@ -145,13 +145,6 @@ def _runs(uri: str, experiment: str = "e") -> list:
     return [r for r in runs if r.data.tags.get("pipeline_parent") != "true"]
 
 
-def _runs(uri: str, experiment: str = "e") -> list:
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    return [r for r in runs if r.data.tags.get("pipeline_parent") != "true"]
-
-
 def test_background_run_logs_everything_through_its_worker(tmp_path):
     """What a stage hands the worker process ends up in the store, in order, once finish() returns."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -159,17 +152,29 @@ def test_background_run_logs_everything_through_its_worker(tmp_path):
     with tracking.start_worker(uri) as pool:
         with tracking.BackgroundRun(pool, uri, "e", "prune@m-iter1", {"dvc_stage": "prune@m-iter1"}, False, group) as run:
             run.params({"a": {"b": 1}})
-            for step in (1, 2):
-                run.metrics({"loss": 1.0 / step}, step=step, on_parent=True)
+            for step in range(1, 6):
+                run.metrics({"loss": 1.0 / step, "layer": {"fc1": step}}, step=step, on_parent=step % 2 == 1)
+            run.metrics({"final": 7.0})
             run.run_tags({"registered": "false"})
             run.table([{"layer": "fc1", "kept": 0.5}], "layers.json")
             run.artifact(__file__)
     (logged,) = _runs(uri)
     assert logged.info.run_name == "prune@m-iter1" and logged.info.status == "FINISHED"
-    assert logged.data.params == {"a.b": "1"} and logged.data.metrics == {"loss": 0.5}
+    assert logged.data.params == {"a.b": "1"} and logged.data.metrics == {"loss": 0.2, "layer.fc1": 5.0, "final": 7.0}
     assert logged.data.tags["registered"] == "false" and logged.data.tags["mlflow.parentRunId"]
     from mlflow.tracking import MlflowClient
-    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(logged.info.run_id)}
+    client = MlflowClient(uri)
+
+    def history(run_id, key):
+        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+    # every call, at its step: none dropped, none doubled (the last value alone would not show it)
+    assert history(logged.info.run_id, "loss") == [(k, 1.0 / k) for k in range(1, 6)]
+    assert history(logged.info.run_id, "layer.fc1") == [(k, float(k)) for k in range(1, 6)]
+    parent = client.get_run(logged.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["pipeline_parent"] == "true" and parent.data.tags["model"] == "m"
+    assert history(parent.info.run_id, "loss") == [(k, 1.0 / k) for k in (1, 3, 5)]  # only the on_parent calls
+    assert set(parent.data.metrics) == {"loss", "layer.fc1"}
+    artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)}
     assert artifacts == {"layers.json", "test_tracking.py"}
 
 
@@ -224,17 +229,61 @@ def test_a_call_that_fails_in_the_worker_raises_from_finish_when_strict(tmp_path
     assert len(err) == 1 and err[0].startswith(f"warning: MLflow logging to {uri} failed: ")
 
 
-def test_background_run_of_a_stage_that_died_is_failed(tmp_path):
-    """A stage that dies without finish() (killed, or os._exit) leaves a FAILED run, and its worker exits."""
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: it runs no more code)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_the_worker_exits_with_its_stage_and_a_run_left_open_is_failed(tmp_path, finished):
+    """A stage that ends with os._exit (as run_stage ends a stage) or dies without finish() (killed):
+    its worker process exits too, and marks a run it still holds FAILED; a finished run stays
+    FINISHED, with what was logged."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     stage = ("import os, sys; from hanprune import tracking\n"
-             f"run = tracking.BackgroundRun(tracking.start_worker({uri!r}), {uri!r}, 'e', 'stage', {{}}, True)\n"
+             f"pool = tracking.start_worker({uri!r})\n"
+             f"run = tracking.BackgroundRun(pool, {uri!r}, 'e', 'stage', {{}}, True)\n"
+             "run.metrics({'loss': 1.0}, step=1)\n"
+             + ("run.finish()\n" if finished else "") +
+             "print(*pool._processes, flush=True)\n"
              "os._exit(0)")
-    subprocess.run([sys.executable, "-c", stage], cwd=Path(__file__).parents[1], check=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", stage], cwd=Path(__file__).parents[1], check=True, timeout=60,
+                          capture_output=True, text=True)
+    (worker,) = map(int, proc.stdout.split())
     deadline = time.monotonic() + 60
-    while _runs(uri)[0].info.status == "RUNNING" and time.monotonic() < deadline:
+    while not (_gone(worker) and _runs(uri)[0].info.status != "RUNNING") and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _runs(uri)[0].info.status == "FAILED"
+    assert _gone(worker), "the worker outlived its stage"
+    (run,) = _runs(uri)
+    assert run.info.status == ("FINISHED" if finished else "FAILED")
+    if finished:
+        assert run.data.metrics == {"loss": 1.0}
+
+
+def test_a_model_registered_through_the_worker_loads_back(tmp_path, monkeypatch):
+    """BackgroundRun.register_model: the model travels to the worker process, which logs and
+    registers it with the version's tags; the loaded model computes what the model computes."""
+    import mlflow
+    monkeypatch.chdir(tmp_path)  # the store's artifacts go to ./mlruns
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval()
+    with tracking.start_worker(uri) as pool:
+        with tracking.BackgroundRun(pool, uri, "e", "evaluate@m", {}, True, {"model": "m"}) as run:
+            run.register_model(model, "m-pruned", torch.zeros(2, 4).numpy(), {"compression": 3.5, "dataset": "tiny"})
+            run.run_tags({"registered": "true"})
+    client = mlflow.MlflowClient(uri)
+    (version,) = client.search_model_versions("name = 'm-pruned'")
+    assert version.tags == {"compression": "3.5", "dataset": "tiny"}
+    (logged,) = _runs(uri)
+    assert version.run_id == logged.info.run_id and logged.data.tags["registered"] == "true"
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pytorch.load_model(f"models:/m-pruned/{version.version}")
+    x = torch.randn(5, 4)
+    assert torch.equal(loaded(x), model(x))
 
 
 def test_background_run_with_an_unreachable_store_warns_once(capfd):
