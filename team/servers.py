@@ -92,6 +92,8 @@ class Team:
                 if name in s["ports"] and self.running(name):
                     raise Failure(f"{name} is running on port {s['ports'][name]}: team/down {name} first")
                 s["ports"][name] = ports[name] or free_port()
+                if ports[name] == 0:  # picked here: may be picked again (check_port_free)
+                    s.setdefault("picked_ports", []).append(name)
             s["ports"].setdefault(name, DEFAULT_PORTS[name])
         if "s3_internal" not in s:  # SeaweedFS's other ports
             s["s3_internal"] = {k: free_port() for k in ("master", "master_grpc", "volume", "volume_grpc",
@@ -155,8 +157,14 @@ class Team:
                 break
 
     def check_port_free(self, name: str):
+        """A port given (or the default) must be free; one picked by setup that another program has
+        taken since (an ephemeral port, say of the servers started before this one) is picked again."""
         port = self.state["ports"][name]
-        if port_in_use(port):
+        in_use = port_in_use(port)
+        if in_use and name in self.state.get("picked_ports", []):
+            self.state["ports"][name] = free_port()
+            self.save()
+        elif in_use:
             flag = f"--{name}-port"
             raise Failure(f"port {port} on {HOST} is in use by another program; give {name} another one "
                           f"({flag} N, or {flag} 0 for a free one)")
