@@ -232,6 +232,57 @@ def figures(key: str, plots_dir: Path, out_dir: Path, save) -> dict[str, str]:
     return made
 
 
+def rule_groups(models: dict[str, tuple[str, dict]]) -> list[list[str]]:
+    """Model keys that share an architecture and its kwargs (one model pruned by several rules),
+    for the groups of two or more, in params order. models: key -> (arch, kwargs)."""
+    groups = {}
+    for key, (arch, kwargs) in models.items():
+        groups.setdefault((arch, repr(sorted(kwargs.items()))), []).append(key)
+    return [keys for keys in groups.values() if len(keys) > 1]
+
+
+def rules_figure(arch: str, lines: dict[str, dict], out_path: Path, save) -> str:
+    """Test error against compression, one line per model of the group (labelled with its rule),
+    a point per round, the selected round ringed; Han et al.'s point (else the reference
+    implementation's) marked. lines: key -> {"rule", "rounds" (rounds.csv text), "selected"}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, line in lines.items():
+        rows = list(csv.DictReader(_io.StringIO(line["rounds"])))
+        xs = [float(r["compression"]) for r in rows]
+        ys = [100 * (1 - float(r["test_accuracy"])) for r in rows]
+        drawn = ax.plot(xs, ys, "o-", label=f"{line['rule']} ({key})", markersize=4)[0]
+        k = line["selected"] - 1
+        ax.plot(xs[k], ys[k], "o", markersize=11, markerfacecolor="none", color=drawn.get_color())
+    ref, label = (PAPER[arch], "Han et al. 2015") if arch in PAPER else (REFERENCE.get(arch), "reference implementation")
+    if ref:
+        ax.plot(ref["compression"], ref["pruned_error"], "k*", markersize=12, label=f"{label} ({ref['pruned_error']:.2f}%)")
+    ax.plot([], [], "o", markersize=11, markerfacecolor="none", color="gray", label="selected round (validation)")
+    ax.set_xscale("log"), ax.set_xlabel("parameter compression (x, log scale)"), ax.set_ylabel("test error (%)")
+    _legend_below(ax, ax.get_legend_handles_labels())
+    ax.set_title(f"{arch}: test error against compression, per round and rule")
+    name = save(fig, out_path)
+    plt.close(fig)
+    return name
+
+
+def rules_table(lines: dict[str, dict], selections: dict[str, dict], metrics: dict[str, dict]) -> str:
+    """Per model of a group: its rule and selected round, compression, validation and test error."""
+    body = []
+    for key, line in lines.items():
+        s, m = selections[key], metrics[key]
+        body.append([line["rule"], f"`{key}`", f"{s['round']} of {s['rounds']}" + ("" if s["held"] else " (rule not held)"),
+                     f"{m['compression']:.2f}x", f"{m['file_compression']:.1f}x", f"{100 * (1 - s['val_dense']):.2f}%",
+                     f"{100 * (1 - s['val']):.2f}%", f"{100 * (1 - m['test_dense']):.2f}%", f"{100 * (1 - m['test_pruned']):.2f}%",
+                     f"{100 * (1 - m['test_compressed']):.2f}%"])
+    return tabulate(body, headers=["rule", "model", "selected round", "params x", "file x", "val error dense",
+                                   "val error selected", "test error dense", "test error selected",
+                                   "test error file"], tablefmt="github")
+
+
 def schedule_table(final_s: dict[str, float], sensitivity_csv: str, m: dict, key: str = "s") -> str:
     """Why these values: each layer's value (s, or q) in the selected round beside what pruning that
     layer alone to about the same value did to validation accuracy in the sensitivity scan (no
@@ -277,8 +328,9 @@ def selection_line(selection: dict) -> str:
 
 def render(dataset, models: dict[str, dict], iterations: dict[str, str], images: dict[str, dict[str, str]],
            schedules: dict[str, str], quantize: dict[str, dict], selections: dict[str, dict],
-           rounds: dict[str, str]) -> str:
-    """The report of every model; `dataset` (hanprune.data.Dataset) names the data they saw."""
+           rounds: dict[str, str], compared: list[tuple[str, str, str]] = ()) -> str:
+    """The report of every model; `dataset` (hanprune.data.Dataset) names the data they saw;
+    compared: (architecture, figure path, rules table) per architecture pruned by several rules."""
     parts = [f"# Pruning report: {dataset.title}", "",
              f"Han et al. 2015 magnitude pruning on {dataset.title} (data.name `{dataset.name}`, md5 of its four "
              f"files `{dataset.md5}`), reproduced by this project's DVC pipeline. Test "
@@ -286,6 +338,14 @@ def render(dataset, models: dict[str, dict], iterations: dict[str, str], images:
              "One departure from the paper: every training run (pretraining, retraining, fine-tuning) shifts "
              "each image by up to 2 pixels at random (params `shift`), which lowers the dense and the pruned "
              "error alike; set `shift: 0` for the paper's setting.", ""]
+    if compared:
+        parts += ["## Pruning rules compared", "",
+                  "One architecture, the same dense training, the same rounds and retraining epochs; only the rule "
+                  "that picks the weights differs (params.yaml `prune`). Each point is a round (after retraining), "
+                  "its test error read only for this figure; the ringed point is the round the select stage chose on "
+                  "validation. Errors in %.", ""]
+        for arch, figure, table in compared:
+            parts += [f"### {arch}", "", table, "", f"![{arch}: rules compared]({figure})", ""]
     for key, m in models.items():
         parts += [f"## {key}", "", "### Against the paper and the reference implementation", "",
                   "Errors are test errors; kept = non-zero weights / weights (biases excluded), as in the paper's Tables 2-3.",

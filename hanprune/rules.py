@@ -12,7 +12,8 @@ params in a round (`prune.<model>-iter<k>`). RULES maps a round's `rule:` to bot
   all their weights is pruned after the round; one q.
 
 Adding a rule: its mask class, its schema (one field: the values, named as the sensitivity grid
-that holds them), a function that applies it to a model's layers, and one line in RULES.
+that holds them), a function that applies it to a model's layers, how a budget's scale scales its
+values (_times for a threshold, _compounded for a fraction), and one line in RULES.
 """
 import copy
 import math
@@ -134,11 +135,23 @@ def _global(layers: dict[str, nn.Module], q: float, std: dict[str, float]) -> No
                               total=sum(m.weight.numel() for m in layers.values()))
 
 
+def _times(value: float, factor: float) -> float:
+    """A threshold (s) scales linearly (rounded to 6 decimals)."""
+    return round(value * factor, 6)
+
+
+def _compounded(value: float, factor: float) -> float:
+    """A pruned fraction (q) scales as repeated pruning: the kept fraction 1 - q to the power
+    factor, so factor 2 prunes q of the survivors once more; rounded to 6 decimals and below 1."""
+    return min(round(1 - (1 - value) ** factor, 6), 0.999999)
+
+
 @dataclass(frozen=True)
 class Rule:
     method: type[prune.BasePruningMethod]
     schema: type[Strict]  # one field: the values, named as the sensitivity grid (s, q)
     apply: Callable       # (layers, values, dense std) -> None; may empty a layer
+    scale: Callable       # (value, a budget's scale) -> value
 
     @property
     def key(self) -> str:
@@ -150,9 +163,9 @@ class Rule:
 
 
 RULES = {
-    "std": Rule(StdThreshold, StdParams, _std),
-    "quantile": Rule(Quantile, QuantileParams, _quantile),
-    "global": Rule(GlobalMagnitude, GlobalParams, _global),
+    "std": Rule(StdThreshold, StdParams, _std, _times),
+    "quantile": Rule(Quantile, QuantileParams, _quantile, _compounded),
+    "global": Rule(GlobalMagnitude, GlobalParams, _global, _compounded),
 }
 
 
@@ -211,11 +224,13 @@ class ScheduleError(HanpruneError):
     pass
 
 
-def from_budget(scan_rows: list[dict], key: str, max_drop: float, scale: float) -> dict[str, float]:
+def from_budget(scan_rows: list[dict], rule: str, max_drop: float, scale: float) -> dict[str, float]:
     """Per scanned layer (or ALL): the largest grid value up to which every grid value's validation
-    accuracy is at most max_drop below the accuracy at value 0 (the dense model), times scale
-    (rounded to 6 decimals). scan_rows: dicts with layer, key, val_accuracy (as in the CSV)."""
-    chosen = {}
+    accuracy is at most max_drop below the accuracy at value 0 (the dense model), scaled by the
+    rule's own scale (s times scale; q compounded: 1 - (1 - q) ** scale).
+    scan_rows: dicts with layer, the rule's key (s or q), val_accuracy (as in the CSV)."""
+    r = RULES[rule]
+    key, chosen = r.key, {}
     for layer in dict.fromkeys(r["layer"] for r in scan_rows):
         points = sorted((float(r[key]), float(r["val_accuracy"])) for r in scan_rows if r["layer"] == layer)
         dense = dict(points).get(0.0)
@@ -226,7 +241,7 @@ def from_budget(scan_rows: list[dict], key: str, max_drop: float, scale: float) 
             if dense - acc > max_drop + 1e-9:
                 break
             best = value
-        chosen[layer] = round(best * scale, 6)
+        chosen[layer] = r.scale(best, scale)
     return chosen
 
 
@@ -237,7 +252,7 @@ def round_values(rule: str, given, budget, scan_rows: list[dict]):
     if budget is None:
         return given, []
     r = RULES[rule]
-    chosen = from_budget(scan_rows, r.key, budget.max_drop, budget.scale)
+    chosen = from_budget(scan_rows, rule, budget.max_drop, budget.scale)
     if not r.per_layer:
         return (given, []) if given is not None else (chosen[ALL], [ALL])
     return {**chosen, **given}, [layer for layer in chosen if layer not in given]

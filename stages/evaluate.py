@@ -1,5 +1,6 @@
-"""Stage evaluate: test accuracy of the dense model, the final pruned model and the model decoded
-from the compressed file, and what each costs layer by layer (parameters, bytes, FLOPs).
+"""Stage evaluate: test accuracy of the dense model, the selected pruned model and the model decoded
+from the compressed file, and what each costs layer by layer (parameters, bytes, FLOPs); and, to
+report only (the select stage chose on validation), the test accuracy of every round.
 Writes the model's DVC metrics (the headline figures), and beside its plot data every figure layer by
 layer (detail.json), which the report reads."""
 import os
@@ -9,6 +10,7 @@ import torch
 
 from common import dataset_tags, load_params, opening, parser, run_stage
 from hanprune import io, measure, storage
+from hanprune.config import iteration_path
 from hanprune.encoding import describe
 from hanprune.models import make, prunable_layers
 from hanprune.pruning import load_checkpoint
@@ -53,6 +55,7 @@ def main():
     ap = parser(__doc__, "model", "--data", "--dense", "--pruned")
     ap.add_argument("--compressed", required=True, help="compressed model file (encode stage)")
     ap.add_argument("--storage", required=True, help="directory of the other storage forms (encode stage)")
+    ap.add_argument("--rounds", required=True, help="directory of the model's round checkpoints (iter<k>.pt)")
     ap.add_argument("--metrics", required=True, help="metrics JSON to write")
     ap.add_argument("--plots", required=True, help="directory for this model's plot data")
     args = ap.parse_args()
@@ -68,6 +71,11 @@ def main():
         pruned_acc = accuracy(pruned.to(device), *splits.test)
         compressed_acc = accuracy(decoded.to(device), *splits.test)
         dense.cpu(), pruned.cpu()
+        last = max(it.iteration for it in p.prune.values() if it.model == args.model)
+        every_round = []
+        for k in range(1, last + 1):
+            model, c = load_checkpoint(Path(args.rounds, Path(iteration_path(args.model, k)).name), args.model, m.arch, m.kwargs)
+            every_round.append((c["history"][-1], accuracy(model.to(device), *splits.test)))
         metrics = measure.summary(dense, pruned, dense_acc, pruned_acc, splits.input_shape)
         metrics.update(compressed_sizes(args.compressed, metrics["bytes_dense"]),
                        test_compressed=compressed_acc)
@@ -78,14 +86,16 @@ def main():
         # Plot data: accuracy and compression per iteration, kept % per layer, weight distribution.
         history = [{"iteration": 0, "val_pruned": None, "val_retrained": None,
                     "compression": 1.0, "kept": {n: 1.0 for n in layers}}] + ckpt["history"]
-        # the layers of the paper's Figure 5, else the model's largest
+        # the layers of the paper's Figure 5, else the model's largest; bins over both models' weights
         hist_layer = next((n for n in ("conv2", "fc1") if n in layers), max(layers, key=lambda n: layers[n]["weights"]))
-        w = prunable_layers(dense)[hist_layer].weight.detach()
+        w = torch.cat([prunable_layers(x)[hist_layer].weight.detach().flatten() for x in (dense, pruned)])
         lo, hi = float(w.min()), float(w.max())
         edges = torch.linspace(lo, hi, HIST_BINS + 1).tolist()
         io.write_csv(f"{args.plots}/iterations.csv", ["iteration", "val_pruned", "val_retrained", "compression"],
                      [[h["iteration"], h["val_pruned"] or "", h["val_retrained"] or "", f"{h['compression']:.4f}"]
                       for h in history])
+        io.write_csv(f"{args.plots}/rounds.csv", ["iteration", "compression", "val_retrained", "test_accuracy"],
+                     [[h["iteration"], f"{h['compression']:.4f}", h["val_retrained"], test] for h, test in every_round])
         io.write_csv(f"{args.plots}/kept.csv", ["iteration", "layer", "kept_percent"],
                      [[h["iteration"], n, f"{100 * k:.3f}"] for h in history for n, k in h["kept"].items()])
         io.write_json(f"{args.plots}/weights.json", {

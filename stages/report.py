@@ -50,8 +50,16 @@ def main():
             schedules[key] = (report.schedule_table(chosen["values"], scan, models[key], chosen["key"])
                               if isinstance(chosen["values"], dict) else
                               f"Rule global: one q = {chosen['values']:g} for all layers (the scan prunes them all at once).")
+        compared = []
+        for keys in report.rule_groups({k: (m.arch, m.kwargs) for k, m in p.models.items()}):
+            lines = {k: {"rule": next(it.rule for it in p.prune.values() if it.model == k), "selected": selections[k]["round"],
+                         "rounds": Path(args.plots, k, "final", "rounds.csv").read_text()} for k in keys}
+            arch = p.models[keys[0]].arch
+            name = report.rules_figure(arch, lines, out / "figures" / f"{keys[0]}_rules.png", save_png)
+            mlrun.artifact(out / "figures" / name, "figures")
+            compared.append((arch, f"figures/{name}", report.rules_table(lines, selections, models)))
         io.write_text(out / "REPORT.md", report.render(dataset, models, iterations, images, schedules, quantize,
-                                                       selections, rounds))
+                                                       selections, rounds, compared))
         mlrun.artifact(out / "REPORT.md")
         for names in images.values():
             for name in names.values():

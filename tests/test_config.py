@@ -25,7 +25,16 @@ def _error(tmp_path, params) -> str:
 
 def test_project_params_load():
     p = config.load(PARAMS_FILE)
-    assert set(p.models) == {"lenet_300_100", "lenet5", "lenet5_caffe", "small_resnet"}
+    lenets = {"lenet_300_100", "lenet5", "lenet5_caffe"}
+    assert set(p.models) == {*lenets, *(f"{m}_{r}" for m in lenets for r in ("quantile", "global")), "small_resnet"}
+    for m in lenets:  # each rule's run of a LeNet differs from the std run's only in its rule and values
+        rules = {r: {it.rule for it in p.prune.values() if it.model == k} for r, k in
+                 [("std", m), ("quantile", f"{m}_quantile"), ("global", f"{m}_global")]}
+        assert rules == {"std": {"std"}, "quantile": {"quantile"}, "global": {"global"}}
+        for k in (f"{m}_quantile", f"{m}_global"):
+            assert p.models[k].model_dump(exclude={"code"}) == p.models[m].model_dump(exclude={"code"})
+            budget = [(it.iteration, it.epochs, it.lr) for it in p.prune.values() if it.model == k]
+            assert sorted(budget) == sorted((it.iteration, it.epochs, it.lr) for it in p.prune.values() if it.model == m)
     assert p.models["small_resnet"].arch == "examples.small_resnet:SmallResNet"
     assert {it.model for it in p.prune.values()} == set(p.models)
     assert p.prune["lenet5-iter1"].start == "models/lenet5/dense.pt"

@@ -127,9 +127,19 @@ FAKE_SCAN = [  # layer, s, val_accuracy: dense 0.99
 
 
 def test_a_budget_takes_the_largest_grid_value_within_max_drop_times_scale():
-    assert from_budget(FAKE_SCAN, "s", 0.01, 1.0) == {"fc1": 1.0, "fc2": 0.0, "fc3": 2.0}
-    assert from_budget(FAKE_SCAN, "s", 0.02, 0.5) == {"fc1": 0.5, "fc2": 0.25, "fc3": 1.0}
-    assert from_budget(FAKE_SCAN, "s", 0.005, 0.25) == {"fc1": 0.125, "fc2": 0.0, "fc3": 0.5}
+    assert from_budget(FAKE_SCAN, "std", 0.01, 1.0) == {"fc1": 1.0, "fc2": 0.0, "fc3": 2.0}
+    assert from_budget(FAKE_SCAN, "std", 0.02, 0.5) == {"fc1": 0.5, "fc2": 0.25, "fc3": 1.0}
+    assert from_budget(FAKE_SCAN, "std", 0.005, 0.25) == {"fc1": 0.125, "fc2": 0.0, "fc3": 0.5}
+
+
+def test_a_fraction_budget_compounds_its_scale_and_stays_below_one():
+    """q is a pruned fraction: scale 2 prunes the one-shot fraction of the survivors once more
+    (kept 0.4 -> 0.16), scale 0.5 keeps sqrt(kept); never q >= 1, which no layer could survive."""
+    scan = [{"layer": "fc1", "q": q, "val_accuracy": a} for q, a in [(0.0, 0.99), (0.6, 0.985), (0.9, 0.9)]]
+    assert from_budget(scan, "quantile", 0.01, 1.0) == {"fc1": 0.6}
+    assert from_budget(scan, "quantile", 0.01, 2.0) == {"fc1": 0.84}
+    assert from_budget(scan, "quantile", 0.01, 0.5) == {"fc1": round(1 - 0.4 ** 0.5, 6)}
+    assert from_budget(scan, "quantile", 0.1, 10.0)["fc1"] < 1
 
 
 def test_values_given_beside_a_budget_override_single_layers():
@@ -137,7 +147,7 @@ def test_values_given_beside_a_budget_override_single_layers():
     assert round_values("std", {"fc2": 0.3}, budget, FAKE_SCAN) == ({"fc1": 0.5, "fc2": 0.3, "fc3": 1.0}, ["fc1", "fc3"])
     assert round_values("std", {"fc2": 0.3}, None, FAKE_SCAN) == ({"fc2": 0.3}, [])
     scan_all = [{"layer": ALL, "q": q, "val_accuracy": a} for q, a in [(0.0, 0.99), (0.5, 0.985), (0.8, 0.9)]]
-    assert round_values("global", None, budget, scan_all) == (0.25, [ALL])
+    assert round_values("global", None, budget, scan_all) == (round(1 - 0.5 ** 0.5, 6), [ALL])
     assert round_values("global", 0.6, budget, scan_all) == (0.6, [])
 
 
