@@ -1,5 +1,6 @@
 """End to end: the real dvc.yaml and stage scripts, run by DVC in a temporary git repository that
 holds a copy of the project and tiny generated MNIST-like data (data.name: tiny, data.source: local)."""
+import csv
 import hashlib
 import json
 import os
@@ -115,6 +116,10 @@ def test_first_repro_runs_every_stage_and_writes_metrics(repo):
             assert all(not (later[n] & ~earlier[n]).any() for n in later)
             assert sum(int(mm.sum()) for mm in later.values()) < sum(int(mm.sum()) for mm in earlier.values())
         assert [r["compression"] for r in rounds] == sorted(r["compression"] for r in rounds)
+        every_round = list(csv.DictReader((repo / "plots" / model / "final" / "rounds.csv").open()))
+        assert [(int(r["iteration"]), float(r["test_accuracy"])) for r in every_round] == [
+            (k, accuracy(load_checkpoint(repo / "models" / model / "rounds" / f"iter{k}.pt", model)[0], x, y))
+            for k in range(1, ITERATIONS[model] + 1)]  # every round's test accuracy, recounted
         check_plot_data(repo, model, dense, masks)
         selected = json.loads((repo / "metrics" / "select" / f"{model}.json").read_text())
         assert selected["round"] == ITERATIONS[model] and selected["held"] is True  # tiny params: max_drop 1

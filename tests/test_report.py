@@ -72,3 +72,34 @@ def test_schedule_table_sets_each_layer_s_value_beside_the_nearest_scan_point():
     text = report.schedule_table({"fc1": 1.2, "fc2": 0.4}, scan, _metrics())
     assert _row(text, "fc1") == ["fc1", "1.2", "25.0%", "1", "90.00%", "30.0%"]
     assert _row(text, "fc2") == ["fc2", "0.4", "40.0%", "0", "98.00%", "97.0%"]
+
+
+def test_models_of_one_architecture_and_kwargs_are_compared():
+    models = {"a": ("lenet5", {}), "b": ("lenet_300_100", {}), "a_q": ("lenet5", {}), "c": ("x:Net", {"w": 8}),
+              "c2": ("x:Net", {"w": 16}), "a_g": ("lenet5", {})}
+    assert report.rule_groups(models) == [["a", "a_q", "a_g"]]  # other kwargs: another architecture
+
+
+def test_rules_table_and_figure_per_model_of_a_group(tmp_path):
+    lines = {"m": {"rule": "std", "selected": 2, "rounds": "iteration,compression,val_retrained,test_accuracy\n"
+                                                           "1,2.0000,0.99,0.985\n2,4.0000,0.98,0.975\n"},
+             "m_global": {"rule": "global", "selected": 1, "rounds": "iteration,compression,val_retrained,test_accuracy\n"
+                                                                      "1,3.0000,0.97,0.96\n"}}
+    selections = {"m": {"round": 2, "rounds": 2, "held": True, "val_dense": 0.99, "val": 0.98},
+                  "m_global": {"round": 1, "rounds": 1, "held": False, "val_dense": 0.99, "val": 0.97}}
+    metrics = {"m": _metrics(), "m_global": _metrics(compression=3.0, test_pruned=0.96)}
+    text = report.rules_table(lines, selections, metrics)
+    assert _row(text, "std") == ["std", "`m`", "2 of 2", "3.00x", "8.4x", "1.00%", "2.00%", "1.24%", "1.55%", "1.99%"]
+    assert _row(text, "global")[2] == "1 of 1 (rule not held)" and _row(text, "global")[8] == "4.00%"
+    saved = {}
+
+    def save(fig, path):
+        saved["lines"] = [(tuple(l.get_xdata()), tuple(l.get_ydata())) for l in fig.axes[0].get_lines()]
+        saved["labels"] = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        return path.name
+    assert report.rules_figure("lenet_300_100", lines, tmp_path / "r.png", save) == "r.png"
+    std_line, std_ring, global_line, global_ring, paper = saved["lines"][:5]
+    assert std_line[0] == (2.0, 4.0) and [round(y, 6) for y in std_line[1]] == [1.5, 2.5]
+    assert std_ring[0] == (4.0,) and global_ring[0] == (3.0,)  # the selected rounds
+    assert paper == ((12.0,), (1.59,))  # Han et al. 2015's LeNet-300-100
+    assert saved["labels"][:3] == ["std (m)", "global (m_global)", "Han et al. 2015 (1.59%)"]

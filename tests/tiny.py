@@ -75,8 +75,8 @@ def stage_commands(key: str, rounds: int) -> list[list[str]]:
         ["encode.py", key, "--dense", f"{m}/dense.pt", "--pruned", final, "--quantized", f"{m}/quantized.pt",
          "--out", f"{m}/compressed.bin", "--storage", f"{m}/storage"],
         ["evaluate.py", key, "--data", "data", "--dense", f"{m}/dense.pt", "--pruned", final,
-         "--compressed", f"{m}/compressed.bin", "--storage", f"{m}/storage", "--metrics", f"metrics/{key}.json",
-         "--plots", f"plots/{key}/final"],
+         "--compressed", f"{m}/compressed.bin", "--storage", f"{m}/storage", "--rounds", f"{m}/rounds",
+         "--metrics", f"metrics/{key}.json", "--plots", f"plots/{key}/final"],
         ["report.py", "--metrics", "metrics", "--plots", "plots", "--out", "reports"],
     ]
 

@@ -1,0 +1,142 @@
+"""The compression frontier: test error against parameter and file compression for every
+configuration tried, one point per (run, model), from the committed run and its finished DVC
+experiments; reports/FRONTIER.md and reports/frontier/<arch>.png. Run it at the project root.
+
+    dvc exp run --queue -S 'prune.lenet_300_100_global-iter4.q=0.95,0.96,0.97'   # a sweep: any -S grid
+    dvc queue start -j 1                                                     # 2 cores: one at a time
+    python benchmarks/frontier.py                                            # the frontier of all of them
+
+A point is a model's selected round (stage select, validation only). Per architecture, the point
+chosen is the most compressed whose selected round's validation error is within the budget below
+(the papers' pruned test errors); the test set is only reported.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tabulate import tabulate
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hanprune import io  # noqa: E402
+from benchmarks.seeds import git_file, runs  # noqa: E402
+
+# Validation error budget (%) per architecture: the paper's pruned test error (issue 25).
+BUDGET = {"lenet_300_100": 1.59, "lenet5_caffe": 0.77, "lenet5": 1.0}
+# Targets: parameter compression, file compression, test error (%).
+TARGETS = {"lenet_300_100": (40, 120, 1.59), "lenet5_caffe": (60, 150, 0.77), "lenet5": (25, 60, 1.0)}
+# Published points: (label, parameter compression, file compression or None, test error %), from the
+# papers' own tables (shared/reference/figures.md and issue 25).
+PUBLISHED = {
+    "lenet_300_100": [("Han et al. 2015", 12, None, 1.59), ("Deep Compression 2016", 12, 40, 1.58),
+                      ("Dynamic Network Surgery 2016", 56, None, 1.99),
+                      ("Sparse Variational Dropout 2017", 68, None, 1.92)],
+    "lenet5_caffe": [("Han et al. 2015", 12, None, 0.77), ("Deep Compression 2016", 12, 39, 0.74),
+                     ("Dynamic Network Surgery 2016", 108, None, 0.91),
+                     ("Soft weight-sharing 2017", 200, 162, 0.97), ("Sparse Variational Dropout 2017", 280, None, 0.75)],
+    "lenet5": [("reference implementation", 7.5, None, 3.6)],
+}
+
+
+def points(found: list[tuple[str, str, dict]]) -> list[dict]:
+    """One point per (run, model) of the architectures above: its selected round's figures."""
+    out = []
+    for name, rev, params in found:
+        for model, cfg in params["models"].items():
+            if cfg["arch"] not in BUDGET:
+                continue
+            m = json.loads(git_file(rev, f"metrics/{model}.json"))
+            s = json.loads(git_file(rev, f"metrics/select/{model}.json"))
+            rule = next(it["rule"] for it in params["prune"].values() if it["model"] == model)
+            out.append({"run": name, "model": model, "arch": cfg["arch"], "rule": rule, "round": s["round"],
+                        "compression": m["compression"], "file_compression": m["file_compression"],
+                        "val_error": 100 * (1 - s["val"]), "test_error": 100 * (1 - m["test_pruned"]),
+                        "file_test_error": 100 * (1 - m["test_compressed"])})
+    return out
+
+
+def chosen(arch_points: list[dict], budget: float) -> dict | None:
+    """The most compressed point whose validation error is within the budget (validation only)."""
+    within = [p for p in arch_points if p["val_error"] <= budget + 1e-9]
+    return max(within, key=lambda p: p["compression"]) if within else None
+
+
+def figure(arch: str, pts: list[dict], best: dict | None, out: Path) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, key, error, label in [(axes[0], "compression", "test_error", "parameter compression (x)"),
+                                  (axes[1], "file_compression", "file_test_error", "file compression (x)")]:
+        for rule in sorted({p["rule"] for p in pts}):  # the same markers for a rule in both panels
+            mine = [p for p in pts if p["rule"] == rule]
+            ax.plot([p[key] for p in mine], [p[error] for p in mine], "o", label=f"this project, rule {rule}")
+        if best:
+            ax.plot(best[key], best[error], "o", markersize=13, markerfacecolor="none", color="black",
+                    label="chosen on validation")
+        for name, params_x, file_x, err in PUBLISHED.get(arch, []):
+            x = params_x if key == "compression" else file_x
+            if x is not None:
+                ax.plot(x, err, "*", markersize=11, label=name)
+        ax.axhline(BUDGET[arch], color="gray", linestyle=":", label=f"budget {BUDGET[arch]:.2f}%")
+        ax.set_xscale("log"), ax.set_xlabel(f"{label}, log scale"), ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0].set_ylabel("test error (%)")
+    fig.suptitle(f"{arch}: every configuration tried")
+    with io.atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return out.name
+
+
+def render(pts: list[dict], names: list[str], figures: dict[str, str]) -> str:
+    lines = ["# The compression frontier", "",
+             f"Every configuration tried: {len(names)} run(s) ({', '.join(names)}), one point per model, its round "
+             "selected on validation. Generated by `python benchmarks/frontier.py` from the committed run and its "
+             "finished DVC experiments, never typed. Errors in %.", ""]
+    for arch in BUDGET:
+        mine = sorted((p for p in pts if p["arch"] == arch), key=lambda p: p["compression"])
+        if not mine:
+            continue
+        best = chosen(mine, BUDGET[arch])
+        params_x, file_x, error = TARGETS[arch]
+        lines += [f"## {arch}", "", f"Budget: validation error ≤ {BUDGET[arch]:.2f}%. Target: ≥ {params_x}x parameters, "
+                  f"≥ {file_x}x file, test error ≤ {error:.2f}%.", ""]
+        if best:
+            met = (best["compression"] >= params_x and best["file_compression"] >= file_x
+                   and max(best["test_error"], best["file_test_error"]) <= error)
+            lines += [f"Chosen (validation): `{best['model']}` of {best['run']}, {best['compression']:.1f}x parameters, "
+                      f"{best['file_compression']:.1f}x file, test error {best['test_error']:.2f}% (file "
+                      f"{best['file_test_error']:.2f}%). Target **{'met' if met else 'not met'}**.", ""]
+        else:
+            lines += ["No configuration is within the validation budget.", ""]
+        body = [[p["run"], f"`{p['model']}`", p["rule"], p["round"], f"{p['compression']:.2f}", f"{p['file_compression']:.1f}",
+                 f"{p['val_error']:.2f}", f"{p['test_error']:.2f}", f"{p['file_test_error']:.2f}",
+                 "**chosen**" if p is best else ""] for p in mine]
+        lines += [tabulate(body, headers=["run", "model", "rule", "round", "params x", "file x", "val error",
+                                          "test error", "file test error", ""], tablefmt="github"), "",
+                  f"![{arch} frontier](frontier/{figures[arch]})", ""]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="reports/FRONTIER.md")
+    args = ap.parse_args()
+    out = Path(args.out)
+    found = runs("")
+    pts = points(found)
+    figures = {}
+    for arch in BUDGET:
+        mine = [p for p in pts if p["arch"] == arch]
+        if mine:
+            figures[arch] = figure(arch, mine, chosen(mine, BUDGET[arch]), out.parent / "frontier" / f"{arch}.png")
+    io.write_text(out, render(pts, [name for name, _, _ in found], figures))
+    print(f"{out}: {len(pts)} points from {len(found)} run(s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""benchmarks/frontier.py: one point per (run, model) from the runs' commits, the point chosen on
+validation only, and the targets judged on that point."""
+import json
+import runpy
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _frontier():
+    return runpy.run_path(str(ROOT / "benchmarks" / "frontier.py"))
+
+
+def _point(model, compression, val_error, test_error, rule="std", file_x=50.0):
+    return {"run": "r", "model": model, "arch": "lenet_300_100", "rule": rule, "round": 3, "compression": compression,
+            "file_compression": file_x, "val_error": val_error, "test_error": test_error, "file_test_error": test_error}
+
+
+def test_the_chosen_point_is_the_most_compressed_within_the_validation_budget_whatever_its_test_error():
+    chosen = _frontier()["chosen"]
+    a = _point("a", 20.0, 1.50, 1.40)
+    b = _point("b", 45.0, 1.60, 1.20)  # more compressed and better on test, but over budget on validation
+    c = _point("c", 30.0, 1.59, 1.70)  # at the budget: taken, though its test error is over it
+    assert chosen([a, b, c], 1.59) is c
+    assert chosen([b], 1.59) is None
+
+
+def test_points_come_from_each_run_s_commit_and_render_marks_the_choice():
+    f = _frontier()
+    files = {("base", "metrics/lenet_300_100.json"): {"compression": 41.0, "file_compression": 130.0,
+                                                      "test_pruned": 0.985, "test_compressed": 0.9849},
+             ("base", "metrics/select/lenet_300_100.json"): {"round": 4, "val": 0.9845},
+             ("base", "metrics/small.json"): {}, ("base", "metrics/select/small.json"): {}}
+    f["points"].__globals__["git_file"] = lambda rev, path: json.dumps(files[(rev, path)])
+    params = {"models": {"lenet_300_100": {"arch": "lenet_300_100"}, "small": {"arch": "examples.x:Net"}},
+              "prune": {"lenet_300_100-iter1": {"model": "lenet_300_100", "rule": "global"},
+                        "small-iter1": {"model": "small", "rule": "std"}}}
+    (p,) = f["points"]([("baseline", "base", params)])  # only the architectures with a budget
+    assert (p["rule"], p["round"], p["compression"], p["file_compression"]) == ("global", 4, 41.0, 130.0)
+    assert round(p["val_error"], 6) == 1.55 and round(p["test_error"], 6) == 1.5 and round(p["file_test_error"], 6) == 1.51
+    text = f["render"]([p], ["baseline"], {"lenet_300_100": "lenet_300_100.png"})
+    assert "Chosen (validation): `lenet_300_100` of baseline, 41.0x parameters, 130.0x file, test error 1.50% " \
+           "(file 1.51%). Target **met**." in text
+    assert "| **chosen** |" in text and "](frontier/lenet_300_100.png)" in text
+    p["file_compression"] = 119.0
+    assert "Target **not met**" in f["render"]([p], ["baseline"], {"lenet_300_100": "x.png"})
