@@ -67,24 +67,31 @@ def figure(arch: str, pts: list[dict], best: dict | None, out: Path) -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
+    rules = sorted({p["rule"] for p in pts})
+    colors = {name: f"C{i}" for i, name in enumerate(rules + [n for n, *_ in PUBLISHED.get(arch, [])])}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, key, error, label in [(axes[0], "compression", "test_error", "parameter compression (x)"),
-                                  (axes[1], "file_compression", "file_test_error", "file compression (x)")]:
-        for rule in sorted({p["rule"] for p in pts}):  # the same markers for a rule in both panels
+    for ax, key, error, label in [(axes[0], "compression", "test_error", "parameter compression"),
+                                  (axes[1], "file_compression", "file_test_error", "file compression")]:
+        for rule in rules:  # the same colour for a rule, or a paper, in both panels
             mine = [p for p in pts if p["rule"] == rule]
-            ax.plot([p[key] for p in mine], [p[error] for p in mine], "o", label=f"this project, rule {rule}")
+            ax.plot([p[key] for p in mine], [p[error] for p in mine], "o", color=colors[rule],
+                    label=f"this project, rule {rule}")
         if best:
             ax.plot(best[key], best[error], "o", markersize=13, markerfacecolor="none", color="black",
                     label="chosen on validation")
         for name, params_x, file_x, err in PUBLISHED.get(arch, []):
             x = params_x if key == "compression" else file_x
-            if x is not None:
-                ax.plot(x, err, "*", markersize=11, label=name)
+            ax.plot([] if x is None else [x], [] if x is None else [err], "*", markersize=12, color=colors[name],
+                    label=name)
         ax.axhline(BUDGET[arch], color="gray", linestyle=":", label=f"budget {BUDGET[arch]:.2f}%")
-        ax.set_xscale("log"), ax.set_xlabel(f"{label}, log scale"), ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.set_xscale("log"), ax.set_xlabel(f"{label} (log scale)"), ax.grid(True, which="both", alpha=0.3)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}x" if v in (2, 3, 5, 20, 30, 50, 200, 300) else ""))
     axes[0].set_ylabel("test error (%)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4, frameon=False)
     fig.suptitle(f"{arch}: every configuration tried")
     with io.atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})

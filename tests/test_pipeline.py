@@ -179,10 +179,9 @@ def check_plot_data(repo: Path, model: str, dense: nn.Module, masks: list[dict])
     selected = prunable_layers(load_checkpoint(repo / "models" / model / "selected.pt")[0])[w["layer"]].weight.detach()
     weight = prunable_layers(dense)[w["layer"]].weight.detach()
     assert sum(w["dense"]) == int(weight.count_nonzero())
-    # the bins span the dense layer's range: a retrained weight that grew past it is not counted
-    # (tests/test_stages.py holds that as a known bug)
-    lo, hi = weight.min(), weight.max()
-    assert sum(w["pruned"]) == int(((selected != 0) & (selected >= lo) & (selected <= hi)).sum())
+    assert sum(w["pruned"]) == int(selected.count_nonzero())  # the bins span both models' weights: every survivor
+    assert (w["edges"][0], w["edges"][-1]) == (float(min(weight.min(), selected.min())),
+                                               float(max(weight.max(), selected.max())))
     std = {n: m.weight.detach().std().item() for n, m in prunable_layers(dense).items()}
     scan = list(csv.DictReader((repo / "plots" / model / "sensitivity.csv").open()))
     assert {r["layer"] for r in scan} == set(std)
