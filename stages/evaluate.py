@@ -3,6 +3,7 @@ from the compressed file, and what each costs layer by layer (parameters, bytes,
 report only (the select stage chose on validation), the test accuracy of every round.
 Writes the model's DVC metrics (the headline figures), and beside its plot data every figure layer by
 layer (detail.json), which the report reads."""
+import json
 import os
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def main():
     ap.add_argument("--compressed", required=True, help="compressed model file (encode stage)")
     ap.add_argument("--storage", required=True, help="directory of the other storage forms (encode stage)")
     ap.add_argument("--rounds", required=True, help="directory of the model's round checkpoints (iter<k>.pt)")
+    ap.add_argument("--selection", required=True, help="the select stage's JSON: how many rounds the model has")
     ap.add_argument("--metrics", required=True, help="metrics JSON to write")
     ap.add_argument("--plots", required=True, help="directory for this model's plot data")
     args = ap.parse_args()
@@ -71,9 +73,8 @@ def main():
         pruned_acc = accuracy(pruned.to(device), *splits.test)
         compressed_acc = accuracy(decoded.to(device), *splits.test)
         dense.cpu(), pruned.cpu()
-        last = max(it.iteration for it in p.prune.values() if it.model == args.model)
         every_round = []
-        for k in range(1, last + 1):
+        for k in range(1, json.loads(Path(args.selection).read_text())["rounds"] + 1):
             model, c = load_checkpoint(Path(args.rounds, Path(iteration_path(args.model, k)).name), args.model, m.arch, m.kwargs)
             every_round.append((c["history"][-1], accuracy(model.to(device), *splits.test)))
         metrics = measure.summary(dense, pruned, dense_acc, pruned_acc, splits.input_shape)

@@ -180,8 +180,8 @@ def test_download_wrong_md5_names_file_and_both_hashes(project, capsys, monkeypa
 
 
 EVALUATE = ["evaluate", "lenet_300_100", "--dense", "models/lenet_300_100/dense.pt", "--pruned", "models/lenet_300_100/dense.pt",
-            "--compressed", "compressed.bin", "--storage", "storage", "--rounds", "rounds", "--metrics", "metrics.json",
-            "--plots", "plots"]
+            "--compressed", "compressed.bin", "--storage", "storage", "--rounds", "rounds",
+            "--selection", "selection.json", "--metrics", "metrics.json", "--plots", "plots"]
 PRETRAIN = ["pretrain", "lenet_300_100", "--out", "out.pt", "--plot", "plot.csv"]
 
 
@@ -248,6 +248,7 @@ def test_pruned_model_far_below_dense_is_not_registered(project, capsys, monkeyp
     model = make("lenet_300_100")
     std = pruning.weight_std(model)
     pruning.prune_by_std(model, {"fc1": 1.0}, std)
+    io.write_json(project / "selection.json", {"round": 1, "rounds": 1})
     for path in ("pruned.pt", "rounds/iter1.pt"):
         io.save_torch(project / path,
                       pruning.checkpoint("lenet_300_100", "lenet_300_100", {}, model, std, [_round(0.99, 0.11)]))
@@ -321,7 +322,8 @@ def test_bad_compressed_file(project, capsys, monkeypatch):
     (project / "compressed.bin").write_bytes(bytes(blob))
     code, err = run_stage(capsys, monkeypatch, "evaluate", "lenet_300_100", "--dense", str(_ckpt(project)),
                           "--pruned", str(_ckpt(project)), "--compressed", "compressed.bin", "--storage", "storage",
-                          "--rounds", "rounds", "--metrics", "metrics.json", "--plots", "plots")
+                          "--rounds", "rounds", "--selection", "selection.json", "--metrics", "metrics.json",
+                          "--plots", "plots")
     assert code == 1 and last_line(err).startswith("error: compressed.bin: ") and "CRC" in last_line(err)
     assert (project / "metrics.json").read_bytes() == OLD
 

@@ -106,7 +106,8 @@ def _evaluate_inputs(project) -> tuple[int, int]:
     _constant(pruned, c)
     kept = {n: int(m.sum()) / m.numel() for n, m in pruning.masks_of(pruned).items()}
     io.save_torch(project / "dense.pt", pruning.checkpoint("lenet_300_100", "lenet_300_100", {}, dense, std, []))
-    for path in ("pruned.pt", "rounds/iter1.pt"):  # the selected round, and the only one (tiny params: 1 round)
+    io.write_json(project / "selection.json", {"round": 1, "rounds": 1})  # as the select stage writes it
+    for path in ("pruned.pt", "rounds/iter1.pt"):  # the selected round, and the only one
         io.save_torch(project / path, pruning.checkpoint("lenet_300_100", "lenet_300_100", {}, pruned, std,
                                                          [_record(kept)]))  # 88 points below dense: not registered
     plain = make("lenet_300_100")
@@ -123,7 +124,8 @@ def _evaluate_inputs(project) -> tuple[int, int]:
 
 
 EVALUATE = ["lenet_300_100", "--data", "data", "--dense", "dense.pt", "--pruned", "pruned.pt", "--compressed",
-            "compressed.bin", "--storage", "storage", "--rounds", "rounds", "--metrics", "metrics.json", "--plots", "plots"]
+            "compressed.bin", "--storage", "storage", "--rounds", "rounds", "--selection", "selection.json", "--metrics", "metrics.json",
+            "--plots", "plots"]
 
 
 def _csv(path: Path) -> list[dict]:

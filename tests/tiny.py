@@ -76,7 +76,7 @@ def stage_commands(key: str, rounds: int) -> list[list[str]]:
          "--out", f"{m}/compressed.bin", "--storage", f"{m}/storage"],
         ["evaluate.py", key, "--data", "data", "--dense", f"{m}/dense.pt", "--pruned", final,
          "--compressed", f"{m}/compressed.bin", "--storage", f"{m}/storage", "--rounds", f"{m}/rounds",
-         "--metrics", f"metrics/{key}.json", "--plots", f"plots/{key}/final"],
+         "--selection", f"metrics/select/{key}.json", "--metrics", f"metrics/{key}.json", "--plots", f"plots/{key}/final"],
         ["report.py", "--metrics", "metrics", "--plots", "plots", "--out", "reports"],
     ]
 
