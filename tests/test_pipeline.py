@@ -390,7 +390,8 @@ def test_unreachable_tracking_warns_and_still_writes_outputs(repo, tmp_path):
     out = tmp_path / "m.json"
     proc = sh(repo, sys.executable, "stages/evaluate.py", "lenet_300_100", "--dense", "models/lenet_300_100/dense.pt",
               "--pruned", "models/lenet_300_100/rounds/iter1.pt", "--compressed", "models/lenet_300_100/compressed.bin",
-              "--storage", "models/lenet_300_100/storage", "--metrics", str(out), "--plots", str(tmp_path / "plots"),
+              "--storage", "models/lenet_300_100/storage", "--rounds", "models/lenet_300_100/rounds",
+              "--selection", "metrics/select/lenet_300_100.json", "--metrics", str(out), "--plots", str(tmp_path / "plots"),
               MLFLOW_TRACKING_URI="http://127.0.0.1:9")
     assert "warning: MLflow tracking store http://127.0.0.1:9 unreachable" in proc.stderr
     assert json.loads(out.read_text())["compression"] > 1
