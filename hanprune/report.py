@@ -243,11 +243,11 @@ def rule_groups(models: dict[str, tuple[str, dict]]) -> list[list[str]]:
 
 def rules_figure(arch: str, lines: dict[str, dict], out_path: Path, save) -> str:
     """Test error against compression, one line per model of the group (labelled with its rule),
-    a point per round, the selected round ringed; Han et al.'s point marked where the paper has one. lines: key -> {"rule", "rounds" (rounds.csv text), "selected"}."""
+    a point per round, the selected round ringed; Han et al.'s point marked where the paper has one.
+    lines: key -> {"rule", "rounds" (rounds.csv text), "selected"}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import FuncFormatter
 
     fig, ax = plt.subplots(figsize=(6, 4))
