@@ -1,4 +1,4 @@
-"""benchmarks/frontier.py: one point per (run, model) from the runs' commits, the point chosen on
+"""benchmarks/frontier.py: one point per configuration of a model from the runs' commits, the point chosen on
 validation only, and the targets judged on that point."""
 import json
 import runpy
@@ -27,16 +27,27 @@ def test_the_chosen_point_is_the_most_compressed_within_the_validation_budget_wh
 
 def test_points_come_from_each_run_s_commit_and_render_marks_the_choice():
     f = _frontier()
-    files = {("base", "metrics/lenet_300_100.json"): {"compression": 41.0, "file_compression": 130.0,
-                                                      "test_pruned": 0.985, "test_compressed": 0.9849},
-             ("base", "metrics/select/lenet_300_100.json"): {"round": 4, "val": 0.9845},
-             ("base", "metrics/small.json"): {}, ("base", "metrics/select/small.json"): {}}
-    f["points"].__globals__["git_file"] = lambda rev, path: json.dumps(files[(rev, path)])
+    rounds = "iteration,compression,val_retrained,test_accuracy\n1,3.0,0.99,0.991\n4,41.0,0.9845,0.985\n"
+    files = {}
+    for rev, x in [("base", 41.0), ("exp1", 41.0), ("exp2", 50.0)]:
+        files[(rev, "metrics/lenet_300_100.json")] = json.dumps(
+            {"compression": x, "file_compression": 130.0, "test_pruned": 0.985, "test_compressed": 0.9849})
+        files[(rev, "metrics/select/lenet_300_100.json")] = json.dumps({"round": 4, "val": 0.9845})
+        files[(rev, "plots/lenet_300_100/final/rounds.csv")] = rounds
+    f["points"].__globals__["git_file"] = lambda rev, path: files[(rev, path)]
     params = {"models": {"lenet_300_100": {"arch": "lenet_300_100"}, "small": {"arch": "examples.x:Net"}},
-              "prune": {"lenet_300_100-iter1": {"model": "lenet_300_100", "rule": "global"},
-                        "small-iter1": {"model": "small", "rule": "std"}}}
-    (p,) = f["points"]([("baseline", "base", params)])  # only the architectures with a budget
+              "prune": {"lenet_300_100-iter1": {"model": "lenet_300_100", "rule": "global", "q": 0.9},
+                        "small-iter1": {"model": "small", "rule": "std"}},
+              "data": {}, "run": {}, "sensitivity": {}}
+    other = {**params, "prune": {**params["prune"], "small-iter1": {"model": "small", "rule": "std", "s": 2}}}
+    swept = {**params, "prune": {**params["prune"], "lenet_300_100-iter1": {"model": "lenet_300_100", "rule": "global",
+                                                                           "q": 0.95}}}
+    # only the architectures with a budget; exp1 changed another model only: not a configuration of this one
+    found = f["points"]([("baseline", "base", params), ("exp1", "exp1", other), ("exp2", "exp2", swept)])
+    assert [(q["run"], q["compression"]) for q in found] == [("baseline", 41.0), ("exp2", 50.0)]
+    p = found[0]
     assert (p["rule"], p["round"], p["compression"], p["file_compression"]) == ("global", 4, 41.0, 130.0)
+    assert [(x, round(e, 6)) for x, e in p["rounds"]] == [(3.0, 0.9), (41.0, 1.5)]
     assert round(p["val_error"], 6) == 1.55 and round(p["test_error"], 6) == 1.5 and round(p["file_test_error"], 6) == 1.51
     text = f["render"]([p], ["baseline"], {"lenet_300_100": "lenet_300_100.png"})
     assert "Chosen (validation): `lenet_300_100` of baseline, 41.0x parameters, 130.0x file, test error 1.50% " \

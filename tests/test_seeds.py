@@ -23,3 +23,19 @@ def test_runs_are_the_baseline_and_the_finished_experiments_of_the_prefix(monkey
     found = seeds["runs"]("seed-")
     assert [(name, rev) for name, rev, _ in found] == [("baseline", "base-sha"), ("seed-1", "seed-1-sha"),
                                                        ("seed-2", "seed-2-sha")]
+
+
+def test_queue_re_seeds_only_the_models_named(monkeypatch, tmp_path, capsys):
+    import pytest
+    import yaml
+    seeds = runpy.run_path(str(ROOT / "benchmarks" / "seeds.py"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"models": {"a": {}, "b": {}}}))
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **k: calls.append(cmd))
+    seeds["queue"](["b"])
+    assert len(calls) == 4 and calls[0][:6] == ["dvc", "exp", "run", "--queue", "-n", "seed-1"]
+    assert [c for c in calls[0][6:] if c != "-S"] == ["models.b.pretrain.seed=10", "models.b.retrain.seed=11",
+                                                      "models.b.quantize.finetune.seed=12"]
+    with pytest.raises(SystemExit, match="--models: c not in params.yaml models"):
+        seeds["queue"](["c"])
