@@ -1,19 +1,22 @@
 """The compression frontier: test error against parameter and file compression for every
-configuration tried, one point per configuration of a model, from the committed run and its finished
-DVC experiments; reports/FRONTIER.md and reports/frontier/<arch>.png. Run it at the project root.
+configuration tried, one point per configuration of a model, from the committed run, its finished DVC
+experiments and those of older commits (a sweep made before its best point was committed);
+reports/FRONTIER.md and reports/frontier/<arch>.png. Run it at the project root.
 
     dvc exp run --queue -S 'prune.lenet_300_100_global-iter4.q=0.95,0.96,0.97'   # a sweep: any -S grid
     dvc queue start -j 1                                                     # 2 cores: one at a time
     python benchmarks/frontier.py                                            # the frontier of all of them
 
 A point is a model's selected round (stage select, validation only). Per architecture, the point
-chosen is the most compressed whose selected round's validation error is within the budget below
-(the papers' pruned test errors); the test set is only reported.
+chosen is the most compressed whose validation error is within the budget below (the papers'
+pruned test errors), both its selected round's and its weight-shared model's (the file's); the test
+set is only reported.
 """
 import argparse
 import csv
 import io as _io
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,11 +45,44 @@ PUBLISHED = {
 }
 
 
+def every_run() -> list[tuple[str, str, dict]]:
+    """The committed run (HEAD) and its experiments, then every older commit that has experiments
+    (`dvc exp list -A`: a sweep made before its best point was committed) and theirs."""
+    listed = subprocess.run(["dvc", "exp", "list", "-A"], capture_output=True, text=True, check=True).stdout
+    bases = [line[:-1] for line in listed.splitlines() if line.endswith(":") and not line[0].isspace()]
+    head = git("rev-parse", "HEAD")
+    found = runs("")
+    for base in bases:
+        sha = git("rev-parse", base)
+        if sha != head:
+            older = runs("", sha)
+            found += [(f"commit {sha[:7]}" if name == "baseline" else name, rev, params) for name, rev, params in older]
+    return found
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def configuration(params: dict, model: str) -> str:
     """What a model's results depend on: its entry, its rounds, the data and the scan's grids."""
     rounds = sorted((k, it) for k, it in params["prune"].items() if it["model"] == model)
     return json.dumps([params["models"][model], rounds, params["data"], params["run"], params["sensitivity"]],
                       sort_keys=True)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    return {k2: v2 for k, v in d.items()
+            for k2, v2 in (_flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(f"{prefix}{k}", v)])}
+
+
+def changed(params: dict, base: dict, model: str) -> str:
+    """What a run set otherwise than the baseline for a model: its entry's and its rounds' values."""
+    def mine(p):
+        rounds = {k.removeprefix(f"{model}-"): it for k, it in p["prune"].items() if it["model"] == model}
+        return _flat({**p["models"][model], **rounds})
+    now, then = mine(params), mine(base)
+    return ", ".join(f"{k}={now.get(k)}" for k in sorted(now.keys() | then.keys()) if now.get(k) != then.get(k)) or "-"
 
 
 def points(found: list[tuple[str, str, dict]]) -> list[dict]:
@@ -62,20 +98,24 @@ def points(found: list[tuple[str, str, dict]]) -> list[dict]:
             seen.add((model, configuration(params, model)))
             m = json.loads(git_file(rev, f"metrics/{model}.json"))
             s = json.loads(git_file(rev, f"metrics/select/{model}.json"))
+            q = json.loads(git_file(rev, f"metrics/quantize/{model}.json"))
             rounds = list(csv.DictReader(_io.StringIO(git_file(rev, f"plots/{model}/final/rounds.csv"))))
             rule = next(it["rule"] for it in params["prune"].values() if it["model"] == model)
             out.append({"run": name, "model": model, "arch": cfg["arch"], "rule": rule, "round": s["round"],
+                        "changed": changed(params, found[0][2], model),
                         "compression": m["compression"], "file_compression": m["file_compression"],
-                        "val_error": 100 * (1 - s["val"]), "test_error": 100 * (1 - m["test_pruned"]),
+                        "val_error": 100 * (1 - s["val"]), "file_val_error": 100 * (1 - q["val_finetuned"]),
+                        "test_error": 100 * (1 - m["test_pruned"]),
                         "file_test_error": 100 * (1 - m["test_compressed"]),
                         "rounds": [(float(r["compression"]), 100 * (1 - float(r["test_accuracy"]))) for r in rounds]})
     return out
 
 
 def chosen(arch_points: list[dict], budget: float) -> dict | None:
-    """The most compressed point whose validation error is within the budget (validation only)."""
-    within = [p for p in arch_points if p["val_error"] <= budget + 1e-9]
-    return max(within, key=lambda p: p["compression"]) if within else None
+    """The most compressed point (parameters, then file) whose validation error is within the budget,
+    both the selected round's and the weight-shared model's, the one the file holds (validation only)."""
+    within = [p for p in arch_points if max(p["val_error"], p["file_val_error"]) <= budget + 1e-9]
+    return max(within, key=lambda p: (p["compression"], p["file_compression"])) if within else None
 
 
 def figure(arch: str, pts: list[dict], best: dict | None, out: Path) -> str:
@@ -140,11 +180,12 @@ def render(pts: list[dict], names: list[str], figures: dict[str, str]) -> str:
                       f"{best['file_test_error']:.2f}%). Target **{'met' if met else 'not met'}**.", ""]
         else:
             lines += ["No configuration is within the validation budget.", ""]
-        body = [[p["run"], f"`{p['model']}`", p["rule"], p["round"], f"{p['compression']:.2f}", f"{p['file_compression']:.1f}",
-                 f"{p['val_error']:.2f}", f"{p['test_error']:.2f}", f"{p['file_test_error']:.2f}",
+        body = [[p["run"], f"`{p['model']}`", p["changed"], p["rule"], p["round"], f"{p['compression']:.2f}", f"{p['file_compression']:.1f}",
+                 f"{p['val_error']:.2f}", f"{p['file_val_error']:.2f}", f"{p['test_error']:.2f}",
+                 f"{p['file_test_error']:.2f}",
                  "**chosen**" if p is best else ""] for p in mine]
-        lines += [tabulate(body, headers=["run", "model", "rule", "round", "params x", "file x", "val error",
-                                          "test error", "file test error", ""], tablefmt="github"), "",
+        lines += [tabulate(body, headers=["run", "model", "set otherwise than the baseline", "rule", "round", "params x", "file x", "val error",
+                                          "file val error", "test error", "file test error", ""], tablefmt="github"), "",
                   f"![{arch} frontier](frontier/{figures[arch]})", ""]
     return "\n".join(lines)
 
@@ -152,9 +193,11 @@ def render(pts: list[dict], names: list[str], figures: dict[str, str]) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="reports/FRONTIER.md")
+    ap.add_argument("--skip", default="seed-", help="leave out the experiments whose names start with this "
+                                                    "(the seed band's: reports/SEEDS.md)")
     args = ap.parse_args()
     out = Path(args.out)
-    found = runs("")
+    found = [run for run in every_run() if not (args.skip and run[0].startswith(args.skip))]
     pts = points(found)
     figures = {}
     for arch in BUDGET:

@@ -64,10 +64,10 @@ def outcome(rev: str, params: dict, model: str) -> dict:
             "seed": params["models"][model]["pretrain"]["seed"]}
 
 
-def runs(prefix: str) -> list[tuple[str, str, dict]]:
-    """(name, commit, params) of the baseline commit and its finished experiments named <prefix>*,
+def runs(prefix: str, rev: str = "HEAD") -> list[tuple[str, str, dict]]:
+    """(name, commit, params) of the baseline commit rev and its finished experiments named <prefix>*,
     in name order (a queued or running experiment's commit holds the baseline's results)."""
-    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True,
+    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json", "--rev", rev], capture_output=True, text=True,
                                       check=True).stdout)
     base = next(row for row in shown if row["rev"] != "workspace")
     found = [("baseline", base["rev"], base["data"]["params"]["params.yaml"]["data"])]

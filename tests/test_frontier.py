@@ -11,9 +11,10 @@ def _frontier():
     return runpy.run_path(str(ROOT / "benchmarks" / "frontier.py"))
 
 
-def _point(model, compression, val_error, test_error, rule="std", file_x=50.0):
+def _point(model, compression, val_error, test_error, rule="std", file_x=50.0, file_val_error=None):
     return {"run": "r", "model": model, "arch": "lenet_300_100", "rule": rule, "round": 3, "compression": compression,
-            "file_compression": file_x, "val_error": val_error, "test_error": test_error, "file_test_error": test_error}
+            "file_compression": file_x, "val_error": val_error, "test_error": test_error, "file_test_error": test_error,
+            "file_val_error": val_error if file_val_error is None else file_val_error}
 
 
 def test_the_chosen_point_is_the_most_compressed_within_the_validation_budget_whatever_its_test_error():
@@ -23,6 +24,10 @@ def test_the_chosen_point_is_the_most_compressed_within_the_validation_budget_wh
     c = _point("c", 30.0, 1.59, 1.70)  # at the budget: taken, though its test error is over it
     assert chosen([a, b, c], 1.59) is c
     assert chosen([b], 1.59) is None
+    # at the same parameter compression the larger file wins, if the file's model is within the budget too
+    d = _point("d", 30.0, 1.50, 1.30, file_x=120.0, file_val_error=1.70)  # its weight sharing costs too much
+    e = _point("e", 30.0, 1.50, 1.40, file_x=110.0, file_val_error=1.55)
+    assert chosen([a, c, d, e], 1.59) is e
 
 
 def test_points_come_from_each_run_s_commit_and_render_marks_the_choice():
@@ -34,6 +39,7 @@ def test_points_come_from_each_run_s_commit_and_render_marks_the_choice():
             {"compression": x, "file_compression": 130.0, "test_pruned": 0.985, "test_compressed": 0.9849})
         files[(rev, "metrics/select/lenet_300_100.json")] = json.dumps({"round": 4, "val": 0.9845})
         files[(rev, "plots/lenet_300_100/final/rounds.csv")] = rounds
+        files[(rev, "metrics/quantize/lenet_300_100.json")] = json.dumps({"val_finetuned": 0.985})
     f["points"].__globals__["git_file"] = lambda rev, path: files[(rev, path)]
     params = {"models": {"lenet_300_100": {"arch": "lenet_300_100"}, "small": {"arch": "examples.x:Net"}},
               "prune": {"lenet_300_100-iter1": {"model": "lenet_300_100", "rule": "global", "q": 0.9},
@@ -44,7 +50,8 @@ def test_points_come_from_each_run_s_commit_and_render_marks_the_choice():
                                                                            "q": 0.95}}}
     # only the architectures with a budget; exp1 changed another model only: not a configuration of this one
     found = f["points"]([("baseline", "base", params), ("exp1", "exp1", other), ("exp2", "exp2", swept)])
-    assert [(q["run"], q["compression"]) for q in found] == [("baseline", 41.0), ("exp2", 50.0)]
+    assert [(q["run"], q["compression"], q["changed"]) for q in found] == [("baseline", 41.0, "-"),
+                                                                          ("exp2", 50.0, "iter1.q=0.95")]
     p = found[0]
     assert (p["rule"], p["round"], p["compression"], p["file_compression"]) == ("global", 4, 41.0, 130.0)
     assert [(x, round(e, 6)) for x, e in p["rounds"]] == [(3.0, 0.9), (41.0, 1.5)]
@@ -55,3 +62,17 @@ def test_points_come_from_each_run_s_commit_and_render_marks_the_choice():
     assert "| **chosen** |" in text and "](frontier/lenet_300_100.png)" in text
     p["file_compression"] = 119.0
     assert "Target **not met**" in f["render"]([p], ["baseline"], {"lenet_300_100": "x.png"})
+
+
+def test_every_run_adds_the_experiments_of_older_commits_named_by_commit(monkeypatch):
+    import subprocess
+    f = _frontier()
+    g = f["every_run"].__globals__
+    listed = "main:\n\tabc1234 [exp-a]\nfeedbee:\n\t1111111 [exp-b]\n\t2222222 [exp-c]\n"
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(cmd, 0, listed, ""))
+    shas = {"HEAD": "h" * 40, "main": "h" * 40, "feedbee": "f" * 40}
+    monkeypatch.setitem(g, "git", lambda *args: shas[args[-1]])
+    by_rev = {"HEAD": [("baseline", "h", {}), ("exp-a", "a", {})],
+              "f" * 40: [("baseline", "f" * 40, {}), ("exp-b", "b", {}), ("exp-c", "c", {})]}
+    monkeypatch.setitem(g, "runs", lambda prefix, rev="HEAD": by_rev[rev])
+    assert [name for name, _, _ in f["every_run"]()] == ["baseline", "exp-a", "commit fffffff", "exp-b", "exp-c"]
