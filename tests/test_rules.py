@@ -189,7 +189,7 @@ def yaml_params(tmp_path) -> Path:
     import yaml
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["data"]["root"] = str(tmp_path / "no-data-here")
-    p["models"] = {"lenet_300_100": p["models"]["lenet_300_100"]}
+    p["models"] = {"lenet_300_100": {**p["models"]["lenet_300_100"], "select": {"max_drop": 0.002}}}
     p["prune"] = {k: v for k, v in p["prune"].items() if v["model"] == "lenet_300_100" and v["iteration"] <= 3}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(p, sort_keys=False))
