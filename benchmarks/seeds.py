@@ -27,7 +27,7 @@ from hanprune.report import PAPER  # noqa: E402
 SEEDS = range(1, 5)
 FIGURES = [("dense test error (%)", "dense"), ("pruned test error (%)", "pruned"),
            ("compressed test error (%)", "compressed"), ("compression (x)", "compression"),
-           ("compressed file (x)", "file_compression")]
+           ("compressed file (x)", "file_compression"), ("selected round's validation error (%)", "val_error")]
 
 
 def seed_params(k: int, models) -> list[str]:
@@ -59,7 +59,7 @@ def outcome(rev: str, params: dict, model: str) -> dict:
     selected = json.loads(git_file(rev, f"metrics/select/{model}.json"))  # the select stage's verdict
     return {"dense": 100 * (1 - m["test_dense"]), "pruned": 100 * (1 - m["test_pruned"]),
             "compressed": 100 * (1 - m["test_compressed"]), "compression": m["compression"],
-            "file_compression": m["file_compression"],
+            "file_compression": m["file_compression"], "val_error": 100 * (1 - selected["val"]),
             "rule": selected["held"], "max_drop": selected["max_drop"],
             "seed": params["models"][model]["pretrain"]["seed"]}
 
@@ -109,8 +109,8 @@ def render(results: dict[str, list[dict]], names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def report(prefix: str, out: Path, only: list[str] | None):
-    found = runs(prefix)
+def report(prefix: str, out: Path, only: list[str] | None, rev: str):
+    found = runs(prefix, rev)
     # the models of every run (a model added since an experiment ran has no figures there)
     models = [m for m in found[0][2]["models"] if all(m in params["models"] for _, _, params in found)
               and (only is None or m in only)]
@@ -126,8 +126,10 @@ def main():
     ap.add_argument("--models", nargs="+", help="re-seed (queue), and report, only these models (default: all); "
                                                 "the others keep the committed run's results")
     ap.add_argument("--out", default="reports/SEEDS.md")
+    ap.add_argument("--rev", default="HEAD", help="report: the commit the experiments were queued on (when "
+                                                   "commits have come since)")
     args = ap.parse_args()
-    queue(args.models) if args.action == "queue" else report(args.prefix, Path(args.out), args.models)
+    queue(args.models) if args.action == "queue" else report(args.prefix, Path(args.out), args.models, args.rev)
 
 
 if __name__ == "__main__":
