@@ -3,9 +3,9 @@ configuration tried, one point per configuration of a model, from the committed 
 experiments and those of older commits (a sweep made before its best point was committed);
 reports/FRONTIER.md and reports/frontier/<arch>.png. Run it at the project root.
 
-    dvc exp run --queue -S 'prune.lenet_300_100_global-iter4.q=0.95,0.96,0.97'   # a sweep: any -S grid
-    dvc queue start -j 1                                                     # 2 cores: one at a time
-    python benchmarks/frontier.py                                            # the frontier of all of them
+    dvc exp run --queue -S 'prune.lenet_300_100_global-iter9.q=0.977,0.979'   # a sweep: any -S grid
+    dvc queue start -j 1                                                  # 2 cores: one at a time
+    python benchmarks/frontier.py                                         # the frontier of all of them
 
 A point is a model's selected round (stage select, validation only). Per architecture, the point
 chosen is the most compressed whose validation error is within the budget below (the papers'

@@ -109,8 +109,10 @@ def render(results: dict[str, list[dict]], names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def report(prefix: str, out: Path, only: list[str] | None, rev: str):
-    found = runs(prefix, rev)
+def report(prefix: str, out: Path, only: list[str] | None, revs: list[str]):
+    found = runs(prefix, revs[0])
+    for rev in revs[1:]:  # experiments queued on other commits; the baseline is the first's
+        found += runs(prefix, rev)[1:]
     # the models of every run (a model added since an experiment ran has no figures there)
     models = [m for m in found[0][2]["models"] if all(m in params["models"] for _, _, params in found)
               and (only is None or m in only)]
@@ -126,10 +128,10 @@ def main():
     ap.add_argument("--models", nargs="+", help="re-seed (queue), and report, only these models (default: all); "
                                                 "the others keep the committed run's results")
     ap.add_argument("--out", default="reports/SEEDS.md")
-    ap.add_argument("--rev", default="HEAD", help="report: the commit the experiments were queued on (when "
-                                                   "commits have come since)")
+    ap.add_argument("--rev", action="append", help="report: the commit the experiments were queued on, if "
+                                                    "commits came since (repeat it for several; default HEAD)")
     args = ap.parse_args()
-    queue(args.models) if args.action == "queue" else report(args.prefix, Path(args.out), args.models, args.rev)
+    queue(args.models) if args.action == "queue" else report(args.prefix, Path(args.out), args.models, args.rev or ["HEAD"])
 
 
 if __name__ == "__main__":
