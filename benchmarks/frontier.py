@@ -93,9 +93,10 @@ def points(found: list[tuple[str, str, dict]]) -> list[dict]:
     out, seen = [], set()
     for name, rev, params in found:
         for model, cfg in params["models"].items():
-            if cfg["arch"] not in BUDGET or (model, configuration(params, model)) in seen:
+            key = (model, configuration(params, model))
+            if cfg["arch"] not in BUDGET or key in seen:
                 continue
-            seen.add((model, configuration(params, model)))
+            seen.add(key)
             m = json.loads(git_file(rev, f"metrics/{model}.json"))
             s = json.loads(git_file(rev, f"metrics/select/{model}.json"))
             q = json.loads(git_file(rev, f"metrics/quantize/{model}.json"))
