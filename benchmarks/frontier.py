@@ -8,7 +8,7 @@ reports/FRONTIER.md and reports/frontier/<arch>.png. Run it at the project root.
     python benchmarks/frontier.py                                         # the frontier of all of them
 
 A point is a model's selected round (stage select, validation only). Per architecture, the point
-chosen is the most compressed whose validation error is within the budget below (the papers'
+chosen is the most compressed whose validation error is within the budget (seeds.BUDGET: the papers'
 pruned test errors), both its selected round's and its weight-shared model's (the file's); the test
 set is only reported.
 """
@@ -26,10 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hanprune import io  # noqa: E402
-from benchmarks.seeds import git_file, runs  # noqa: E402
+from benchmarks.seeds import BUDGET, git_file, runs  # noqa: E402
 
-# Validation error budget (%) per architecture: the paper's pruned test error (issue 25).
-BUDGET = {"lenet_300_100": 1.59, "lenet5_caffe": 0.77, "lenet5": 1.0}
 # Targets: parameter compression, file compression, test error (%).
 TARGETS = {"lenet_300_100": (40, 120, 1.59), "lenet5_caffe": (60, 150, 0.77), "lenet5": (25, 60, 1.0)}
 # Published points: (label, parameter compression, file compression or None, test error %), from the

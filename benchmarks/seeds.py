@@ -25,6 +25,8 @@ from hanprune import io  # noqa: E402
 from hanprune.report import PAPER  # noqa: E402
 
 SEEDS = range(1, 5)
+# Validation error budget (%) per architecture: the paper's pruned test error (issue 25).
+BUDGET = {"lenet_300_100": 1.59, "lenet5_caffe": 0.77, "lenet5": 1.0}
 FIGURES = [("dense test error (%)", "dense"), ("pruned test error (%)", "pruned"),
            ("compressed test error (%)", "compressed"), ("compression (x)", "compression"),
            ("compressed file (x)", "file_compression"), ("selected round's validation error (%)", "val_error")]
@@ -61,7 +63,7 @@ def outcome(rev: str, params: dict, model: str) -> dict:
             "compressed": 100 * (1 - m["test_compressed"]), "compression": m["compression"],
             "file_compression": m["file_compression"], "val_error": 100 * (1 - selected["val"]),
             "rule": selected["held"], "max_drop": selected["max_drop"],
-            "seed": params["models"][model]["pretrain"]["seed"]}
+            "seed": params["models"][model]["pretrain"]["seed"], "arch": params["models"][model]["arch"]}
 
 
 def runs(prefix: str, rev: str = "HEAD") -> list[tuple[str, str, dict]]:
@@ -105,6 +107,12 @@ def render(results: dict[str, list[dict]], names: list[str]) -> str:
         lines.append(f"| selection rule held (val. error within {100 * outs[0]['max_drop']:g} points of dense) | "
                      f"{sum(o['rule'] for o in outs)} of {len(outs)} | "
                      + " | ".join("yes" if o["rule"] else "**no**" for o in outs) + " |" + (" - |" if paper else ""))
+        budget = BUDGET.get(outs[0]["arch"])
+        if budget is not None:
+            within = [o["val_error"] <= budget + 1e-9 for o in outs]
+            lines.append(f"| within the validation budget (selected round's val. error ≤ {budget:.2f}%, the paper's "
+                         f"pruned test error) | {sum(within)} of {len(outs)} | "
+                         + " | ".join("yes" if w else "**no**" for w in within) + " |" + (" - |" if paper else ""))
         lines.append("")
     return "\n".join(lines)
 

@@ -2,30 +2,34 @@
 (Han, Mao & Dally 2016): the sparse pattern as relative indices with filler entries, shared
 weights as codebook indices, and both sequences Huffman-coded.
 
-Byte-level specification, format versions 1, 2 and 3
-=====================================================
-All integers are unsigned little-endian (u8, u16, u32); floats are IEEE-754 binary32,
-little-endian (f32). A "string" is a u16 byte length followed by that many bytes of UTF-8.
+Byte-level specification, format versions 1 to 4
+=================================================
+All integers are unsigned little-endian (u8, u16, u32); floats are IEEE-754 binary32 (f32) or,
+for codebooks and biases in version 4, binary16 (f16), little-endian. A "string" is a u16 byte
+length followed by that many bytes of UTF-8.
 
 File::
 
     magic         8 bytes   b"HANPRUNE"
-    version       u16       3 (written); 1 and 2 are read too
+    version       u16       4 (written); 1, 2 and 3 are read too
     total_length  u32       length of the whole file in bytes, this field and the CRC included
     model_key     string
-    arch          string    (version 3) the architecture: a built-in name or package.module:Class
-    kwargs        string    (version 3) the keyword arguments of arch's class, a JSON object (RFC 8259);
+    arch          string    (versions 3, 4) the architecture: a built-in name or package.module:Class
+    kwargs        string    (versions 3, 4) the keyword arguments of arch's class, a JSON object (RFC 8259);
                             written with its keys sorted and no whitespace
     n_layers      u16
     layer         n_layers times, in the model's order (names are unique)
-    n_other       u16       (versions 2 and 3) then n_other Other records
+    n_other       u16       (versions 2 to 4) then n_other Other records
     crc           u32       zlib.crc32 of every byte before it
 
 Version 1 has neither arch, kwargs nor other tensors; version 2 adds the other tensors; version 3
-names the architecture, so that the model is made from the file alone. For a file of version 1 or
-2 the reader has to know the architecture (hanprune takes the model key for a built-in one).
+names the architecture, so that the model is made from the file alone; version 4 stores a layer's
+codebook and bias in half precision where that loses nothing (the encoder writes f16 only for
+values that f16 holds exactly, so every version decodes to the tensors that were encoded). For a
+file of version 1 or 2 the reader has to know the architecture (hanprune takes the model key for a
+built-in one).
 
-Other (versions 2 and 3): a tensor of the model's state that is not a pruned layer's weight or bias,
+Other (versions 2 to 4): a tensor of the model's state that is not a pruned layer's weight or bias,
 stored as it is (batch norm's scale, shift and running statistics, say)::
 
     name          string          its state_dict key
@@ -40,13 +44,14 @@ Layer::
     ndim          u8
     dims          ndim x u32      the weight's shape; its size N is the product (1 for ndim 0)
     k             u32             codebook size, 0..65536
-    codebook      k x f32         the shared weight values
+    codebook_type u8              (version 4) 0 = f32, 1 = f16
+    codebook      k x f32 (f16 if codebook_type is 1)   the shared weight values
     index_bits    u8              b, 1..16
     n_entries     u32             number of (gap, symbol) entries, fillers included
     symbols       Huffman section over the alphabet 0..k         (k = FILLER)
     gaps          Huffman section over the alphabet 0..2**b - 1
-    has_bias      u8              0 or 1
-    bias          if has_bias: u32 n, then n x f32
+    bias_type     u8              0 = no bias, 1 = f32, 2 = f16 (2 in version 4 only)
+    bias          if bias_type > 0: u32 n, then n values of that type
 
 Sparse layout. The weight is flattened row-major (C order) into N positions; position p holds
 code c_p, with c_p = -1 for a pruned weight. Each entry is a pair (gap, symbol). Reading the
@@ -81,7 +86,7 @@ Checks. `decode` raises an EncodingError with one message for anything wrong wit
 checks, in order, so that each problem gets its own message: the magic, the version, the file
 length against total_length (truncated file or trailing bytes), the CRC, and then, field by
 field, that the body is consistent: every field inside the file, kwargs a JSON object, known
-values (index bits, bias flag, code lengths of at most 31 bits, codebook size), table symbols
+values (index bits, codebook and bias types, code lengths of at most 31 bits, codebook size), table symbols
 inside their alphabet,
 streams decoding to exactly n_entries codes, entries inside the layer, unique layer names, and
 no bytes left between the last layer and the CRC. `encode` raises an EncodingError if a layer is
@@ -101,8 +106,10 @@ from bitarray.util import canonical_decode, canonical_huffman
 from .errors import HanpruneError
 
 MAGIC = b"HANPRUNE"
-FORMAT_VERSION = 3  # the version this code writes, and the newest it reads
+FORMAT_VERSION = 4  # the version this code writes, and the newest it reads
 OTHER_DTYPES = {0: "<f4", 1: "<i8"}
+CODEBOOK_TYPES = {0: "<f4", 1: "<f2"}  # version 4's codebook_type
+BIAS_TYPES = {1: "<f4", 2: "<f2"}  # bias_type (0: no bias); 2 from version 4 on
 
 MAX_CODEBOOK = 65536
 INDEX_BITS = range(1, 17)
@@ -274,6 +281,12 @@ def _checked_arrays(name: str, layer: QuantizedLayer) -> tuple[np.ndarray, np.nd
     return codes, layer.codebook.detach().cpu().numpy(), bias
 
 
+def _narrowest(values: np.ndarray, types: dict[int, str]) -> int:
+    """The type code of the narrowest float type in `types` that holds every value exactly."""
+    return min(types, key=lambda c: (np.dtype(types[c]).itemsize, c)
+               if np.array_equal(values.astype(types[c]).astype(np.float32), values) else (np.inf, c))
+
+
 def _encode_layer(name: str, layer: QuantizedLayer, index_bits: int | None, make_code) -> bytes:
     what = f"layer {name!r}"
     codes, codebook, bias = _checked_arrays(name, layer)
@@ -284,15 +297,19 @@ def _encode_layer(name: str, layer: QuantizedLayer, index_bits: int | None, make
     skipped = np.diff(positions, prepend=-1) - 1
     index_bits, symbol_code, gap_code = _layer_codes(symbols, skipped, k, index_bits, make_code, what)
     entry_symbols, entry_gaps = _entries(symbols, skipped, k, index_bits)
+    codebook_type = _narrowest(codebook, CODEBOOK_TYPES)
     parts = [_pack_string(name, f"{what}: the name"), struct.pack("<B", codes.ndim),
-             np.asarray(codes.shape, "<u4").tobytes(), struct.pack("<I", k), codebook.astype("<f4").tobytes(),
+             np.asarray(codes.shape, "<u4").tobytes(), struct.pack("<IB", k, codebook_type),
+             codebook.astype(CODEBOOK_TYPES[codebook_type]).tobytes(),
              struct.pack("<B", index_bits), _pack_u32(entry_symbols.size, f"{what}: the number of entries"),
              _pack_section(entry_symbols, symbol_code, k + 1, f"{what}: symbol"),
              _pack_section(entry_gaps, gap_code, 1 << index_bits, f"{what}: gap")]
     if bias is None:
         parts.append(struct.pack("<B", 0))
     else:
-        parts += [struct.pack("<B", 1), _pack_u32(bias.size, f"{what}: bias length"), bias.astype("<f4").tobytes()]
+        bias_type = _narrowest(bias, BIAS_TYPES)
+        parts += [struct.pack("<B", bias_type), _pack_u32(bias.size, f"{what}: bias length"),
+                  bias.astype(BIAS_TYPES[bias_type]).tobytes()]
     return b"".join(parts)
 
 
@@ -321,7 +338,7 @@ def _pack_kwargs(kwargs: dict) -> bytes:
 
 def encode(model_key: str, arch: str, kwargs: dict, layers: dict[str, QuantizedLayer],
            index_bits: int | None = None, huffman: bool = True, other: dict[str, torch.Tensor] | None = None) -> bytes:
-    """The compressed file (format version 3, above) of model `model_key`, made by `arch` with
+    """The compressed file (format version 4, above) of model `model_key`, made by `arch` with
     `kwargs` (models.make): its quantized layers and its `other` tensors, if any. `index_bits`
     forces the gap width of every layer (for experiments); by default each layer gets its smallest.
     huffman=False writes fixed-width codes instead, in the same format (decode reads both)."""
@@ -441,7 +458,14 @@ def _place(entry_symbols: np.ndarray, entry_gaps: np.ndarray, k: int, size: int,
     return codes
 
 
-def _read_layer(reader: _Reader) -> tuple[str, QuantizedLayer, dict]:
+def _read_type(reader: _Reader, types: dict[int, str], what: str) -> str:
+    code = reader.uint(1, what)
+    if code not in types:
+        raise EncodingError(f"corrupt file: {what} is {code}, expected one of {sorted(types)}")
+    return types[code]
+
+
+def _read_layer(reader: _Reader, version: int) -> tuple[str, QuantizedLayer, dict]:
     """One layer, and its row of `describe`."""
     start = reader.offset
     name = reader.string("layer name")
@@ -451,7 +475,10 @@ def _read_layer(reader: _Reader) -> tuple[str, QuantizedLayer, dict]:
     k = reader.uint(4, f"{what} codebook size")
     if k > MAX_CODEBOOK:
         raise EncodingError(f"corrupt file: {what} has a {k}-entry codebook, more than {MAX_CODEBOOK}")
-    codebook = reader.array("<f4", k, f"{what} codebook")
+    codebook_start = reader.offset
+    codebook_type = _read_type(reader, CODEBOOK_TYPES, f"{what} codebook type") if version >= 4 else "<f4"
+    codebook = reader.array(codebook_type, k, f"{what} codebook").astype(np.float32)
+    bytes_codebook = 4 + reader.offset - codebook_start  # with k
     index_bits = reader.uint(1, f"{what} index bits")
     if index_bits not in INDEX_BITS:
         raise EncodingError(f"corrupt file: {what} has {index_bits} index bits, allowed 1..16")
@@ -460,23 +487,22 @@ def _read_layer(reader: _Reader) -> tuple[str, QuantizedLayer, dict]:
     entry_gaps, bytes_index = _read_section(reader, n_entries, 1 << index_bits, f"{what} gap")
     codes = _place(entry_symbols, entry_gaps, k, size, what)
     bias_start = reader.offset
-    bias = _read_bias(reader, what)
+    bias = _read_bias(reader, what, version)
     layer = QuantizedLayer(codes=torch.from_numpy(codes.reshape(shape)), codebook=torch.from_numpy(codebook),
                            bias=None if bias is None else torch.from_numpy(bias))
     row = {"layer": name, "shape": shape, "nonzero": int((codes >= 0).sum()), "entries": n_entries,
            "index_bits": index_bits, "codebook_size": k, "bytes_codes": bytes_codes, "bytes_index": bytes_index,
-           "bytes_codebook": 4 + 4 * k, "bytes_bias": reader.offset - bias_start,
+           "bytes_codebook": bytes_codebook, "bytes_bias": reader.offset - bias_start,
            "bytes_total": reader.offset - start}
     return name, layer, row
 
 
-def _read_bias(reader: _Reader, what: str) -> np.ndarray | None:
-    flag = reader.uint(1, f"{what} bias flag")
-    if flag > 1:
-        raise EncodingError(f"corrupt file: {what} bias flag is {flag}, expected 0 or 1")
-    if flag == 0:
+def _read_bias(reader: _Reader, what: str, version: int) -> np.ndarray | None:
+    types = {0: None, **(BIAS_TYPES if version >= 4 else {1: "<f4"})}
+    dtype = _read_type(reader, types, f"{what} bias type")
+    if dtype is None:
         return None
-    return reader.array("<f4", reader.uint(4, f"{what} bias length"), f"{what} bias")
+    return reader.array(dtype, reader.uint(4, f"{what} bias length"), f"{what} bias").astype(np.float32)
 
 
 def _read_other(reader: _Reader) -> tuple[str, torch.Tensor]:
@@ -507,7 +533,7 @@ def _parse(data) -> tuple[Compressed, list[dict]]:
     reader = _Reader(data, PREAMBLE.size, len(data) - CRC_SIZE)
     model_key = reader.string("model key")
     arch, kwargs = (reader.string("arch"), _read_kwargs(reader)) if version >= 3 else (None, None)
-    layers = [_read_layer(reader) for _ in range(reader.uint(2, "number of layers"))]
+    layers = [_read_layer(reader, version) for _ in range(reader.uint(2, "number of layers"))]
     names = [name for name, _, _ in layers]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -532,8 +558,8 @@ def decode(data: bytes) -> tuple[str, dict[str, QuantizedLayer]]:
 
 
 def decode_all(data: bytes) -> Compressed:
-    """Everything a compressed file holds: decode's key and layers, the arch and kwargs (version 3),
-    the other tensors (versions 2 and 3)."""
+    """Everything a compressed file holds: decode's key and layers, the arch and kwargs (versions 3
+    and 4), the other tensors (versions 2 to 4)."""
     return _parse(data)[0]
 
 

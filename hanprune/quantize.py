@@ -5,7 +5,8 @@ initialisation over [min, max], as the paper recommends: it keeps the rare large
 weight then stores only its cluster's code. Fine-tuning trains the shared values: the layer's
 weight becomes a function of the codebook (a torch parametrization), so autograd gives each
 codebook entry the sum of its members' gradients, exactly the paper's centroid update, while the
-codes and the sparsity pattern stay fixed.
+codes and the sparsity pattern stay fixed. After fine-tuning, the shared values and the biases are
+rounded to half precision (round_to_half), as the compressed file stores them.
 """
 from pathlib import Path
 
@@ -91,6 +92,17 @@ def share_weights(model: nn.Module, bits: dict[str, int], masks: dict[str, torch
             codebook, codes[survivors] = kmeans_1d(w[survivors], 2 ** bits[name])
         parametrize.register_parametrization(layer, "weight", SharedWeight(codes, codebook), unsafe=True)
         layer.parametrizations.weight.original.requires_grad_(False)
+
+
+def round_to_half(model: nn.Module) -> None:
+    """Round each weight-shared layer's codebook and bias to the nearest float16 value, in place
+    (they stay float32 tensors): the compressed file then stores them in 2 bytes each instead of 4
+    (encoding.py, format version 4), and the model is exactly what the file holds."""
+    with torch.no_grad():
+        for layer in prunable_layers(model).values():
+            for values in (layer.parametrizations.weight[0].codebook, layer.bias):
+                if values is not None:
+                    values.copy_(values.half().float())
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:

@@ -1,12 +1,14 @@
 """Stage quantize: weight sharing on the final pruned model (Deep Compression, Han et al. 2016).
 
 Clusters each layer's surviving weights into 2**bits shared values, fine-tunes the shared values
-(codes and sparsity pattern fixed) and writes a checkpoint that also holds codes and codebooks."""
+(codes and sparsity pattern fixed), rounds the shared values and the biases to half precision (what
+the compressed file stores) and writes a checkpoint that also holds codes and codebooks. Its
+val_finetuned is the rounded model's: the compressed file's validation accuracy."""
 from common import epoch_logger, load_params, opening, parser, run_stage
 from hanprune import io
 from hanprune.models import make
 from hanprune.pruning import attach_masks, checkpoint, load_checkpoint
-from hanprune.quantize import load_into, other_state, quantized_layers, share_weights
+from hanprune.quantize import load_into, other_state, quantized_layers, round_to_half, share_weights
 from hanprune.train import accuracy, fit
 
 
@@ -28,6 +30,8 @@ def main():
         val_shared = accuracy(model.to(device), *splits.val)
         epochs = fit(model, q.finetune, splits.train, splits.val, None, device,
                      log=epoch_logger(mlrun, f"quantize {args.model}"))
+        round_to_half(model)
+        val_finetuned = accuracy(model, *splits.val)
         layers = quantized_layers(model.cpu())
         plain = load_into(make(m.arch, m.kwargs), layers)
         kept = plain.state_dict()  # and what is not weight-shared (batch norm's, say), as fine-tuned
@@ -36,12 +40,12 @@ def main():
         saved = checkpoint(args.model, m.arch, m.kwargs, plain, ckpt["dense_std"], ckpt["history"])
         saved["quantized"] = {name: {"codes": l.codes.int(), "codebook": l.codebook} for name, l in layers.items()}
         record = {"val_before": val_before, "val_shared": val_shared,
-                  "val_finetuned": epochs[-1]["val_accuracy"]}
+                  "val_finetuned": val_finetuned}
         io.save_torch(args.out, saved)
         io.write_json(args.metrics, record)
         mlrun.metrics(record)
     print(f"quantize {args.model}: val {val_before:.4f} -> shared weights {val_shared:.4f} -> "
-          f"fine-tuned {record['val_finetuned']:.4f}, bits "
+          f"fine-tuned {epochs[-1]['val_accuracy']:.4f} -> half precision {val_finetuned:.4f}, bits "
           + " ".join(f"{n} {b}" for n, b in q.bits.items()) + f" -> {args.out}")
 
 

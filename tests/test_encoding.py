@@ -172,29 +172,74 @@ def _md5(t: torch.Tensor) -> str:
     return hashlib.md5(t.numpy().tobytes()).hexdigest()
 
 
-def test_the_committed_version_3_file_decodes_to_its_committed_tensors_and_encodes_back_to_its_bytes():
-    """model-v3.bin (made by the encoder of commit 35781c9) and the md5s of what it holds
-    (model-v3.json): a 4-D layer with a bias, a layer with filler entries and no bias, and other
-    tensors of both dtypes. An encoder and a decoder that change together (the round trips above
-    still pass) break this file: the format is the specification, not the code."""
-    blob = (GOLDEN / "model-v3.bin").read_bytes()
-    expected = json.loads((GOLDEN / "model-v3.json").read_text())
+def _golden(version: int):
+    """model-v<version>.bin, checked against the md5s of what it holds (model-v<version>.json): its
+    bytes and what decode_all gives."""
+    blob = (GOLDEN / f"model-v{version}.bin").read_bytes()
+    expected = json.loads((GOLDEN / f"model-v{version}.json").read_text())
     assert hashlib.md5(blob).hexdigest() == expected["file_md5"]
-    assert struct.unpack_from("<H", blob, len(MAGIC))[0] == 3
+    assert struct.unpack_from("<H", blob, len(MAGIC))[0] == version
     found = decode_all(blob)
     assert (found.model_key, found.arch, found.kwargs) == (expected["model_key"], expected["arch"], expected["kwargs"])
     assert list(found.layers) == list(expected["layers"])
     for name, layer in found.layers.items():
         e = expected["layers"][name]
         assert list(layer.codes.shape) == e["shape"] and layer.codes.dtype == torch.int64
+        assert layer.codebook.dtype == torch.float32 and (layer.bias is None or layer.bias.dtype == torch.float32)
         assert _md5(layer.codes) == e["codes_int64"] and _md5(layer.codebook) == e["codebook_float32"], name
         assert (None if layer.bias is None else _md5(layer.bias)) == e["bias_float32"], name
         assert _md5(layer.weight()) == e["weight_float32"], name
     assert {n: {"dtype": str(t.dtype), "shape": list(t.shape), "md5": _md5(t)} for n, t in found.other.items()} \
         == expected["other"]
     assert [r["entries"] > r["nonzero"] for r in describe(blob)] == [True, True]  # fillers in both layers
+    return blob, found
+
+
+def test_the_committed_version_3_file_decodes_to_its_committed_tensors():
+    """model-v3.bin (made by the encoder of commit 35781c9, format version 3: every float f32): a
+    4-D layer with a bias, a layer with filler entries and no bias, and other tensors of both
+    dtypes. Its tensors, encoded now (version 4), come back the same; fc's codebook (-0.5, -0.125,
+    0.25, 1.0) is then stored as f16, conv's codebook and bias stay f32."""
+    blob, found = _golden(3)
+    again = encode(found.model_key, found.arch, found.kwargs, found.layers, other=found.other)
+    k_conv, k_fc = (found.layers[n].codebook.numel() for n in ("conv", "fc"))
+    assert [(r["bytes_codebook"], r["bytes_bias"]) for r in describe(blob)] == [(4 + 4 * k_conv, 1 + 4 + 4 * 3), (4 + 4 * k_fc, 1)]
+    assert [(r["bytes_codebook"], r["bytes_bias"]) for r in describe(again)] == [(4 + 1 + 4 * k_conv, 1 + 4 + 4 * 3),
+                                                                               (4 + 1 + 2 * k_fc, 1)]
+    back = decode_all(again)
+    for name, layer in found.layers.items():
+        assert_same(back.layers[name], layer)
+
+
+def test_the_committed_version_4_file_decodes_to_its_committed_tensors_and_encodes_back_to_its_bytes():
+    """model-v4.bin: model-v3's tensors with conv's bias rounded to float16, so that it holds every
+    codebook and bias type (conv: f32 codebook, f16 bias; fc: f16 codebook, no bias).
+    An encoder and a decoder that change together (the round trips above still pass) break this
+    file: the format is the specification, not the code."""
+    blob, found = _golden(4)
+    rows = {r["layer"]: r for r in describe(blob)}
+    k_conv, k_fc = (found.layers[n].codebook.numel() for n in ("conv", "fc"))
+    assert (rows["conv"]["bytes_codebook"], rows["fc"]["bytes_codebook"]) == (4 + 1 + 4 * k_conv, 4 + 1 + 2 * k_fc)
+    assert rows["conv"]["bytes_bias"] == 1 + 4 + 2 * found.layers["conv"].bias.numel() and rows["fc"]["bytes_bias"] == 1
     again = encode(found.model_key, found.arch, found.kwargs, found.layers, other=found.other)
     assert again == blob
+
+
+def test_values_a_float16_holds_are_stored_in_two_bytes_and_others_in_four():
+    """Per layer and per array: the codebook and the bias each go to f16 only if every value
+    survives the trip exactly; one value that does not (0.1) keeps the whole array f32."""
+    codes = torch.tensor([[0, 1, -1], [1, 0, 0]])
+    half, single = torch.tensor([1.5, -0.25]), torch.tensor([1.5, 0.1])
+    sizes = {}
+    for codebook_name, codebook in (("half", half), ("single", single)):
+        for bias_name, bias in (("half", half), ("single", single)):
+            layer = QuantizedLayer(codes, codebook, bias)
+            blob = round_trip("m", {"w": layer})
+            row = describe(blob)[0]
+            sizes[codebook_name, bias_name] = len(blob)
+            assert row["bytes_codebook"] == 4 + 1 + (2 if codebook_name == "half" else 4) * 2
+            assert row["bytes_bias"] == 1 + 4 + (2 if bias_name == "half" else 4) * 2
+    assert sizes["single", "single"] - sizes["half", "half"] == 8
 
 
 def _reference_huffman_bits(frequencies: list[int]) -> int:
@@ -245,7 +290,7 @@ def test_a_layer_s_coded_streams_are_as_short_as_an_optimal_code_allows():
 
 
 def test_other_tensors_round_trip_with_their_dtype_and_shape():
-    """Batch norm's tensors (format versions 2 and 3): float32 of any shape, int64 (0-dim for
+    """Batch norm's tensors (format versions 2 to 4): float32 of any shape, int64 (0-dim for
     num_batches_tracked), in their order; another dtype is refused."""
     other = {"bn.weight": torch.tensor([1.5, -2.0, 0.25]), "bn.running_mean": torch.randn(3),
              "bn.num_batches_tracked": torch.tensor(12345678901), "table": torch.arange(6, dtype=torch.int64).view(2, 3),
@@ -280,7 +325,9 @@ GOOD = encode("m", ARCH, {}, {"w": LAYER})
 # Offsets in GOOD: preamble 14, key 2+1, arch 2+8, kwargs 2+2, layer count 2, name 2+1, ndim 1.
 KWARGS = 14 + 3 + 10
 DIMS = KWARGS + 4 + 2 + 3 + 1
-CODE_TABLE = DIMS + 2 * 4 + 4 + 2 * 4 + 1 + 4  # dims, k, codebook, index bits, entries
+CODEBOOK_TYPE = DIMS + 2 * 4 + 4  # after dims and k
+CODE_TABLE = CODEBOOK_TYPE + 1 + 2 * 2 + 1 + 4  # codebook type, codebook (f16), index bits, entries
+BIAS_TYPE = len(GOOD) - 4 - 2 - (1 + 4 + 2 * 2)  # before: the bias (f16), the other tensors' count, the CRC
 # The codes are all 0: the code table is max_length 1, counts [1], symbols [0] (1 byte each).
 
 
@@ -295,9 +342,11 @@ def patched(offset: int, value: bytes) -> bytes:
 
 
 def test_the_good_file_layout_assumed_below():
-    assert GOOD[:KWARGS + 4] == MAGIC + struct.pack("<HI", 3, len(GOOD)) + b"\x01\x00m\x08\x00nets:Net\x02\x00{}"
+    assert GOOD[:KWARGS + 4] == MAGIC + struct.pack("<HI", 4, len(GOOD)) + b"\x01\x00m\x08\x00nets:Net\x02\x00{}"
     assert GOOD[DIMS:DIMS + 8] == struct.pack("<II", 2, 3)
+    assert GOOD[CODEBOOK_TYPE:CODEBOOK_TYPE + 5] == bytes([1]) + np.array([1.5, 2.5], "<f2").tobytes()
     assert GOOD[CODE_TABLE:CODE_TABLE + 3] == bytes([1, 1, 0])
+    assert GOOD[BIAS_TYPE:BIAS_TYPE + 9] == bytes([2]) + struct.pack("<I", 2) + np.array([0.5, -0.5], "<f2").tobytes()
     assert GOOD[-6:-4] == b"\x00\x00"  # no other tensors
 
 
@@ -356,8 +405,8 @@ def test_wrong_magic():
 
 
 @pytest.mark.parametrize("version, message", [
-    (4, f"format version 4, newer than this reader supports \\(version {FORMAT_VERSION}\\)"),
-    (0, "unknown format version 0 \\(this reader supports versions 1 to 3\\)"),
+    (5, f"format version 5, newer than this reader supports \\(version {FORMAT_VERSION}\\)"),
+    (0, "unknown format version 0 \\(this reader supports versions 1 to 4\\)"),
 ])
 def test_other_format_version(version, message):
     # The version is checked before the CRC, so a newer file gets this message and not a checksum one.
@@ -392,7 +441,8 @@ def test_code_out_of_codebook_range():
     (CODE_TABLE - 4, struct.pack("<I", 5), "code stream holds 4 entries, the layer says 5"),
     (CODE_TABLE, bytes([32]), "codes up to 32 bits long"),
     (DIMS + 8, struct.pack("<I", 70000), "70000-entry codebook"),
-    (len(GOOD) - 4 - 2 - 13, bytes([2]), "bias flag is 2"),
+    (CODEBOOK_TYPE, bytes([2]), "layer 'w' codebook type is 2, expected one of \\[0, 1\\]"),
+    (BIAS_TYPE, bytes([3]), "layer 'w' bias type is 3, expected one of \\[0, 1, 2\\]"),
     (14, b"\xff\xff", "runs past the end of the data"),
 ])
 def test_other_inconsistencies_with_a_valid_checksum(offset, value, message):

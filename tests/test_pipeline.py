@@ -14,6 +14,7 @@ import torch
 import yaml
 from torch import nn
 
+from hanprune.encoding import describe
 from hanprune.models import prunable_layers
 from hanprune.pruning import load_checkpoint
 from hanprune.quantize import read_compressed
@@ -127,6 +128,13 @@ def test_first_repro_runs_every_stage_and_writes_metrics(repo):
             repo / "models" / model / "rounds" / f"iter{ITERATIONS[model]}.pt").read_bytes()
         q = json.loads((repo / "metrics" / "quantize" / f"{model}.json").read_text())
         assert set(q) == {"val_before", "val_shared", "val_finetuned"}
+        _, quantized = load_checkpoint(repo / "models" / model / "quantized.pt", model)
+        for name, layer in quantized["quantized"].items():  # rounded to float16, as the file stores them
+            bias = quantized["state_dict"][f"{name}.bias"]
+            assert torch.equal(layer["codebook"], layer["codebook"].half().float()), name
+            assert torch.equal(bias, bias.half().float()), name
+        rows = describe((repo / "models" / model / "compressed.bin").read_bytes())
+        assert all(r["bytes_codebook"] == 5 + 2 * r["codebook_size"] for r in rows), rows
         assert q["val_before"] == pytest.approx(rounds[-1]["val_retrained"], abs=0.011)
     report = (repo / "reports" / "REPORT.md").read_text()
     assert report.startswith(f"# Pruning report: {TINY}\n") and "## lenet_300_100" in report and "Han et al. 2015" in report

@@ -11,7 +11,8 @@ from hanprune import __main__ as cli, encoding, io, pruning, quantize
 from hanprune.config import Training
 from hanprune.encoding import EncodingError
 from hanprune.models import make, prunable_layers
-from hanprune.quantize import kmeans_1d, load_into, load_quantized, quantized_layers, read_compressed, share_weights
+from hanprune.quantize import (kmeans_1d, load_into, load_quantized, quantized_layers, read_compressed, round_to_half,
+                               share_weights)
 from hanprune.train import fit
 
 
@@ -73,6 +74,23 @@ def test_finetuning_trains_codebooks_by_summed_gradients_and_nothing_else():
     for name, layer in after.items():
         assert torch.equal(layer.codes, codes[name])
         assert torch.equal(prunable_layers(model)[name].weight.detach() != 0, masks[name])
+
+
+def test_round_to_half_moves_codebooks_and_biases_to_the_nearest_float16_and_the_file_stores_them_in_2_bytes():
+    model, masks = _pruned_model()
+    share_weights(model, {"fc1": 4, "fc2": 3, "fc3": 2}, masks)
+    before = quantized_layers(model)
+    round_to_half(model)
+    after = quantized_layers(model)
+    for name, layer in after.items():
+        for old, new in ((before[name].codebook, layer.codebook), (before[name].bias, layer.bias)):
+            assert new.dtype == torch.float32 and torch.equal(new, old.half().float()), name
+            assert not torch.equal(new, old), name  # random float32 values: rounding moved some
+        assert torch.equal(layer.codes, before[name].codes)
+        assert torch.equal(prunable_layers(model)[name].weight.detach() != 0, masks[name])
+    rows = encoding.describe(encoding.encode("lenet_300_100", "lenet_300_100", {}, after))
+    assert [(r["bytes_codebook"], r["bytes_bias"]) for r in rows] == [
+        (4 + 1 + 2 * len(after[n].codebook), 1 + 4 + 2 * len(after[n].bias)) for n in after]
 
 
 def _quantized_checkpoint(tmp_path):

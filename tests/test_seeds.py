@@ -39,3 +39,20 @@ def test_queue_re_seeds_only_the_models_named(monkeypatch, tmp_path, capsys):
                                                       "models.b.quantize.finetune.seed=12"]
     with pytest.raises(SystemExit, match="--models: c not in params.yaml models"):
         seeds["queue"](["c"])
+
+
+def test_the_band_counts_the_runs_within_their_architecture_s_validation_budget():
+    """The budget is absolute (the paper's pruned test error of the arch), not the select rule's
+    max_drop below each run's own dense model: a run can hold its rule and miss the budget."""
+    render = runpy.run_path(str(ROOT / "benchmarks" / "seeds.py"))["render"]
+
+    def out(seed, val_error):
+        return {"dense": 1.0, "pruned": 1.3, "compressed": 1.4, "compression": 44.0, "file_compression": 120.0,
+                "val_error": val_error, "rule": True, "max_drop": 0.0047, "seed": seed, "arch": "lenet_300_100"}
+    text = render({"lenet_300_100_global": [out(0, 1.52), out(10, 1.66), out(20, 1.59)]},
+                        ["baseline", "seed-1", "seed-2"])
+    assert "| selection rule held (val. error within 0.47 points of dense) | 3 of 3 | yes | yes | yes |" in text
+    assert ("| within the validation budget (selected round's val. error ≤ 1.59%, the paper's pruned test error) "
+            "| 2 of 3 | yes | **no** | yes |") in text
+    other = {"lenet_custom": [{**out(0, 5.0), "arch": "mynets:Net"}]}
+    assert "validation budget" not in render(other, ["baseline"])  # no budget for an arch the issue does not name
