@@ -282,9 +282,11 @@ def _checked_arrays(name: str, layer: QuantizedLayer) -> tuple[np.ndarray, np.nd
 
 
 def _narrowest(values: np.ndarray, types: dict[int, str]) -> int:
-    """The type code of the narrowest float type in `types` that holds every value exactly."""
-    return min(types, key=lambda c: (np.dtype(types[c]).itemsize, c)
-               if np.array_equal(values.astype(types[c]).astype(np.float32), values) else (np.inf, c))
+    """The code of the narrowest float type in `types` (f32 among them) that holds every value exactly."""
+    with np.errstate(over="ignore"):  # a value past float16's range becomes inf: not exact, so f32
+        exact = [c for c, t in types.items()
+                 if np.array_equal(values.astype(t).astype(np.float32), values, equal_nan=True)]
+    return min(exact, key=lambda c: np.dtype(types[c]).itemsize)
 
 
 def _encode_layer(name: str, layer: QuantizedLayer, index_bits: int | None, make_code) -> bytes:

@@ -240,6 +240,13 @@ def test_values_a_float16_holds_are_stored_in_two_bytes_and_others_in_four():
             assert row["bytes_codebook"] == 4 + 1 + (2 if codebook_name == "half" else 4) * 2
             assert row["bytes_bias"] == 1 + 4 + (2 if bias_name == "half" else 4) * 2
     assert sizes["single", "single"] - sizes["half", "half"] == 8
+    # float16 overflows past 65504 and loses precision below 2**-14: such values stay f32; NaN and inf need not
+    for values, width in (([70000.0, 1.0], 4), ([1e-7, 1.0], 4), ([float("nan"), float("inf"), -0.0], 2)):
+        layer = QuantizedLayer(torch.tensor([0, 1]), torch.tensor(values[:2]), torch.tensor(values))
+        rows = describe(encode("m", ARCH, {}, {"w": layer}))
+        assert rows[0]["bytes_bias"] == 1 + 4 + width * len(values), values
+        back = decode(encode("m", ARCH, {}, {"w": layer}))[1]["w"]
+        assert back.bias.numpy().tobytes() == layer.bias.numpy().tobytes()
 
 
 def _reference_huffman_bits(frequencies: list[int]) -> int:
