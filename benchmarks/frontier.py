@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hanprune import io  # noqa: E402
-from benchmarks.seeds import BUDGET, git_file, runs  # noqa: E402
+from benchmarks.seeds import BUDGET, git_file, runs, within  # noqa: E402
 
 # Targets: parameter compression, file compression, test error (%).
 TARGETS = {"lenet_300_100": (40, 120, 1.59), "lenet5_caffe": (60, 150, 0.77), "lenet5": (25, 60, 1.0)}
@@ -45,16 +45,14 @@ PUBLISHED = {
 
 def every_run() -> list[tuple[str, str, dict]]:
     """The committed run (HEAD) and its experiments, then every older commit that has experiments
-    (`dvc exp list -A`: a sweep made before its best point was committed) and theirs."""
+    (`dvc exp list -A`: a sweep made before its best point was committed) and theirs, newest commit
+    first (points() keeps the first run of a configuration: the newest code's)."""
     listed = subprocess.run(["dvc", "exp", "list", "-A"], capture_output=True, text=True, check=True).stdout
     bases = [line[:-1] for line in listed.splitlines() if line.endswith(":") and not line[0].isspace()]
-    head = git("rev-parse", "HEAD")
+    older = {git("rev-parse", base) for base in bases} - {git("rev-parse", "HEAD")}
     found = runs("")
-    for base in bases:
-        sha = git("rev-parse", base)
-        if sha != head:
-            older = runs("", sha)
-            found += [(f"commit {sha[:7]}" if name == "baseline" else name, rev, params) for name, rev, params in older]
+    for sha in git("log", "--no-walk", "--format=%H", *older).split() if older else []:
+        found += [(f"commit {sha[:7]}" if name == "baseline" else name, rev, params) for name, rev, params in runs("", sha)]
     return found
 
 
@@ -113,8 +111,8 @@ def points(found: list[tuple[str, str, dict]]) -> list[dict]:
 def chosen(arch_points: list[dict], budget: float) -> dict | None:
     """The most compressed point (parameters, then file) whose validation error is within the budget,
     both the selected round's and the weight-shared model's, the one the file holds (validation only)."""
-    within = [p for p in arch_points if max(p["val_error"], p["file_val_error"]) <= budget + 1e-9]
-    return max(within, key=lambda p: (p["compression"], p["file_compression"])) if within else None
+    held = [p for p in arch_points if within(budget, p["val_error"], p["file_val_error"])]
+    return max(held, key=lambda p: (p["compression"], p["file_compression"])) if held else None
 
 
 def figure(arch: str, pts: list[dict], best: dict | None, out: Path) -> str:

@@ -71,7 +71,7 @@ def test_every_run_adds_the_experiments_of_older_commits_named_by_commit(monkeyp
     listed = "main:\n\tabc1234 [exp-a]\nfeedbee:\n\t1111111 [exp-b]\n\t2222222 [exp-c]\n"
     monkeypatch.setattr(subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(cmd, 0, listed, ""))
     shas = {"HEAD": "h" * 40, "main": "h" * 40, "feedbee": "f" * 40}
-    monkeypatch.setitem(g, "git", lambda *args: shas[args[-1]])
+    monkeypatch.setitem(g, "git", lambda *args: shas[args[-1]] if args[0] == "rev-parse" else "\n".join(args[3:]))
     by_rev = {"HEAD": [("baseline", "h", {}), ("exp-a", "a", {})],
               "f" * 40: [("baseline", "f" * 40, {}), ("exp-b", "b", {}), ("exp-c", "c", {})]}
     monkeypatch.setitem(g, "runs", lambda prefix, rev="HEAD": by_rev[rev])
