@@ -1,4 +1,7 @@
-"""Command line: `python -m hanprune decode FILE [--out CHECKPOINT] [--data DIR]`.
+"""Command line: `python -m hanprune check [PARAMS]` and `python -m hanprune decode FILE [--out CHECKPOINT] [--data DIR]`.
+
+check validates a whole params file, models and rules included (hanprune/check.py), and prints
+one line; decode:
 
 Decodes a compressed model file (encoding.py), prints where its bytes go layer by layer, and
 optionally reports the rebuilt model's test accuracy on a dataset directory and writes it as a checkpoint of this
@@ -10,11 +13,11 @@ from pathlib import Path
 from tabulate import tabulate
 
 from . import config, io
+from .check import check
 from .data import load_split, verified
-from .encoding import EncodingError, decode as decode_file, describe
+from .encoding import EncodingError, decode as decode_file, describe, read_compressed
 from .errors import DataError
 from .pruning import attach_masks, checkpoint
-from .quantize import read_compressed
 from .train import accuracy
 
 
@@ -45,6 +48,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m hanprune", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
+    chk = sub.add_parser("check", help="validate a whole params file (every model, round and grid)")
+    chk.add_argument("params", nargs="?", default="params.yaml", help="default: params.yaml")
     dec = sub.add_parser("decode", help="decode a compressed model file")
     dec.add_argument("file", help="e.g. models/lenet_300_100/compressed.bin")
     dec.add_argument("--data", help="a dataset directory (data/MNIST/raw, with dataset.json): also report test accuracy")
@@ -53,7 +58,15 @@ def main(argv=None) -> None:
                                       "of a model that is not built in: the params.yaml it was made with")
     args = ap.parse_args(argv)
     try:
-        decode(args)
+        if args.command == "check":
+            p = config.load(args.params)
+            try:
+                check(p)
+            except config.ConfigError as e:
+                raise config.ConfigError(f"{args.params}: {e}") from None
+            print(f"{args.params}: valid ({len(p.models)} models, {len(p.prune)} rounds)")
+        else:
+            decode(args)
     except (EncodingError, DataError, config.ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

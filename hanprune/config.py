@@ -1,4 +1,9 @@
-"""params.yaml, validated. Every problem becomes one ConfigError naming the key and what is allowed."""
+"""params.yaml, validated. Every problem becomes one ConfigError naming the key and what is allowed.
+
+load() checks the schema and the chain of rounds, which need no model and no rule, so that a stage
+depends on this file and not on every model and rule. What needs them is checked by the stage that
+builds the model or applies the rule (check_bits, rules.check_round), and the whole file at once by
+`python -m hanprune check` (hanprune/check.py)."""
 import difflib
 from pathlib import Path
 from typing import Literal, get_args
@@ -8,8 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .datasets import BUILT_IN, FILES, SOURCES, Spec, spec as dataset_spec
 from .errors import HanpruneError
-from .models import ModelError, make, prunable_layers
-from .rules import RULES
 
 
 class ConfigError(HanpruneError):
@@ -62,7 +65,7 @@ class Data(Strict):
             if self.name.lower() in taken:
                 raise ValueError(f"name {self.name!r} is the directory of the built-in {taken[self.name.lower()]}; "
                                  "use that, or another name")
-            guess = _suggest(self.name, BUILT_IN)
+            guess = suggest(self.name, BUILT_IN)
             if guess and self.md5 is None and self.url is None:
                 raise ValueError(f"name {self.name!r} is not built in{guess}; built in: {built_in}; a dataset of "
                                  "your own needs data.md5, and data.url or data.local_dir")
@@ -136,8 +139,9 @@ class Budget(Strict):
 
 
 class Iteration(Strict):
-    """One prune round. Besides these keys, the values of its rule (RULES[rule].schema: s per layer
-    for std, q per layer for quantile, one q for global); a budget fills the layers they leave out."""
+    """One prune round. Besides these keys, the values of its rule (s per layer for std, q per
+    layer for quantile, one q for global), which hanprune.rules validates (rules.values_of); a
+    budget fills the layers they leave out."""
     model_config = ConfigDict(extra="allow")
     model: str
     iteration: int = Field(ge=1)
@@ -147,18 +151,13 @@ class Iteration(Strict):
     epochs: int = Field(ge=1)
     lr: float = Field(gt=0)
 
-    @property
-    def values(self):
-        """The rule's values as given in params (per layer, or one); a budget may fill more."""
-        rule = RULES[self.rule]
-        return getattr(rule.schema.model_validate(self.model_extra), rule.key)
-
 
 class Params(Strict):
     data: Data
     run: Run
     tracking: Tracking
-    sensitivity: dict[str, list[float]]  # a grid per rule key (s, q): the values the scan prunes at
+    sensitivity: dict[str, list[float]] = Field(default_factory=dict)  # per rule key (s, q): the scan's
+                                                                       # grid, else the rule's own
     models: dict[str, ModelCfg]
     prune: dict[str, Iteration]
 
@@ -171,68 +170,33 @@ def iteration_path(model: str, k: int) -> str:
     return f"models/{model}/rounds/iter{k}.pt"
 
 
-_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<", "less_than_equal": "<="}
+def check_bits(p: Params, key: str, layers: list[str]) -> None:
+    """models.<key>.quantize.bits against the model's prunable layers."""
+    m = p.models[key]
+    if set(m.quantize.bits) != set(layers):
+        raise ConfigError(f"models.{key}.quantize.bits: must give every layer of {key} "
+                          f"({', '.join(layers)}), got {', '.join(m.quantize.bits) or 'none'}")
+    for layer, bits in m.quantize.bits.items():
+        if not 1 <= bits <= 16:
+            raise ConfigError(f"models.{key}.quantize.bits.{layer}: must be 1..16, got {bits}")
 
 
-def _check_round(where: str, it: Iteration, layers: list[str]) -> None:
-    """A round's rule, and its values against the rule's schema and the model's layers."""
-    if it.rule not in RULES:
-        raise ConfigError(f"{where}.rule: unknown rule {it.rule!r}{_suggest(it.rule, RULES)}; "
-                          f"allowed: {', '.join(RULES)}")
-    rule = RULES[it.rule]
-    allowed = [*Iteration.model_fields, rule.key]
-    for extra in it.model_extra:
-        if extra != rule.key:
-            takes = f"; rule {it.rule} takes {rule.key}" if any(r.key == extra for r in RULES.values()) else ""
-            raise ConfigError(f"{where}.{extra}: unknown key{_suggest(extra, allowed)}{takes}; "
-                              f"allowed: {', '.join(allowed)}")
-    try:
-        values = it.values
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        if err["type"] in _BOUNDS:
-            bound = next(iter(err["ctx"].values()))
-            raise ConfigError(f"{where}.{loc}: must be {_BOUNDS[err['type']]} {bound:g}, got {err['input']}") from None
-        raise ConfigError(f"{where}.{loc}: {err['msg']} (got {err['input']!r})") from None
-    if not values and it.budget is None:
-        raise ConfigError(f"{where}: give {rule.key} ({'per layer' if rule.per_layer else 'one value'}) "
-                          f"or a budget ({{max_drop: ..., scale: ...}})")
-    for layer in values if rule.per_layer else []:
-        if layer not in layers:
-            raise ConfigError(f"{where}.{rule.key}.{layer}: no such layer in {it.model}; layers: "
-                              f"{', '.join(layers)}" + _suggest(layer, layers))
+def rounds_of(p: Params, model: str) -> list[Iteration]:
+    return sorted((it for it in p.prune.values() if it.model == model), key=lambda it: it.iteration)
 
 
-def _check_pipeline(p: Params) -> None:
-    """Cross-key rules pydantic cannot see: model keys, layer names, the chain of iterations."""
-    layers_of = {}
-    for key, m in p.models.items():
-        try:
-            layers_of[key] = list(prunable_layers(make(m.arch, m.kwargs)))
-        except ModelError as e:
-            raise ConfigError(f"models.{key}.arch: {e}") from None
-    for key, m in p.models.items():
-        layers = layers_of[key]
-        if set(m.quantize.bits) != set(layers):
-            raise ConfigError(f"models.{key}.quantize.bits: must give every layer of {key} "
-                              f"({', '.join(layers)}), got {', '.join(m.quantize.bits) or 'none'}")
-        for layer, bits in m.quantize.bits.items():
-            if not 1 <= bits <= 16:
-                raise ConfigError(f"models.{key}.quantize.bits.{layer}: must be 1..16, got {bits}")
-    chains = {m: [] for m in p.models}
+def _check_chains(p: Params) -> None:
+    """Cross-key rules that need neither a model nor a rule: model keys, the chain of rounds."""
     for key, it in p.prune.items():
         where = f"prune.{key}"
         if it.model not in p.models:
             raise ConfigError(f"{where}.model: {it.model!r} is not a key of models ({', '.join(p.models)})"
-                              + _suggest(it.model, p.models))
+                              + suggest(it.model, p.models))
         if key != f"{it.model}-iter{it.iteration}":
             raise ConfigError(f"{where}: key must be '<model>-iter<iteration>', "
                               f"i.e. {it.model}-iter{it.iteration}")
-        _check_round(where, it, layers_of[it.model])
-        chains[it.model].append(it)
-    for model, its in chains.items():
-        its.sort(key=lambda it: it.iteration)
+    for model in p.models:
+        its = rounds_of(p, model)
         if not its:
             raise ConfigError(f"prune: no iterations for model {model}; add prune.{model}-iter1")
         produced = [dense_path(model)] + [iteration_path(model, it.iteration) for it in its]
@@ -244,23 +208,9 @@ def _check_pipeline(p: Params) -> None:
                 what = "no stage produces it" if it.start not in produced else "that is not the previous checkpoint"
                 raise ConfigError(f"prune.{model}-iter{k}.start: {it.start!r}: {what}; "
                                   f"expected {produced[k - 1]!r}")
-        rules = sorted({it.rule for it in its})
-        if len(rules) > 1:
-            raise ConfigError(f"prune: the rounds of {model} use the rules {', '.join(rules)}; use one (the "
-                              "sensitivity scan, and a budget, are in the units of its values)")
-        key = RULES[rules[0]].key
-        grid = p.sensitivity.get(key)
-        if grid is None or 0 not in grid:
-            raise ConfigError(f"sensitivity.{key}: the grid of {key} for rule {rules[0]} (model {model}) "
-                              + ("is missing" if grid is None else "must hold 0 (the dense model, from which "
-                                 "the scan's accuracy drops are measured)"))
-    for key in p.sensitivity:
-        keys = list(dict.fromkeys(r.key for r in RULES.values()))
-        if key not in keys:
-            raise ConfigError(f"sensitivity.{key}: unknown grid{_suggest(key, keys)}; allowed: {', '.join(keys)}")
 
 
-def _suggest(word, choices) -> str:
+def suggest(word, choices) -> str:
     close = difflib.get_close_matches(str(word), list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -289,12 +239,12 @@ def _format(e: ValidationError) -> str:
     loc = ".".join(str(x) for x in err["loc"])
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(err["loc"][:-1])
-        return f"{loc}: unknown key{_suggest(err['loc'][-1], allowed)}; allowed: {', '.join(allowed)}"
+        return f"{loc}: unknown key{suggest(err['loc'][-1], allowed)}; allowed: {', '.join(allowed)}"
     if err["type"] == "missing":
         return f"{loc}: missing"
     if err["type"] == "literal_error":
         allowed = [str(x) for x in get_args(_annotation(err["loc"]))]
-        return f"{loc}: unknown value {err['input']!r}{_suggest(err['input'], allowed)}; allowed: {', '.join(allowed)}"
+        return f"{loc}: unknown value {err['input']!r}{suggest(err['input'], allowed)}; allowed: {', '.join(allowed)}"
     if err["type"] == "value_error":  # a model validator's: its message says what it checked, not the whole section
         return f"{loc}: {err['ctx']['error']}"
     return f"{loc}: {err['msg']} (got {err.get('input')!r})"
@@ -335,7 +285,7 @@ def load(path="params.yaml") -> Params:
     except ValidationError as e:
         raise ConfigError(f"{path}: {_format(e)}") from None
     try:
-        _check_pipeline(params)
+        _check_chains(params)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return params

@@ -143,3 +143,8 @@ class Splits:
             x, y = getattr(self, name)
             setattr(self, name, (x.to(device), y.to(device)))
         return self
+
+
+def open_splits(root, cfg, device) -> Splits:
+    """The dataset cfg.name (params' data section) under root, verified, split and moved to device."""
+    return Splits(verified(raw_dir(root, cfg.name), cfg.name), cfg.val_size, cfg.val_seed).to(device)

@@ -97,13 +97,18 @@ import json
 import struct
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from bitarray import bitarray, frozenbitarray
 from bitarray.util import canonical_decode, canonical_huffman
 
 from .errors import HanpruneError
+from .finite import nonfinite
+from .models import ModelError, architecture, make
+from .quantize import QuantizedLayer, load_into, other_state  # noqa: F401 (QuantizedLayer: the file's layers)
 
 MAGIC = b"HANPRUNE"
 FORMAT_VERSION = 4  # the version this code writes, and the newest it reads
@@ -122,22 +127,6 @@ U16_MAX, U32_MAX = 0xFFFF, 0xFFFFFFFF
 
 class EncodingError(HanpruneError):
     """A model that cannot be encoded, or a file that cannot be decoded."""
-
-
-@dataclass(eq=False)
-class QuantizedLayer:
-    """A weight as Deep Compression stores it: a code per position (-1 = pruned), the codebook of
-    shared values the codes index, and the raw bias."""
-    codes: torch.Tensor
-    codebook: torch.Tensor
-    bias: torch.Tensor | None = None
-
-    def weight(self) -> torch.Tensor:
-        """codebook[codes] where a weight survives, exactly 0.0 where it is pruned (float32)."""
-        weight = torch.zeros(self.codes.shape, dtype=torch.float32)
-        kept = self.codes >= 0
-        weight[kept] = self.codebook[self.codes[kept]]
-        return weight
 
 
 @dataclass(eq=False)
@@ -570,3 +559,32 @@ def describe(data: bytes) -> list[dict]:
     (fillers included), index bits, codebook size, and the bytes of the code section, the gap
     section, the codebook, the bias, and the whole layer record (name and shape included)."""
     return _parse(data)[1]
+
+
+def read_compressed(path, model_key: str | None = None, arch: str | None = None,
+                    kwargs: dict | None = None) -> tuple[Compressed, nn.Module]:
+    """Rebuild the torch model from a compressed file (see encoding.py), made with the arch and kwargs
+    the file names: (what the file holds, the model). model_key, arch and kwargs, if given, are what
+    the caller expects; a file of format version 1 or 2 names no arch: it is taken to hold `arch`
+    with `kwargs`, else (models.architecture) its key's built-in architecture. The Compressed
+    returned names the arch and kwargs the model was made with."""
+    try:
+        found = decode_all(Path(path).read_bytes())
+        key = found.model_key
+        if model_key is not None and key != model_key:
+            raise EncodingError(f"holds model {key!r}, expected {model_key!r}")
+        found.arch, found.kwargs = architecture(key, found.arch, found.kwargs, arch, kwargs)
+        model = load_into(make(found.arch, found.kwargs), found.layers)
+        other, expected = found.other, other_state(model, model.state_dict())
+        if set(other) != set(expected):
+            raise EncodingError(f"holds the tensors {sorted(other)} besides its layers; {key} has {sorted(expected)}")
+        for name, tensor in other.items():
+            if tensor.shape != expected[name].shape:
+                raise EncodingError(f"tensor {name}: shape {tuple(tensor.shape)}, {key} has {tuple(expected[name].shape)}")
+        model.load_state_dict({**model.state_dict(), **other})
+        if bad := nonfinite(model.state_dict()):  # a codebook or bias that was never finite, or overflowed float16
+            raise EncodingError(f"refused: its decoded {bad}; the training that made it diverged (or the file "
+                                "was altered)")
+        return found, model
+    except (EncodingError, ModelError, ValueError) as e:
+        raise EncodingError(f"{path}: {e}") from None

@@ -6,9 +6,7 @@ import errno
 import io
 import json
 import os
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,7 +28,6 @@ def atomic_path(path, size: int | None = None):
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        _test_pause(path)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
@@ -39,14 +36,6 @@ def atomic_path(path, size: int | None = None):
             writing = "" if size is None else f" (writing {size} bytes)"
             raise OSError(e.errno, f"{e.strerror}{writing}", str(path)) from None
         raise
-
-
-def _test_pause(path: Path):
-    """A hook for the kill test: HANPRUNE_TEST_PAUSE_BEFORE_RENAME=<file name> holds the write of
-    that file between the complete temporary file and the rename, so a test can kill it there."""
-    if os.environ.get("HANPRUNE_TEST_PAUSE_BEFORE_RENAME") == path.name:
-        print(f"paused before renaming onto {path}", file=sys.stderr, flush=True)
-        time.sleep(600)
 
 
 def write_bytes(path, data: bytes):

@@ -1,8 +1,8 @@
 """Magnitude pruning after Han et al. 2015, on top of torch.nn.utils.prune.
 
-A rule (hanprune/rules.py: StdThreshold, Quantile, GlobalMagnitude) only computes a mask. Applying
-it, keeping pruned weights at zero through training (weight = weight_orig * weight_mask, recomputed
-before every forward) and combining masks across rounds is torch's re-parametrisation; this module
+A rule (hanprune/rules.py) only computes masks. Applying them, keeping pruned weights at zero
+through training (weight = weight_orig * weight_mask, recomputed before every forward) and
+combining masks across rounds is torch's re-parametrisation (prune.custom_from_mask); this module
 adds the checkpoint format around it.
 """
 import pickle
@@ -14,11 +14,19 @@ from torch import nn
 from torch.nn.utils import prune
 
 from .models import ModelError, architecture, make, prunable_layers
-from .errors import HanpruneError
-
-from .rules import PruningError, StdThreshold, prune_by_std, weight_std  # noqa: F401 (the rules live there)
+from .errors import HanpruneError, torch_text
+from .finite import nonfinite
 
 CHECKPOINT_FORMAT = 2  # format 1, read too, is the same without arch and kwargs
+
+
+class PruningError(HanpruneError):
+    pass
+
+
+def weight_std(model: nn.Module) -> dict[str, float]:
+    """Each prunable layer's weight std: in the dense model, the unit of the std rule's thresholds."""
+    return {name: m.weight.detach().std().item() for name, m in prunable_layers(model).items()}
 
 
 def attach_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
@@ -76,10 +84,11 @@ def load_checkpoint(path, model_key: str | None = None, arch: str | None = None,
     except pickle.UnpicklingError as e:  # torch's weights-only unpickler met more than tensors and plain data
         refused = re.search(r"GLOBAL (\S+)", str(e))
         raise CheckpointError(f"{path}: refused unread: it holds objects that a checkpoint of this project never "
-                              "holds" + (f" (it calls {refused[1]})" if refused else "") + "; checkpoints come "
+                              "holds" + (f" (it calls {refused[1]})" if refused else f" ({torch_text(e)})")
+                              + "; checkpoints come "
                               "from the pretrain, prune and quantize stages") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {torch_text(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (1, CHECKPOINT_FORMAT):
         raise CheckpointError(f"{path}: not a checkpoint of this project (format 1 or {CHECKPOINT_FORMAT})")
     entries = [("model", str), ("state_dict", dict), ("masks", dict), ("dense_std", dict), ("history", list)]
@@ -95,7 +104,9 @@ def load_checkpoint(path, model_key: str | None = None, arch: str | None = None,
     try:
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: weights do not fit {ckpt['model']}: {e}") from None
+        raise CheckpointError(f"{path}: weights do not fit {ckpt['model']}: {torch_text(e)}") from None
+    if bad := nonfinite(ckpt["state_dict"]):  # what a diverged training run leaves
+        raise CheckpointError(f"{path}: refused: {bad}; the training that wrote it diverged (or the file was altered)")
     layers = prunable_layers(model)
     for name, mask in ckpt["masks"].items():
         if name not in layers:

@@ -8,17 +8,32 @@ codebook entry the sum of its members' gradients, exactly the paper's centroid u
 codes and the sparsity pattern stay fixed. After fine-tuning, the shared values and the biases are
 rounded to half precision (round_to_half), as the compressed file stores them.
 """
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .encoding import Compressed, EncodingError, QuantizedLayer, decode_all
-from .models import ModelError, architecture, make, prunable_layers
+from .models import prunable_layers
 from .pruning import CheckpointError, load_checkpoint
 
 KMEANS_MAX_ITERATIONS = 100
+
+
+@dataclass(eq=False)
+class QuantizedLayer:
+    """A weight as Deep Compression stores it: a code per position (-1 = pruned), the codebook of
+    shared values the codes index, and the raw bias."""
+    codes: torch.Tensor
+    codebook: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def weight(self) -> torch.Tensor:
+        """codebook[codes] where a weight survives, exactly 0.0 where it is pruned (float32)."""
+        weight = torch.zeros(self.codes.shape, dtype=torch.float32)
+        kept = self.codes >= 0
+        weight[kept] = self.codebook[self.codes[kept]]
+        return weight
 
 
 def kmeans_1d(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,29 +173,3 @@ def load_into(model: nn.Module, layers: dict[str, QuantizedLayer]) -> nn.Module:
             if q.bias is not None:
                 module.bias.copy_(q.bias)
     return model
-
-
-def read_compressed(path, model_key: str | None = None, arch: str | None = None,
-                    kwargs: dict | None = None) -> tuple[Compressed, nn.Module]:
-    """Rebuild the torch model from a compressed file (see encoding.py), made with the arch and kwargs
-    the file names: (what the file holds, the model). model_key, arch and kwargs, if given, are what
-    the caller expects; a file of format version 1 or 2 names no arch: it is taken to hold `arch`
-    with `kwargs`, else (models.architecture) its key's built-in architecture. The Compressed
-    returned names the arch and kwargs the model was made with."""
-    try:
-        found = decode_all(Path(path).read_bytes())
-        key = found.model_key
-        if model_key is not None and key != model_key:
-            raise EncodingError(f"holds model {key!r}, expected {model_key!r}")
-        found.arch, found.kwargs = architecture(key, found.arch, found.kwargs, arch, kwargs)
-        model = load_into(make(found.arch, found.kwargs), found.layers)
-        other, expected = found.other, other_state(model, model.state_dict())
-        if set(other) != set(expected):
-            raise EncodingError(f"holds the tensors {sorted(other)} besides its layers; {key} has {sorted(expected)}")
-        for name, tensor in other.items():
-            if tensor.shape != expected[name].shape:
-                raise EncodingError(f"tensor {name}: shape {tuple(tensor.shape)}, {key} has {tuple(expected[name].shape)}")
-        model.load_state_dict({**model.state_dict(), **other})
-        return found, model
-    except (EncodingError, ModelError, ValueError) as e:
-        raise EncodingError(f"{path}: {e}") from None

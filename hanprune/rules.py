@@ -1,221 +1,218 @@
-"""The pruning rules a round may use, and the sensitivity scan in each rule's units.
+"""The pruning rules a round may use, and the mechanism they share.
 
-A rule is a torch.nn.utils.prune.BasePruningMethod that only computes a mask (applying it,
-keeping pruned weights at zero and combining rounds' masks is torch's), with the schema of its
-params in a round (`prune.<model>-iter<k>`). RULES maps a round's `rule:` to both:
+A rule is one class: the name of its values in a round (`prune.<model>-iter<k>`) and in the
+sensitivity grid (`key`), whether it takes a value per layer or one for all layers, the type of a
+value, its default sensitivity grid, how a budget's scale scales a value, and `masks`, which
+computes the masks of a round from the layers' surviving weights. Like torch.nn.utils.prune, the
+rule only computes masks: applying them (torch's custom_from_mask, weight = weight_orig * mask),
+refusing a round that would empty a layer, the sensitivity scan and the budget are shared here.
 
-- std: |w| < s × std of the dense layer, s per layer (Han et al. 2015; pruning.StdThreshold).
+- std: |w| < s × std of the dense layer, s per layer (Han et al. 2015): an absolute threshold, so a
+  later round needs a larger s to prune more.
 - quantile: the fraction q of the layer's weights with the smallest |w|, q per layer, counted over
   the whole layer: q is the layer's pruned fraction after the round (the reference
-  implementation's percentile rule), so a later round needs a larger q to prune more.
+  implementation's percentile rule).
 - global: one magnitude threshold over all prunable layers at once, set so that the fraction q of
   all their weights is pruned after the round; one q.
 
-Adding a rule: its mask class, its schema (one field: the values, named as the sensitivity grid
-that holds them), a function that applies it to a model's layers, how a budget's scale scales its
-values (_times for a threshold, _compounded for a fraction), and one line in RULES.
+Adding a rule: a subclass of Rule and one line in RULES (tests/test_rules.py shows one).
 """
 import copy
 import math
-from dataclasses import dataclass
-from typing import Annotated, Callable
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+import torch
+from pydantic import Field, TypeAdapter, ValidationError
 from torch import nn
-from torch.nn.utils import prune
 
+from .config import ConfigError, suggest
 from .errors import HanpruneError
 from .models import prunable_layers
+from .pruning import PruningError, attach_masks, weight_std
 
 
-class PruningError(HanpruneError):
-    pass
-
-
-class StdThreshold(prune.BasePruningMethod):
-    """Remove weights with |w| < s * std, where std is the standard deviation of the layer's
-    weights in the dense, pretrained model (so s is an absolute threshold across rounds: a round
-    with a larger s prunes more). Chained after an earlier mask, torch's PruningContainer passes
-    only the surviving entries here; pruned weights stay pruned."""
-
-    PRUNING_TYPE = "unstructured"
-
-    def __init__(self, s: float, std: float):
-        if not s >= 0:
-            raise ValueError(f"s must be >= 0, got {s}")
-        self.threshold = s * std
-
-    def compute_mask(self, t, default_mask):
-        return default_mask * (t.abs() >= self.threshold).to(default_mask.dtype)
-
-
-def weight_std(model: nn.Module) -> dict[str, float]:
-    return {name: m.weight.detach().std().item() for name, m in prunable_layers(model).items()}
-
-
-def prune_by_std(model: nn.Module, s: dict[str, float], std: dict[str, float]) -> None:
-    """One prune round. Refuses (PruningError, model untouched) an s that would leave a layer
-    with no weights at all: retraining a dead network would only waste the epochs."""
-    layers = prunable_layers(model)
-    for name, value in s.items():
-        m = layers[name]
-        w = m.weight_orig[m.weight_mask.bool()] if hasattr(m, "weight_mask") else m.weight  # the survivors
-        largest = w.detach().abs().max().item() if w.numel() else 0.0
-        if value * std[name] > largest:
-            allowed = math.floor(largest / std[name] * 1000) / 1000
-            raise PruningError(f"s.{name} = {value:g} removes every remaining weight of {name} (threshold "
-                               f"{value * std[name]:.4g} > largest |w| {largest:.4g}); allowed: s <= {allowed:g}")
-    for name, value in s.items():
-        StdThreshold.apply(layers[name], "weight", s=value, std=std[name])
-
-
-ALL = "all"  # the layer name of the global rule's scan rows: every prunable layer at once
-
-
-class Quantile(prune.BasePruningMethod):
-    """Prune the smallest |w| until q × total (rounded half up) of the layer's `total` weights are pruned.
-    Chained after an earlier mask, torch passes only the survivors: the pruned count includes the
-    earlier rounds', so q is the total pruned fraction. Ties in |w| are broken by position (the
-    earlier flat index goes first), so the mask is the same on every run."""
-
-    PRUNING_TYPE = "unstructured"
-
-    def __init__(self, q: float, total: int):
-        if not 0 <= q <= 1:
-            raise ValueError(f"q must be in 0..1, got {q}")
-        self.q, self.total = q, total
-
-    def compute_mask(self, t, default_mask):
-        mask = default_mask.clone()
-        alive = default_mask.flatten().nonzero().squeeze(1)
-        more = math.floor(self.q * self.total + 0.5) - (self.total - alive.numel())
-        if more > 0:
-            order = t.flatten()[alive].abs().argsort(stable=True)
-            mask.view(-1)[alive[order[:more]]] = 0
-        return mask
-
-
-class GlobalMagnitude(Quantile):
-    """Quantile over the concatenation of every prunable layer's weights (torch's
-    prune.global_unstructured hands it that vector): one threshold for all layers."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-Fraction = Annotated[float, Field(ge=0, lt=1)]
-
-
-class StdParams(Strict):
-    s: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict,
-                                                         description="per layer: prune |w| < s × dense std")
-
-
-class QuantileParams(Strict):
-    q: dict[str, Fraction] = Field(default_factory=dict, description="per layer: pruned fraction after the round")
-
-
-class GlobalParams(Strict):
-    q: Fraction | None = Field(None, description="pruned fraction of all prunable weights after the round")
-
-
-def _std(layers: dict[str, nn.Module], s: dict[str, float], std: dict[str, float]) -> None:
-    for name, value in s.items():
-        StdThreshold.apply(layers[name], "weight", s=value, std=std[name])
-
-
-def _quantile(layers: dict[str, nn.Module], q: dict[str, float], std: dict[str, float]) -> None:
-    for name, value in q.items():
-        Quantile.apply(layers[name], "weight", q=value, total=layers[name].weight.numel())
-
-
-def _global(layers: dict[str, nn.Module], q: float, std: dict[str, float]) -> None:
-    prune.global_unstructured([(m, "weight") for m in layers.values()], GlobalMagnitude, q=q,
-                              total=sum(m.weight.numel() for m in layers.values()))
-
-
-def _times(value: float, factor: float) -> float:
-    """A threshold (s) scales linearly (rounded to 6 decimals)."""
-    return round(value * factor, 6)
-
-
-def _compounded(value: float, factor: float) -> float:
-    """A pruned fraction (q) scales as repeated pruning: the kept fraction 1 - q to the power
-    factor, so factor 2 prunes q of the survivors once more; rounded to 6 decimals and below 1."""
-    return min(round(1 - (1 - value) ** factor, 6), 0.999999)
-
-
-@dataclass(frozen=True)
 class Rule:
-    method: type[prune.BasePruningMethod]
-    schema: type[Strict]  # one field: the values, named as the sensitivity grid (s, q)
-    apply: Callable       # (layers, values, dense std) -> None; may empty a layer
-    scale: Callable       # (value, a budget's scale) -> value
+    """A pruning rule. Subclasses set the class attributes and compute masks."""
+    key: str                    # the name of its values in a round and in the sensitivity grid
+    per_layer: bool             # a value per layer (a dict), or one value for all layers
+    value: object               # the type of one value, with its bounds (pydantic)
+    grid: list[float]           # the sensitivity scan's default values (must hold 0, the dense model)
 
-    @property
-    def key(self) -> str:
-        return next(iter(self.schema.model_fields))
+    def masks(self, weights: dict[str, torch.Tensor], alive: dict[str, torch.Tensor], values,
+              dense_std: dict[str, float]) -> dict[str, torch.Tensor]:
+        """The masks after this round (1 keeps a weight) of the layers it prunes, from each layer's
+        current weights and its current mask `alive` (all ones for a layer not yet pruned). A mask
+        must keep no weight that `alive` dropped."""
+        raise NotImplementedError
 
-    @property
-    def per_layer(self) -> bool:
-        return getattr(self.schema.model_fields[self.key].annotation, "__origin__", None) is dict
+    def scale(self, value: float, factor: float) -> float:
+        """A value times a budget's scale (a ramp over the rounds)."""
+        raise NotImplementedError
+
+    def allowed(self, survivors: torch.Tensor, dense_std: float) -> str:
+        """What value would keep a weight of a layer whose surviving weights are `survivors`."""
+        return f"a smaller {self.key}"
 
 
-RULES = {
-    "std": Rule(StdThreshold, StdParams, _std, _times),
-    "quantile": Rule(Quantile, QuantileParams, _quantile, _compounded),
-    "global": Rule(GlobalMagnitude, GlobalParams, _global, _compounded),
-}
+class Std(Rule):
+    """Han et al. 2015: prune |w| < s × the dense layer's weight std."""
+    key, per_layer = "s", True
+    value = Annotated[float, Field(ge=0)]
+    grid = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5]
+
+    def masks(self, weights, alive, values, dense_std):
+        for s in values.values():
+            if not s >= 0:
+                raise ValueError(f"s must be >= 0, got {s}")
+        return {name: alive[name] * (weights[name].abs() >= s * dense_std[name]).to(alive[name].dtype)
+                for name, s in values.items()}
+
+    def scale(self, value, factor):
+        return round(value * factor, 6)  # a threshold scales linearly
+
+    def allowed(self, survivors, dense_std):
+        largest = survivors.abs().max().item() if survivors.numel() else 0.0
+        return f"s <= {math.floor(largest / dense_std * 1000) / 1000:g} (largest |w| {largest:.4g})"
 
 
-def prune_round(model: nn.Module, rule: str, values, dense_std: dict[str, float]) -> None:
-    """One prune round by `rule` with its values (per layer, or one for global). Refuses
-    (PruningError, model untouched) values that would leave a layer with no weights at all."""
-    if rule == "std":  # its own check names the largest s that keeps a weight
-        return prune_by_std(model, values, dense_std)
-    r = RULES[rule]
-    trial = _shadow(prunable_layers(model))
-    r.apply(trial, values, dense_std)
-    emptied = [name for name, m in trial.items() if hasattr(m, "weight_mask") and not m.weight_mask.any()]
+def _smallest(weights: torch.Tensor, alive: torch.Tensor, q: float) -> torch.Tensor:
+    """`alive` less the smallest surviving |w| until q × numel (rounded half up) are pruned in all.
+    Ties in |w| are broken by position (the earlier flat index goes first): the same mask on every run."""
+    mask = alive.clone()
+    survivors = alive.flatten().nonzero().squeeze(1)
+    more = math.floor(q * alive.numel() + 0.5) - (alive.numel() - survivors.numel())
+    if more > 0:
+        order = weights.flatten()[survivors].abs().argsort(stable=True)
+        mask.view(-1)[survivors[order[:more]]] = 0
+    return mask
+
+
+class Quantile(Rule):
+    """The fraction q of each layer's weights pruned after the round, smallest |w| first."""
+    key, per_layer = "q", True
+    value = Annotated[float, Field(ge=0, lt=1)]
+    grid = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98]
+
+    def masks(self, weights, alive, values, dense_std):
+        return {name: _smallest(weights[name], alive[name], q) for name, q in values.items()}
+
+    def scale(self, value, factor):
+        """A pruned fraction scales as repeated pruning: the kept fraction 1 - q to the power factor
+        (factor 2 prunes q of the survivors once more), rounded to 6 decimals and below 1."""
+        return min(round(1 - (1 - value) ** factor, 6), 0.999999)
+
+
+class Global(Quantile):
+    """Quantile over all prunable layers' weights together: one threshold for all layers."""
+    per_layer = False
+
+    def masks(self, weights, alive, q, dense_std):
+        names = list(weights)
+        flat = _smallest(torch.cat([weights[n].flatten() for n in names]),
+                         torch.cat([alive[n].flatten() for n in names]), q)
+        return dict(zip(names, (part.view_as(alive[n]) for n, part in
+                                zip(names, flat.split([alive[n].numel() for n in names])))))
+
+
+RULES: dict[str, Rule] = {"std": Std(), "quantile": Quantile(), "global": Global()}
+ALL = "all"  # the layer name of a one-value rule's scan rows: every prunable layer at once
+
+
+def values_of(rule: Rule, given: dict):
+    """The rule's values as a round gives them (the round's keys besides its own): a dict per
+    layer, or one value (None when not given); pydantic checks their type and bounds."""
+    raw = given.get(rule.key, {} if rule.per_layer else None)
+    kind = dict[str, rule.value] if rule.per_layer else rule.value | None
+    return TypeAdapter(kind).validate_python(raw)
+
+
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<", "less_than_equal": "<="}
+
+
+def check_round(where: str, it, layers: list[str]):
+    """A round's rule, and its values against the rule's type and the model's layers (`where`
+    names the round in errors: prune.<model>-iter<k>). Returns (rule, values)."""
+    if it.rule not in RULES:
+        raise ConfigError(f"{where}.rule: unknown rule {it.rule!r}{suggest(it.rule, RULES)}; "
+                          f"allowed: {', '.join(RULES)}")
+    rule = RULES[it.rule]
+    allowed = [*type(it).model_fields, rule.key]
+    for extra in it.model_extra:
+        if extra != rule.key:
+            takes = f"; rule {it.rule} takes {rule.key}" if any(r.key == extra for r in RULES.values()) else ""
+            raise ConfigError(f"{where}.{extra}: unknown key{suggest(extra, allowed)}{takes}; "
+                              f"allowed: {', '.join(allowed)}")
+    try:
+        values = values_of(rule, it.model_extra)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in (rule.key, *err["loc"]))
+        if err["type"] in _BOUNDS:
+            bound = next(iter(err["ctx"].values()))
+            raise ConfigError(f"{where}.{loc}: must be {_BOUNDS[err['type']]} {bound:g}, got {err['input']}") from None
+        raise ConfigError(f"{where}.{loc}: {err['msg']} (got {err['input']!r})") from None
+    if (not values if rule.per_layer else values is None) and it.budget is None:
+        raise ConfigError(f"{where}: give {rule.key} ({'per layer' if rule.per_layer else 'one value'}) "
+                          f"or a budget ({{max_drop: ..., scale: ...}})")
+    for layer in values if rule.per_layer else []:
+        if layer not in layers:
+            raise ConfigError(f"{where}.{rule.key}.{layer}: no such layer in {it.model}; layers: "
+                              f"{', '.join(layers)}" + suggest(layer, layers))
+    return rule, values
+
+
+def grid_of(rule: Rule, sensitivity: dict[str, list[float]]) -> list[float]:
+    """The scan's grid: params' sensitivity.<key> where given, else the rule's own."""
+    grid = sensitivity.get(rule.key, rule.grid)
+    if 0 not in grid:
+        raise ConfigError(f"sensitivity.{rule.key}: must hold 0 (the dense model, from which the scan's "
+                          "accuracy drops are measured)")
+    return grid
+
+
+def _current(layers: dict[str, nn.Module]):
+    """Each layer's effective weights and its mask (ones where it has none), detached."""
+    weights = {n: m.weight.detach() for n, m in layers.items()}
+    alive = {n: m.weight_mask.detach() if hasattr(m, "weight_mask") else torch.ones_like(m.weight.detach())
+             for n, m in layers.items()}
+    return weights, alive
+
+
+def prune_round(model: nn.Module, rule: str | Rule, values, dense_std: dict[str, float]) -> None:
+    """One prune round by `rule` (a name in RULES, or a Rule) with its values (per layer, or one).
+    Refuses (PruningError, model untouched) values that would leave a layer with no weights."""
+    r = RULES[rule] if isinstance(rule, str) else rule
+    layers = prunable_layers(model)
+    masks = r.masks(*_current(layers), values, dense_std)
+    emptied = [name for name, mask in masks.items() if not mask.any()]
     if emptied:
-        where = f"{r.key}.{emptied[0]}" if r.per_layer else r.key
-        value = values[emptied[0]] if r.per_layer else values
-        raise PruningError(f"{where} = {value:g} removes every weight of {', '.join(emptied)} (rule {rule}); "
-                           f"allowed: a smaller {r.key}")
-    r.apply(prunable_layers(model), values, dense_std)
+        name = emptied[0]
+        where, value = (f"{r.key}.{name}", values[name]) if r.per_layer else (r.key, values)
+        survivors = layers[name].weight.detach()[_current({name: layers[name]})[1][name].bool()]
+        rule_name = rule if isinstance(rule, str) else type(rule).__name__
+        raise PruningError(f"{where} = {value:g} removes every weight of {', '.join(emptied)} (rule {rule_name}); "
+                           f"allowed: {r.allowed(survivors, dense_std.get(name, 1.0))}")
+    attach_masks(model, masks)
 
 
-def _shadow(layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """Stand-ins holding a copy of each layer's weight and mask, to try a rule on (a pruned model
-    cannot be deep-copied: its weight is computed from weight_orig and the mask)."""
-    out = {}
-    for name, m in layers.items():
-        holder = nn.Module()
-        holder.weight = nn.Parameter(m.weight.detach().clone())  # what torch's apply ranks
-        if hasattr(m, "weight_mask"):
-            prune.custom_from_mask(holder, "weight", m.weight_mask.detach().clone())
-        out[name] = holder
-    return out
-
-
-def scan(model: nn.Module, rule: str, grid: list[float], score) -> list[dict]:
-    """The paper's Figure 6 in the rule's units: prune one layer at a time (for global: all layers
-    at once, layer ALL) at each grid value, no retraining, and score the model. Returns rows of
-    layer, value (under the rule's key: s or q), kept fraction of what was pruned and the score."""
-    r = RULES[rule]
+def scan(model: nn.Module, rule: str | Rule, grid: list[float], score) -> list[dict]:
+    """The paper's Figure 6 in the rule's units: prune one layer at a time (for a one-value rule:
+    all layers at once, layer ALL) at each grid value, no retraining, and score the model. Returns
+    rows of layer, value (under the rule's key: s or q), kept fraction of what was pruned and the score."""
+    r = RULES[rule] if isinstance(rule, str) else rule
     std = weight_std(model)
-    groups = {name: [name] for name in prunable_layers(model)} if r.per_layer else {ALL: list(prunable_layers(model))}
+    names = list(prunable_layers(model))
+    groups = {name: [name] for name in names} if r.per_layer else {ALL: names}
     rows = []
-    for label, names in groups.items():
+    for label, group in groups.items():
         for value in grid:
             pruned = copy.deepcopy(model)
             layers = prunable_layers(pruned)
-            r.apply(layers, {names[0]: value} if r.per_layer else value, std)  # may empty a layer
-            if r.per_layer:
-                kept = layers[names[0]].weight_mask.mean().item()
-            else:
-                kept = sum(layers[n].weight_mask.sum().item() for n in names) / sum(layers[n].weight.numel() for n in names)
+            weights, alive = _current({n: layers[n] for n in group})
+            masks = r.masks(weights, alive, {label: value} if r.per_layer else value, std)  # may empty a layer
+            attach_masks(pruned, masks)
+            kept = (masks[label].mean().item() if r.per_layer else
+                    sum(m.sum().item() for m in masks.values()) / sum(m.numel() for m in masks.values()))
             rows.append({"layer": label, r.key: value, "kept": kept, "score": score(pruned)})
     return rows
 
@@ -224,15 +221,14 @@ class ScheduleError(HanpruneError):
     pass
 
 
-def from_budget(scan_rows: list[dict], rule: str, max_drop: float, scale: float) -> dict[str, float]:
+def from_budget(scan_rows: list[dict], rule: str | Rule, max_drop: float, scale: float) -> dict[str, float]:
     """Per scanned layer (or ALL): the largest grid value up to which every grid value's validation
     accuracy is at most max_drop below the accuracy at value 0 (the dense model), scaled by the
-    rule's own scale (s times scale; q compounded: 1 - (1 - q) ** scale).
-    scan_rows: dicts with layer, the rule's key (s or q), val_accuracy (as in the CSV)."""
-    r = RULES[rule]
+    rule's own scale. scan_rows: dicts with layer, the rule's key (s or q), val_accuracy (as in the CSV)."""
+    r = RULES[rule] if isinstance(rule, str) else rule
     key, chosen = r.key, {}
-    for layer in dict.fromkeys(r["layer"] for r in scan_rows):
-        points = sorted((float(r[key]), float(r["val_accuracy"])) for r in scan_rows if r["layer"] == layer)
+    for layer in dict.fromkeys(row["layer"] for row in scan_rows):
+        points = sorted((float(row[key]), float(row["val_accuracy"])) for row in scan_rows if row["layer"] == layer)
         dense = dict(points).get(0.0)
         if dense is None:
             raise ScheduleError(f"the scan of {layer} has no {key} = 0 (the dense model's accuracy)")
@@ -245,14 +241,14 @@ def from_budget(scan_rows: list[dict], rule: str, max_drop: float, scale: float)
     return chosen
 
 
-def round_values(rule: str, given, budget, scan_rows: list[dict]):
+def round_values(rule: str | Rule, given, budget, scan_rows: list[dict]):
     """A round's values: those given in params, and for a budget (an object with max_drop and
     scale) the scan's choice for every layer they leave out. Returns (values, the layers the
     budget set)."""
     if budget is None:
         return given, []
-    r = RULES[rule]
-    chosen = from_budget(scan_rows, rule, budget.max_drop, budget.scale)
+    r = RULES[rule] if isinstance(rule, str) else rule
+    chosen = from_budget(scan_rows, r, budget.max_drop, budget.scale)
     if not r.per_layer:
         return (given, []) if given is not None else (chosen[ALL], [ALL])
     return {**chosen, **given}, [layer for layer in chosen if layer not in given]

@@ -1,7 +1,9 @@
 """The one owner of a process's numeric mode, device and seeds.
 
-configure(portable) must run before torch is imported: the kernel libraries read their settings
-when they load. start(...) then picks the device, seeds and fixes the thread count, once per process.
+configure(portable) must run before torch's first operation: ATen reads ATEN_CPU_CAPABILITY at its
+first dispatch and MKL reads MKL_CBWR at its first call, not at `import torch` (checked: set after the
+import, both take effect; start() verifies the capability). start(...) then picks the device, seeds
+and fixes the thread count, once per process.
 
 Portable mode gives the same bytes on any x86-64 CPU with AVX2, of either vendor, at a fixed thread
 count (README, "Reproducibility", and benchmarks/numerics/ for what was measured on which CPU):
@@ -26,7 +28,7 @@ class RuntimeConfigError(HanpruneError):
 
 
 def configure(portable: bool) -> None:
-    """Set the portable mode's library settings in the environment (before torch is imported)."""
+    """Set the portable mode's library settings in the environment (before torch's first operation)."""
     if portable:
         os.environ.update(PORTABLE_ENV)
 
@@ -54,16 +56,16 @@ def start(device: str, threads: int, portable: bool, seed: int):
             raise RuntimeConfigError(
                 f"run.portable is true but torch runs its {capability} kernels"
                 + (f" and {', '.join(f'{k}={v}' for k, v in unset.items())} is not set" if unset else "")
-                + ": portable mode needs a CPU with AVX2 and runtime.configure(True) before torch is "
-                  "imported (stages/common.py does it); or set run.portable: false")
+                + ": portable mode needs a CPU with AVX2 and runtime.configure(True) before torch's "
+                  "first operation (stages/common.run_stage does it); or set run.portable: false")
         torch.backends.mkldnn.enabled = False
     torch.manual_seed(seed)
     torch.set_num_threads(threads or os.cpu_count())
     if dev.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        # torch.use_deterministic_algorithms(True) does this and also sets torch.compile's flag,
-        # importing torch._inductor and torch._dynamo at every CUDA stage's start for a compiler
-        # this project does not use.
-        torch._C._set_deterministic_algorithms(True)
+        # The public switch also sets torch.compile's flag, importing torch._inductor and
+        # torch._dynamo: 0.78 s at each CUDA stage's start (measured on the 2-core Xeon, torch 2.14.1),
+        # the price of not calling the private switch directly.
+        torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.allow_tf32 = False  # float32 convolutions, as on the CPU (TF32 is cuDNN's default)
     return dev

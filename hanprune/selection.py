@@ -1,4 +1,5 @@
 """Which round goes on to weight sharing and evaluation, chosen on validation accuracy only."""
+from .errors import HanpruneError
 
 
 def select_round(rounds: list[dict], val_dense: float, max_drop: float) -> tuple[dict, bool]:
@@ -10,3 +11,27 @@ def select_round(rounds: list[dict], val_dense: float, max_drop: float) -> tuple
     if held:
         return max(held, key=lambda r: (r["compression"], -r["iteration"])), True
     return min(rounds, key=lambda r: (r["compression"], r["iteration"])), False
+
+
+class ChanceLevelError(HanpruneError):
+    """A model that goes on (select, quantize, evaluate) predicts no better than chance."""
+
+
+CHANCE_MARGIN = 0.05  # a model whose accuracy is at most 1 / classes + this is at chance level
+
+
+def classes_of(model) -> int:
+    """The number of classes a model tells apart: the outputs of its last Linear or Conv2d layer
+    (check_fits held it to the data's classes when the dense model was trained)."""
+    from .models import prunable_layers
+    return list(prunable_layers(model).values())[-1].weight.shape[0]
+
+
+def refuse_chance_level(what: str, accuracy: float, classes: int, advice: str) -> None:
+    """ChanceLevelError when `accuracy` (a validation accuracy) is at chance level for `classes`
+    classes: at most 1 / classes + CHANCE_MARGIN (0.15 for ten). Such a model learned nothing, or
+    lost it: no stage may take it as a result."""
+    limit = 1 / classes + CHANCE_MARGIN
+    if accuracy <= limit:
+        raise ChanceLevelError(f"{what}: validation accuracy {accuracy:.4f} is at chance level ({classes} classes: "
+                               f"at most 1/{classes} + {CHANCE_MARGIN:g} = {limit:.4f}); {advice}; nothing written")

@@ -9,15 +9,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.sgd import sgd
 
+from .errors import HanpruneError, torch_text
+from .finite import nonfinite
+from .kernels import kernels
 from .models import prunable_layers
+
+
+class TrainingError(HanpruneError):
+    """Training that diverged: a loss or weights that are not finite (nan, inf)."""
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=x.device)  # summed on the device: one sync
-    for i in range(0, len(x), batch_size):
-        correct += (model(in_layout(x[i:i + batch_size])).argmax(1) == y[i:i + batch_size]).sum()
+    with kernels(x.device):
+        for i in range(0, len(x), batch_size):
+            correct += (model(in_layout(x[i:i + batch_size])).argmax(1) == y[i:i + batch_size]).sum()
     return correct.item() / len(x)
 
 
@@ -88,7 +96,8 @@ def in_layout(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=layout).copy_(x)
 
 
-def fit(model, cfg, train, val, test=None, device=torch.device("cpu"), log=None, cuda_graphs=True) -> list[dict]:
+def fit(model, cfg, train, val, test=None, device=torch.device("cpu"), log=None, cuda_graphs=True,
+        label: str | None = None, lr_key: str | None = None) -> list[dict]:
     """Train `model` for cfg.epochs with minibatch SGD and return one record per epoch.
 
     train/val/test are (images, labels) tensors already on `device`. `log(record)` is called after
@@ -97,15 +106,21 @@ def fit(model, cfg, train, val, test=None, device=torch.device("cpu"), log=None,
     false (benchmarks/run.py times the eager loop so).
 
     The model and each batch are in memory_format(device)'s layout; the standard layout is
-    restored on return, so checkpoints do not depend on it."""
+    restored on return, so checkpoints do not depend on it.
+
+    Training that diverges (a step's loss, or the weights at the end, not finite) raises
+    TrainingError naming the epoch, the step, the loss and the learning rate, prefixed with `label`
+    (who trains: "prune lenet5-iter2"); `lr_key` is the params key of the rate to lower. The stages
+    write only after fit returns, so a diverged run writes nothing."""
     model.to(memory_format=memory_format(device))
     try:
-        return _fit(model, cfg, train, val, test, device, log, cuda_graphs)
+        with kernels(device):  # the portable mode's convolutions (hanprune/kernels.py)
+            return _fit(model, cfg, train, val, test, device, log, cuda_graphs, _Diverged(label, lr_key))
     finally:
         model.to(memory_format=torch.contiguous_format)
 
 
-def _fit(model, cfg, train, val, test, device, log, cuda_graphs) -> list[dict]:
+def _fit(model, cfg, train, val, test, device, log, cuda_graphs, diverged) -> list[dict]:
     """The loop. Each epoch draws its batch order and shifts on the CPU (the same numbers on every
     device) and moves them to the device at once."""
     x, y = train
@@ -118,6 +133,16 @@ def _fit(model, cfg, train, val, test, device, log, cuda_graphs) -> list[dict]:
     order = torch.Generator().manual_seed(cfg.seed)
     shifts = torch.Generator().manual_seed(cfg.seed + 1)
     total_loss = torch.zeros((), device=device)
+    # The divergence check. On the CPU the loop reads each step's loss (no device to wait for: it
+    # costs nothing measurable) and stops at the first one that is not finite. Elsewhere a read per
+    # step would be a host sync per step, and a CUDA graph cannot capture one: each step writes its
+    # loss into a device buffer at position `count` (elementwise ops only, captured with the step),
+    # which the loop reads only when the epoch's training loss (already one sync per epoch) is not
+    # finite: there a diverged run stops at the end of the epoch, still naming its first bad step.
+    per_step = device.type in READ_EACH_STEP
+    positions = None if per_step else torch.arange(-(-n // size), device=device)
+    losses = None if per_step else torch.zeros(len(positions), device=device)
+    count = None if per_step else torch.zeros((), dtype=torch.long, device=device)
 
     def step(batch, lr):
         """One SGD step on a batch: a (3, len) tensor of image indices and their shifts dy, dx."""
@@ -125,11 +150,15 @@ def _fit(model, cfg, train, val, test, device, log, cuda_graphs) -> list[dict]:
         images = random_shift(x[idx], cfg.shift, dy, dx) if cfg.shift else x[idx]
         loss = F.cross_entropy(model(in_layout(images)), y[idx])
         total_loss.add_(loss.detach() * len(idx))
+        if losses is not None:
+            losses.copy_(torch.where(positions == count, loss.detach(), losses))
+            count.add_(1)
         if l1:
             loss = loss + l1 * sum(m.weight.abs().sum() for m in layers)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step(lr)
+        return loss.detach()
 
     if cuda_graphs and device.type == "cuda" and full > WARMUP_STEPS:
         step = CudaGraphStep(step, size, device)
@@ -138,6 +167,8 @@ def _fit(model, cfg, train, val, test, device, log, cuda_graphs) -> list[dict]:
         model.train()
         start = time.perf_counter()
         total_loss.zero_()
+        if count is not None:
+            count.zero_()
         perm = torch.randperm(n, generator=order)
         # Batch i's shifts are the next 2 * len(batch) draws: its dy, then its dx.
         offsets = (torch.randint(0, 2 * cfg.shift + 1, (2 * n,), generator=shifts) if cfg.shift
@@ -147,9 +178,15 @@ def _fit(model, cfg, train, val, test, device, log, cuda_graphs) -> list[dict]:
                                   offsets[:2 * full * size].view(full, 2, size)], 1))
         if full * size < n:  # the last, smaller batch
             batches.append(torch.cat([perm[full * size:].view(1, -1), offsets[2 * full * size:].view(2, -1)]))
-        for batch in _progress(batches, f"epoch {epoch}/{cfg.epochs}"):
-            step(batch, next(rates))
-        record = {"epoch": epoch, "train_loss": total_loss.item() / n, "val_accuracy": accuracy(model, *val)}
+        lrs = [next(rates) for _ in batches]
+        for i, batch in enumerate(_progress(batches, f"epoch {epoch}/{cfg.epochs}")):
+            loss = step(batch, lrs[i])
+            if per_step and not math.isfinite(loss := loss.item()):
+                diverged.loss(epoch, i, len(batches), loss, lrs[i])
+        train_loss = total_loss.item() / n
+        if not math.isfinite(train_loss):
+            diverged.epoch(epoch, train_loss, None if losses is None else losses[:len(batches)].cpu(), lrs)
+        record = {"epoch": epoch, "train_loss": train_loss, "val_accuracy": accuracy(model, *val)}
         if test is not None:
             record["test_accuracy"] = accuracy(model, *test)
         record["seconds"] = time.perf_counter() - start  # the epoch's evaluations included
@@ -157,9 +194,39 @@ def _fit(model, cfg, train, val, test, device, log, cuda_graphs) -> list[dict]:
         if log:
             log(record)
     optimizer.zero_grad()  # let go of gradients that live in the graph's memory
+    diverged.weights(model, cfg.epochs, len(batches), lrs[-1])
     return history
 
 
+class _Diverged:
+    """The TrainingError of a diverged fit, in one line."""
+
+    def __init__(self, label: str | None, lr_key: str | None):
+        self.prefix = f"{label}: " if label else ""
+        self.advice = "try a smaller learning rate" + (f" ({lr_key})" if lr_key else "")
+
+    def _raise(self, what: str, lr: float):
+        raise TrainingError(f"{self.prefix}training diverged: {what} (learning rate {lr:.4g}); {self.advice}")
+
+    def loss(self, epoch: int, i: int, steps: int, loss: float, lr: float):
+        self._raise(f"the loss is {loss} at epoch {epoch}, step {i + 1} of {steps}", lr)
+
+    def epoch(self, epoch: int, mean: float, losses: torch.Tensor | None, lrs: list[float]):
+        """The epoch's training loss is not finite: its first step whose loss is not (from `losses`,
+        the steps' losses, where the loop did not read each), else (every step's finite, their sum
+        overflowed) the epoch's."""
+        bad = [] if losses is None else (~torch.isfinite(losses)).nonzero().flatten().tolist()
+        if bad:
+            self.loss(epoch, bad[0], len(losses), losses[bad[0]].item(), lrs[bad[0]])
+        self._raise(f"the training loss of epoch {epoch} is {mean} (its steps' losses sum past float32)", lrs[-1])
+
+    def weights(self, model, epoch: int, steps: int, lr: float):
+        """After the last step, which no loss follows to show it: the weights must be finite."""
+        if bad := nonfinite({name.removesuffix("_orig"): p for name, p in model.named_parameters()}):
+            self._raise(f"after the last step (epoch {epoch}, step {steps} of {steps}), {bad}", lr)
+
+
+READ_EACH_STEP = {"cpu"}  # devices on which fit reads every step's loss (a test empties it: the buffer's path)
 WARMUP_STEPS = 3  # eager steps before a CUDA graph is captured (lazy initialisation, workspaces)
 
 
@@ -210,7 +277,7 @@ class CudaGraphStep:
         except RuntimeError as e:
             self.failed = True
             warnings.warn(f"training eagerly: the training step could not be captured as a CUDA graph "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+                          f"({type(e).__name__}: {torch_text(e)[:200]})")
 
 
 def _progress(iterable, desc):

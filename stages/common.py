@@ -1,13 +1,8 @@
-"""Glue shared by the stage scripts: their shared arguments, the opening every stage shares
-(params, numeric mode, device and seeds, verified data, MLflow run) and error exits. This is the
-only place that knows about DVC (its environment variables).
-
-Every stage script imports this module first, before torch, and importing it does the two things
-that must come before torch: it applies run.portable of the params file on the command line (the
-kernel libraries read their settings when they load), and it forks the MLflow worker process
-(tracking.start_worker), which imports MLflow while this process imports torch."""
+"""Glue shared by the stage scripts: their arguments, the opening every stage shares (params,
+numeric mode, device and seeds, the MLflow run) and error exits. This is the only place that knows
+about DVC (its environment variables). Importing it does nothing but import: a stage script runs
+`run_stage(main)` under `if __name__ == "__main__"`, and tests call its `main(argv)`."""
 import argparse
-import contextlib
 import os
 import subprocess
 import sys
@@ -18,7 +13,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: hanprune, models' code
 
-from hanprune import runtime, tracking  # noqa: E402  (neither imports torch)
+from hanprune import config, runtime, tracking  # noqa: E402
+from hanprune.errors import HanpruneError  # noqa: E402
+
+_worker = None  # the MLflow worker process of a stage started by run_stage (tracking.start_worker)
 
 
 def repo_root() -> Path:
@@ -46,13 +44,6 @@ def portable_requested(argv: list[str]) -> bool:
         return False
 
 
-# Before torch is imported:
-runtime.configure(portable_requested(sys.argv[1:]))
-TRACKING_WORKER = tracking.start_worker(tracking.default_uri(repo_root()))
-
-from hanprune import config, data  # noqa: E402  (these import torch)
-from hanprune.errors import HanpruneError  # noqa: E402
-
 SHARED_ARGUMENTS = {
     "model": {"help": "model key, e.g. lenet5"},
     "--data": {"default": "data", "help": "data root (default: data)"},
@@ -71,25 +62,36 @@ def parser(description: str, *shared: str) -> argparse.ArgumentParser:
 
 
 def run_stage(main):
-    """Run a stage's main(). The project's own errors and file errors become one 'error: ...' line
-    and exit code 1; anything else is a bug: its traceback, one line saying so, exit code 2.
-    A stage that the interpreter was started for (`python stages/x.py ...`, not a test running
-    main() in its process) ends with os._exit(0) once main() has written and logged everything: it
-    skips the interpreter's teardown of torch, a large part of a short stage's fixed cost."""
+    """Run `python stages/<stage>.py ARGS`: the numeric mode of the params file that --params
+    names (torch reads its kernel settings at its first operation, not at import: runtime.configure),
+    the MLflow worker, then main(ARGS) through call(). Ends with os._exit: it skips the
+    interpreter's teardown of torch, a large part of a short stage's fixed cost."""
+    global _worker
+    argv = sys.argv[1:]
+    runtime.configure(portable_requested(argv))
+    _worker = tracking.start_worker(tracking.default_uri(repo_root()))
+    code = call(main, argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def call(main, argv: list[str]) -> int:
+    """main(argv) and its exit code. The project's own errors and file errors become one
+    'error: ...' line and code 1; anything else is a bug: its traceback, one line saying so, code 2."""
     try:
-        main()
-        if sys.orig_argv[1:] == sys.argv:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+        main(argv)
+        return 0
     except (HanpruneError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    except SystemExit as e:  # argparse: --help, or a bad argument it has reported
+        return e.code if isinstance(e.code, int) else 1
     except Exception:  # noqa: BLE001
         traceback.print_exc()
         print("error: this is a bug in hanprune, not a problem with your input; please report it with the "
               "traceback above", file=sys.stderr)
-        sys.exit(2)
+        return 2
 
 
 def load_params(path, model: str | None = None) -> config.Params:
@@ -107,35 +109,34 @@ def git_commit() -> str:
         return "unknown"
 
 
-@contextlib.contextmanager
-def opening(p: config.Params, name: str, model: str | None = None, seed: int = 0, data_root=None):
-    """What every stage does first: numeric mode, device, seed and threads (hanprune.runtime); the
-    dataset data.name under data_root, verified and moved to the device as splits (splits.dataset
-    says what it is); the MLflow run, named after the DVC stage and tagged with the dataset.
-    Yields (device, splits or None, run).
+def start(p: config.Params, seed: int = 0):
+    """Numeric mode, device, seed and threads (hanprune.runtime); returns the device."""
+    return runtime.start(p.run.device, p.run.threads, p.run.portable, seed)
+
+
+def tracked(p: config.Params, name: str, model: str | None = None, dataset=None):
+    """The stage's MLflow run (a context manager), named after the DVC stage and tagged with the
+    dataset (an object with name and md5, e.g. data.Splits.dataset), made by the worker process
+    that run_stage started, else (a test calling main) in this process.
 
     Runs of one model in one pipeline run are grouped under a parent run identified by (model, git
     commit, DVC experiment name): every stage process finds the same parent by searching these
     tags, so no run id has to travel between stages."""
-    device = runtime.start(p.run.device, p.run.threads, p.run.portable, seed)
-    splits = None
-    if data_root is not None:
-        dataset = data.verified(data.raw_dir(data_root, p.data.name), p.data.name)
-        splits = data.Splits(dataset, p.data.val_size, p.data.val_seed).to(device)
     group = {"model": model or "all", "git_commit": git_commit(),
              "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace")}
     stage = os.environ.get("DVC_STAGE", name)
-    tags = {**group, "dvc_stage": stage, **dataset_tags(splits and splits.dataset)}
-    with tracking.BackgroundRun(TRACKING_WORKER, tracking.default_uri(repo_root()), p.tracking.experiment,
-                                stage, tags, p.tracking.required, group) as mlrun:
-        yield device, splits, mlrun
+    tags = {**group, "dvc_stage": stage, **dataset_tags(dataset)}
+    uri = tracking.default_uri(repo_root())
+    if _worker is None:
+        return tracking.MlflowRun(uri, p.tracking.experiment, stage, tags, p.tracking.required, group)
+    return tracking.BackgroundRun(_worker, uri, p.tracking.experiment, stage, tags, p.tracking.required, group)
 
 
-def dataset_tags(dataset: data.Dataset | None) -> dict[str, str]:
+def dataset_tags(dataset) -> dict[str, str]:
     return {"dataset": dataset.name if dataset else "", "dataset_md5": dataset.md5 if dataset else ""}
 
 
-def epoch_logger(run: tracking.BackgroundRun, label: str):
+def epoch_logger(run, label: str):
     """Print each epoch's line (benchmarks/pipeline.py and monitor.py add up its seconds) and log it."""
     def log(record: dict):
         extra = f" test {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""

@@ -4,7 +4,7 @@ differences, codebooks, Huffman coding; see hanprune/encoding.py), and the stora
 Every loadable file is read back and checked before anything is written."""
 import torch
 
-from common import load_params, opening, parser, run_stage
+from common import load_params, parser, run_stage, start, tracked
 from hanprune import encoding, io, storage
 from hanprune.models import make
 from hanprune.pruning import load_checkpoint, plain_state_dict
@@ -29,14 +29,15 @@ def decodes_to(blob: bytes, names: tuple[str, str, dict], layers: dict, other: d
         stored.keys() == other.keys() and all(torch.equal(stored[k], v) for k, v in other.items())
 
 
-def main():
+def main(argv=None):
     ap = parser(__doc__, "model", "--dense", "--pruned")
     ap.add_argument("--quantized", required=True, help="checkpoint written by the quantize stage")
     ap.add_argument("--out", required=True, help="compressed model file to write")
     ap.add_argument("--storage", required=True, help="directory for the other storage forms")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     p = load_params(args.params, args.model)
     m = p.models[args.model]
+    start(p)
     dense, _ = load_checkpoint(args.dense, args.model, m.arch, m.kwargs)
     pruned, _ = load_checkpoint(args.pruned, args.model, m.arch, m.kwargs)
     quantized, layers = load_quantized(args.quantized, args.model, m.arch, m.kwargs)
@@ -53,7 +54,7 @@ def main():
     failed = [name for name, ok in checks.items() if not ok]
     if failed:
         raise encoding.EncodingError(f"{', '.join(failed)}: does not load back to the model it stores; nothing written")
-    with opening(p, f"encode@{args.model}", args.model) as (_, _, mlrun):
+    with tracked(p, f"encode@{args.model}", args.model) as mlrun:
         for name, data in files.items():
             io.write_bytes(f"{args.storage}/{storage.FILES[name]}", data)
         io.write_bytes(args.out, blob)

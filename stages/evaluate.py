@@ -9,13 +9,14 @@ from pathlib import Path
 
 import torch
 
-from common import dataset_tags, load_params, opening, parser, run_stage
-from hanprune import io, measure, storage
+from common import dataset_tags, load_params, parser, run_stage, start, tracked
+from hanprune import data, io, measure, storage
 from hanprune.config import iteration_path
 from hanprune.encoding import describe
 from hanprune.models import make, prunable_layers
 from hanprune.pruning import load_checkpoint
-from hanprune.quantize import read_compressed
+from hanprune.encoding import read_compressed
+from hanprune.selection import classes_of, refuse_chance_level
 from hanprune.train import accuracy
 
 HIST_BINS = 100
@@ -52,7 +53,7 @@ def not_registered_reason(history: list[dict], max_drop: float) -> str | None:
             f"{dense:.4f} (tracking.register_max_drop = {max_drop:g})")
 
 
-def main():
+def main(argv=None):
     ap = parser(__doc__, "model", "--data", "--dense", "--pruned")
     ap.add_argument("--compressed", required=True, help="compressed model file (encode stage)")
     ap.add_argument("--storage", required=True, help="directory of the other storage forms (encode stage)")
@@ -60,13 +61,18 @@ def main():
     ap.add_argument("--selection", required=True, help="the select stage's JSON: how many rounds the model has")
     ap.add_argument("--metrics", required=True, help="metrics JSON to write")
     ap.add_argument("--plots", required=True, help="directory for this model's plot data")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     p = load_params(args.params, args.model)
     m = p.models[args.model]
     dense, _ = load_checkpoint(args.dense, args.model, m.arch, m.kwargs)
     pruned, ckpt = load_checkpoint(args.pruned, args.model, m.arch, m.kwargs)
     _, decoded = read_compressed(args.compressed, args.model, m.arch, m.kwargs)
-    with opening(p, f"evaluate@{args.model}", args.model, 0, args.data) as (device, splits, mlrun):
+    if ckpt["history"]:  # on the validation figure it was selected on (the test split only reports), before any output
+        refuse_chance_level(f"evaluate {args.model}: {args.pruned}", ckpt["history"][-1]["val_retrained"],
+                            classes_of(pruned), "it is not a result; see its select and prune stages")
+    device = start(p)
+    splits = data.open_splits(args.data, p.data, device)
+    with tracked(p, f"evaluate@{args.model}", args.model, splits.dataset) as mlrun:
         mlrun.params({"pruned": args.pruned, "run": p.run.model_dump(),
                       "tracking.register_max_drop": p.tracking.register_max_drop})
         dense_acc = accuracy(dense.to(device), *splits.test)

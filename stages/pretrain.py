@@ -1,25 +1,33 @@
 """Stage pretrain: train the dense model and write its checkpoint and per-epoch curve."""
-from common import epoch_logger, load_params, opening, parser, run_stage
-from hanprune import io
-from hanprune.models import check_fits, make
+from common import epoch_logger, load_params, parser, run_stage, start, tracked
+from hanprune import data, io
+from hanprune.config import ConfigError
+from hanprune.models import ModelError, check_fits, make
 from hanprune.pruning import checkpoint, weight_std
 from hanprune.train import fit
 
 
-def main():
+def main(argv=None):
     ap = parser(__doc__, "model", "--data")
     ap.add_argument("--out", required=True, help="checkpoint to write")
     ap.add_argument("--plot", required=True, help="per-epoch CSV to write")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     p = load_params(args.params, args.model)
     m = p.models[args.model]
     cfg = m.pretrain
-    with opening(p, f"pretrain@{args.model}", args.model, cfg.seed, args.data) as (device, splits, mlrun):
+    try:
+        model = make(m.arch, m.kwargs)
+    except ModelError as e:
+        raise ConfigError(f"models.{args.model}.arch: {e}") from None
+    device = start(p, cfg.seed)
+    splits = data.open_splits(args.data, p.data, device)
+    with tracked(p, f"pretrain@{args.model}", args.model, splits.dataset) as mlrun:
         mlrun.params({"pretrain": cfg.model_dump(), "data": p.data.model_dump(exclude={"md5"}), "run": p.run.model_dump()})
-        model = make(m.arch, m.kwargs).to(device)
+        model.to(device)
         check_fits(model, args.model, splits.input_shape, splits.classes)  # before any training
         epochs = fit(model, cfg, splits.train, splits.val, splits.test, device,
-                     log=epoch_logger(mlrun, f"pretrain {args.model}"))
+                     log=epoch_logger(mlrun, f"pretrain {args.model}"), label=f"pretrain {args.model}",
+                     lr_key=f"models.{args.model}.pretrain.lr")
         test_acc = epochs[-1]["test_accuracy"]
         io.save_torch(args.out, checkpoint(args.model, m.arch, m.kwargs, model, weight_std(model), history=[]))
         io.write_csv(args.plot, ["epoch", "train_loss", "val_accuracy", "test_accuracy"],

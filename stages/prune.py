@@ -7,15 +7,16 @@ the next round and the evaluation need."""
 import json
 from pathlib import Path
 
-from common import epoch_logger, load_params, opening, parser, run_stage
-from hanprune import io, measure
+from common import epoch_logger, load_params, parser, run_stage, start, tracked
+from hanprune import data, io, measure
 from hanprune.config import ConfigError
 from hanprune.pruning import PruningError, checkpoint, load_checkpoint
-from hanprune.rules import RULES, prune_round
+from hanprune.models import prunable_layers
+from hanprune.rules import check_round, prune_round
 from hanprune.train import accuracy, fit
 
 
-def main():
+def main(argv=None):
     ap = parser(__doc__, "--data")
     ap.add_argument("iteration", help="key under prune: in params.yaml, e.g. lenet5-iter2")
     ap.add_argument("--start", required=True, help="checkpoint to start from")
@@ -23,21 +24,23 @@ def main():
     ap.add_argument("--out", required=True, help="checkpoint to write")
     ap.add_argument("--metrics", required=True, help="JSON metrics of this round to write")
     ap.add_argument("--plot", required=True, help="per-epoch CSV to write")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     p = load_params(args.params)
     if args.iteration not in p.prune:
         raise ConfigError(f"prune.{args.iteration}: no such iteration in {args.params}; have: {', '.join(p.prune)}")
     it = p.prune[args.iteration]
     m = p.models[it.model]
     cfg = m.retrain.model_copy(update={"epochs": it.epochs, "lr": it.lr})
+    model, ckpt = load_checkpoint(args.start, it.model, m.arch, m.kwargs)
+    key = check_round(f"prune.{args.iteration}", it, list(prunable_layers(model)))[0].key
     schedule = json.loads(Path(args.schedule).read_text())
-    key = RULES[it.rule].key
     if schedule.get("rule") != it.rule or key not in schedule:
         raise ConfigError(f"{args.schedule}: not the schedule of prune.{args.iteration} (rule {it.rule}); "
                           "run its schedule stage")
     values = schedule[key]
-    model, ckpt = load_checkpoint(args.start, it.model, m.arch, m.kwargs)
-    with opening(p, f"prune@{args.iteration}", it.model, cfg.seed, args.data) as (device, splits, mlrun):
+    device = start(p, cfg.seed)
+    splits = data.open_splits(args.data, p.data, device)
+    with tracked(p, f"prune@{args.iteration}", it.model, splits.dataset) as mlrun:
         mlrun.params({"prune": it.model_dump(), "retrain": cfg.model_dump(), "chosen": {key: values}})
         model.to(device)
         val_before = accuracy(model, *splits.val)
@@ -49,7 +52,8 @@ def main():
             raise PruningError(f"prune.{args.iteration}.{e}") from None
         val_pruned = accuracy(model, *splits.val)
         epochs = fit(model, cfg, splits.train, splits.val, None, device,
-                     log=epoch_logger(mlrun, f"prune {args.iteration}"))
+                     log=epoch_logger(mlrun, f"prune {args.iteration}"), label=f"prune {args.iteration}",
+                     lr_key=f"prune.{args.iteration}.lr")
         layers = measure.layer_stats(model, splits.input_shape)
         total = measure.totals(layers)
         # The checkpoint's history keeps the whole record; the DVC metrics the figures a person compares.

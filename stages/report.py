@@ -3,9 +3,8 @@ and plot data."""
 import json
 from pathlib import Path
 
-from common import dataset_tags, load_params, opening, parser, run_stage
+from common import load_params, parser, run_stage, tracked
 from hanprune import data, io, report
-from hanprune.rules import RULES
 
 
 def save_png(fig, path: Path) -> str:
@@ -14,17 +13,16 @@ def save_png(fig, path: Path) -> str:
     return path.name
 
 
-def main():
+def main(argv=None):
     ap = parser(__doc__, "--data")
     ap.add_argument("--metrics", default="metrics", help="directory of <model>.json metrics")
     ap.add_argument("--plots", default="plots", help="directory of <model>/ plot data")
     ap.add_argument("--out", default="reports", help="output directory")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     p = load_params(args.params)
     out = Path(args.out)
     dataset = data.verified(data.raw_dir(args.data, p.data.name), p.data.name)
-    with opening(p, "report") as (_, _, mlrun):
-        mlrun.run_tags(dataset_tags(dataset))
+    with tracked(p, "report", dataset=dataset) as mlrun:
         models, iterations, images, schedules, quantize, selections, rounds = {}, {}, {}, {}, {}, {}, {}
         for key in p.models:
             models[key] = json.loads(Path(args.plots, key, "final", "detail.json").read_text())
@@ -38,10 +36,10 @@ def main():
             for name, it in sorted(((n, it) for n, it in p.prune.items() if it.model == key), key=lambda x: x[1].iteration):
                 schedule = json.loads(Path(args.metrics, "schedule", f"{name}.json").read_text())
                 figures = json.loads(Path(args.metrics, "prune", f"{name}.json").read_text())
-                rule_key = RULES[it.rule].key
-                values = schedule[rule_key]
-                by_budget = ([] if it.budget is None else [n for n in values if n not in it.values]
-                             if isinstance(values, dict) else [] if it.values is not None else ["all"])
+                rule_key = next(k for k in schedule if k != "rule")  # the schedule stage's: rule and values
+                values, given = schedule[rule_key], it.model_extra.get(rule_key)
+                by_budget = ([] if it.budget is None else [n for n in values if n not in (given or {})]
+                             if isinstance(values, dict) else [] if given is not None else ["all"])
                 mine.append({"iteration": str(it.iteration), "rule": it.rule, "key": rule_key, "values": values,
                              "set_by_budget": by_budget, "budget": it.budget and it.budget.model_dump(), **figures})
             rounds[key] = report.rounds_table(mine, selections[key])

@@ -4,19 +4,19 @@ ones each round recorded in its checkpoint's history). Copies the chosen round's
 --out, and names the round, its compression and validation accuracy and whether the rule held."""
 from pathlib import Path
 
-from common import load_params, opening, parser, run_stage
+from common import load_params, parser, run_stage, tracked
 from hanprune import io
 from hanprune.config import iteration_path
 from hanprune.pruning import CheckpointError, load_checkpoint
-from hanprune.selection import select_round
+from hanprune.selection import classes_of, refuse_chance_level, select_round
 
 
-def main():
+def main(argv=None):
     ap = parser(__doc__, "model")
     ap.add_argument("--rounds", required=True, help="directory of the model's round checkpoints (iter<k>.pt)")
     ap.add_argument("--out", required=True, help="checkpoint to write: a copy of the chosen round's")
     ap.add_argument("--metrics", required=True, help="JSON to write: the chosen round and the rule")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     p = load_params(args.params, args.model)
     rule = p.models[args.model].select
     last = max(it.iteration for it in p.prune.values() if it.model == args.model)
@@ -28,12 +28,14 @@ def main():
     val_dense = history[0]["val_before"]  # round 1 measured the dense model on the validation split
     chosen, held = select_round(history, val_dense, rule.max_drop)
     source = path(chosen["iteration"])
-    _, picked = load_checkpoint(source, args.model)  # checked before it is copied
+    model, picked = load_checkpoint(source, args.model)  # checked before it is copied
     if len(picked["history"]) != chosen["iteration"]:
         raise CheckpointError(f"{source}: holds {len(picked['history'])} rounds, expected {chosen['iteration']}")
+    refuse_chance_level(f"select {args.model}: round {chosen['iteration']} ({source})", chosen["val_retrained"],
+                        classes_of(model), f"lower models.{args.model}.select.max_drop, prune less or retrain slower")
     record = {"round": chosen["iteration"], "compression": chosen["compression"], "val": chosen["val_retrained"],
               "val_dense": val_dense, "max_drop": rule.max_drop, "held": held, "rounds": len(history)}
-    with opening(p, f"select@{args.model}", args.model) as (_, _, mlrun):
+    with tracked(p, f"select@{args.model}", args.model) as mlrun:
         io.write_bytes(args.out, source.read_bytes())
         io.write_json(args.metrics, record)
         mlrun.params({"select": rule.model_dump()})

@@ -1,10 +1,12 @@
-"""params.yaml validation (hanprune.config.load): every problem is one ConfigError naming the key."""
+"""params.yaml validation (hanprune.config.load, and hanprune.check for what needs the models and
+rules): every problem is one ConfigError naming the key."""
 from pathlib import Path
 
 import pytest
 import yaml
 
-from hanprune import config, datasets
+from hanprune import config, datasets, rules
+from hanprune.check import check
 from hanprune.config import ConfigError
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -19,7 +21,7 @@ def _write(tmp_path, params) -> str:
 def _error(tmp_path, params) -> str:
     path = _write(tmp_path, params)
     with pytest.raises(ConfigError) as e:
-        config.load(path)
+        check(config.load(path))  # as `python -m hanprune check` does
     return str(e.value)
 
 
@@ -241,15 +243,15 @@ def test_a_model_s_rounds_share_one_rule_and_its_grid_holds_zero(tmp_path, proje
             r.update(rule="quantile", q={"fc1": 0.5})
             del r["s"]
     project_params["sensitivity"]["q"] = [0.1, 0.5]
-    assert "sensitivity.q: the grid of q for rule quantile (model lenet5) must hold 0" in _error(tmp_path, project_params)
+    assert "sensitivity.q: must hold 0 (the dense model" in _error(tmp_path, project_params)
     project_params["sensitivity"]["q"] = [0.0, 0.5]
-    assert config.load(_write(tmp_path, project_params)).prune["lenet5-iter3"].values == {"fc1": 0.5}
+    assert rules.values_of(rules.RULES["quantile"], config.load(_write(tmp_path, project_params)).prune["lenet5-iter3"].model_extra) == {"fc1": 0.5}
 
 
 def test_budget_and_select_load(tmp_path, project_params):
     p = config.load(_write(tmp_path, project_params))
     assert p.prune["small_resnet-iter1"].budget.model_dump() == {"max_drop": 0.01, "scale": 0.5}
-    assert p.prune["small_resnet-iter1"].values == {}
+    assert rules.values_of(rules.RULES["std"], p.prune["small_resnet-iter1"].model_extra) == {}
     assert p.models["lenet5"].select.max_drop == 0.002
     project_params["models"]["lenet5"]["select"] = {"max_drop": 2}
     assert "models.lenet5.select.max_drop: Input should be less than or equal to 1" in _error(tmp_path, project_params)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from hanprune import data, datasets, sources
+from hanprune import data, datasets, rules, sources
 from hanprune.train import fit
 from tests.tiny import TINY, stage_commands, tiny_params, write_tiny_mnist
 
@@ -52,7 +52,7 @@ def test_every_stage_kind_runs_on_cuda(tmp_path):
     """The whole tiny pipeline on CUDA: the models learn, and the compressed file decodes (on the
     CPU) to a model that scores what evaluate measured on the GPU, up to an image."""
     import json
-    from hanprune.quantize import read_compressed
+    from hanprune.encoding import read_compressed
     from hanprune.train import accuracy
     tmp = project(tmp_path, "cuda")
     run(tmp, *stage_commands(KEY, 1))
@@ -126,7 +126,7 @@ def test_the_cuda_graph_trains_as_the_eager_loop_does(cuda_runtime, key, kind):
     torch.manual_seed(0)
     start = make(key)
     if kind != "dense":
-        pruning.prune_by_std(start, {n: 0.5 for n in prunable_layers(start)}, pruning.weight_std(start))
+        rules.prune_round(start, "std", {n: 0.5 for n in prunable_layers(start)}, pruning.weight_std(start))
     states = []
     for graphs in (True, False):
         model = make(key)

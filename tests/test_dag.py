@@ -162,12 +162,12 @@ def _is_args_data(node) -> bool:
 
 def data_params(script: Path) -> set[str]:
     """The params a stage depends on through its data: data.name if it reads args.data at all; and
-    the split and the numeric settings if it passes args.data to opening(...) (stages/common.py),
-    which verifies the data, splits it and puts it on the device."""
+    the split and the numeric settings if it passes args.data to data.open_splits(...), which
+    verifies the data, splits it and puts it on the device that common.start chose."""
     tree = ast.parse(script.read_text())
     if not any(_is_args_data(node) for node in ast.walk(tree)):
         return set()
-    opened = any(isinstance(node, ast.Call) and getattr(node.func, "id", None) == "opening"
+    opened = any(isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "open_splits"
                  and any(_is_args_data(a) for a in node.args) for node in ast.walk(tree))
     return DATA_PARAMS | (SPLIT_PARAMS if opened else set())
 
@@ -203,8 +203,8 @@ def test_each_stage_lists_exactly_the_code_it_imports(dvc_yaml):
 
 
 def test_stages_that_load_data_list_the_params_it_depends_on(dvc_yaml):
-    """opening() finds the data by data.name, splits it with data.val_size/val_seed, and sets
-    device, threads and numeric mode from `run`: all decide the bits of a training or evaluation."""
+    """open_splits() finds the data by data.name and splits it with data.val_size/val_seed, on the
+    device, threads and numeric mode that `run` sets: all decide the bits of a training or evaluation."""
     problems = check_params(dvc_yaml)
     assert not problems, "\n".join(problems)
 

@@ -17,7 +17,7 @@ from torch import nn
 from hanprune.encoding import describe
 from hanprune.models import prunable_layers
 from hanprune.pruning import load_checkpoint
-from hanprune.quantize import read_compressed
+from hanprune.encoding import read_compressed
 from hanprune.train import accuracy
 from tests.tiny import ROOT, TINY, env, ran, sh, tiny_project
 
@@ -205,6 +205,45 @@ def test_second_repro_runs_nothing(repo):
     assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
 
 
+# What an edit to each library file makes stale (stage kinds; `dvc status` on the tiny project).
+STALE_AFTER_EDIT = {
+    "check.py": set(),
+    "config.py": {"download", "pretrain", "sensitivity", "schedule", "prune", "select", "quantize", "encode",
+                  "evaluate", "report"},
+    "data.py": {"download", "pretrain", "sensitivity", "prune", "quantize", "evaluate", "report"},
+    "encoding.py": {"encode", "evaluate"},
+    "quantize.py": {"quantize", "encode", "evaluate"},
+    "report.py": {"report"},
+    "rules.py": {"sensitivity", "schedule", "prune"},
+    "selection.py": {"select"},
+    "sources.py": {"download"},
+    "storage.py": {"encode", "evaluate"},
+    "tracking.py": set(),
+    "train.py": {"pretrain", "sensitivity", "prune", "quantize", "evaluate"},
+}
+
+
+def test_an_edit_to_a_library_file_makes_stale_only_the_stages_that_run_it(repo):
+    """An edit to a file re-runs the stages whose script imports it, and (through their outputs)
+    what follows them, nothing else: rules.py does not reach pretrain, report.py only the report.
+    The table below is printed for every file of hanprune/ (pytest -s shows it)."""
+    from dvc.repo import Repo
+    repo, _, _ = repo
+    stale = {}
+    for module in sorted((repo / "hanprune").glob("*.py")):
+        original = module.read_bytes()
+        module.write_bytes(original + b"\n# an edit\n")
+        try:
+            with Repo(str(repo)) as dvc:
+                stale[module.name] = {name.split("@")[0] for name in dvc.status()}
+        finally:
+            module.write_bytes(original)
+    print("\n".join(f"{name}: {', '.join(sorted(kinds)) or '-'}" for name, kinds in stale.items()))
+    assert {name: stale[name] for name in STALE_AFTER_EDIT} == STALE_AFTER_EDIT
+    with Repo(str(repo)) as dvc:
+        assert dvc.status() == {}
+
+
 def lock_outs(repo: Path) -> dict:
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     return {name: {o["path"]: o["md5"] for o in st.get("outs", [])} for name, st in lock["stages"].items()}
@@ -227,15 +266,31 @@ def test_forced_rerun_under_avx2_caps_gives_identical_bytes(repo):
     assert lock_outs(repo) == before
 
 
+PAUSE_BEFORE_RENAME = """
+import os, sys, time
+_replace = os.replace
+def replace(src, dst, *args, **kwargs):
+    if os.path.basename(dst) == "dense.pt":
+        print(f"paused before renaming onto {dst}", file=sys.stderr, flush=True)
+        time.sleep(600)
+    return _replace(src, dst, *args, **kwargs)
+os.replace = replace
+"""
+
+
 def test_sigkill_inside_the_checkpoint_write_leaves_the_old_file_or_none(repo):
     """Kill the stage while it writes its checkpoint: the temporary file is complete and not yet
-    renamed (io.py's test hook holds it there). The checkpoint is then the old one or absent (dvc
-    repro -f removes outs first), never a partial file; the next repro recovers the same bytes."""
+    renamed (a sitecustomize of the test's own holds os.replace there). The checkpoint is then the
+    old one or absent (dvc repro -f removes outs first), never a partial file; the next repro
+    recovers the same bytes."""
     repo, _, _ = repo
     before = lock_outs(repo)
     checkpoint = repo / "models" / "lenet_300_100" / "dense.pt"
+    hook = repo.parent / "pause-hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(PAUSE_BEFORE_RENAME)
     proc = subprocess.Popen(["dvc", "repro", "-f", "-s", "pretrain@lenet_300_100"], cwd=repo,
-                            env=env(repo.parent, HANPRUNE_TEST_PAUSE_BEFORE_RENAME="dense.pt"),
+                            env=env(repo.parent, PYTHONPATH=str(hook)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
     for line in proc.stdout:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from hanprune import pruning
+from hanprune import pruning, rules
 from hanprune.config import Training
 from hanprune.models import make, prunable_layers
-from hanprune.pruning import CheckpointError, StdThreshold
+from hanprune.pruning import CheckpointError
 from hanprune.train import fit, random_shift
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def test_prune_by_std_masks_exactly_below_threshold():
     model = _known_model()
     w = model.fc3.weight.detach().clone()
     std = {"fc3": 0.5}  # passed in: deliberately not the layer's own std
-    pruning.prune_by_std(model, {"fc3": 0.5}, std)  # threshold 0.25
+    rules.prune_round(model, "std", {"fc3": 0.5}, std)  # threshold 0.25
     mask = pruning.masks_of(model)["fc3"]
     assert torch.equal(mask, _expected_mask(w, 0.25))
     # |w| < 0.25 means w = k/500 with |k| <= 124: 124 negatives, zero, 124 positives
@@ -54,7 +54,7 @@ def test_std_threshold_apply_on_plain_linear():
     layer = nn.Linear(4, 2)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[0.1, -0.2, 0.3, -0.4], [0.5, -0.6, 0.05, 1.0]]))
-    StdThreshold.apply(layer, "weight", s=1.5, std=0.2)  # threshold 0.3 (float64: 0.30000000000000004)
+    rules.prune_round(nn.Sequential(layer), "std", {"0": 1.5}, {"0": 0.2})  # threshold 0.3 (float64: 0.30000000000000004)
     # 0.3 in float32 is 0.30000001192..., not below the threshold -> kept
     expected = torch.tensor([[0, 0, 1, 1], [1, 1, 0, 1]], dtype=torch.float32)
     assert torch.equal(layer.weight_mask, expected)
@@ -62,7 +62,7 @@ def test_std_threshold_apply_on_plain_linear():
 
 def test_s_zero_prunes_nothing():
     model = _known_model()
-    pruning.prune_by_std(model, {"fc1": 0.0, "fc3": 0.0}, pruning.weight_std(model))
+    rules.prune_round(model, "std", {"fc1": 0.0, "fc3": 0.0}, pruning.weight_std(model))
     masks = pruning.masks_of(model)
     assert masks["fc1"].all() and masks["fc3"].all()
     # s=0 keeps even an exact zero weight (|0| >= 0)
@@ -74,22 +74,20 @@ def test_s_zero_prunes_nothing():
 def test_negative_s_raises(s):
     model = _known_model()
     with pytest.raises(ValueError, match="s must be >= 0"):
-        pruning.prune_by_std(model, {"fc3": s}, {"fc3": 1.0})
-    with pytest.raises(ValueError, match="s must be >= 0"):
-        StdThreshold(s, 1.0)
+        rules.prune_round(model, "std", {"fc3": s}, {"fc3": 1.0})
     assert "fc3" not in pruning.masks_of(model)  # nothing half-applied
 
 
 def test_second_round_larger_s_prunes_superset_and_never_revives():
     model = _known_model()
     std = {"fc3": 1.0}
-    pruning.prune_by_std(model, {"fc3": 0.2}, std)
+    rules.prune_round(model, "std", {"fc3": 0.2}, std)
     first = pruning.masks_of(model)["fc3"].clone()
     assert int((~first).sum()) == 199  # |w| < 0.2
     # as if retraining had grown the pruned entries' hidden values: they must stay pruned
     with torch.no_grad():
         model.fc3.weight_orig[~first] = 5.0
-    pruning.prune_by_std(model, {"fc3": 0.6}, std)
+    rules.prune_round(model, "std", {"fc3": 0.6}, std)
     second = pruning.masks_of(model)["fc3"]
     assert not (second & ~first).any(), "a pruned weight was revived"
     w = (torch.arange(-499, 501, dtype=torch.float64) / 500).float().view(10, 100)
@@ -101,9 +99,9 @@ def test_second_round_larger_s_prunes_superset_and_never_revives():
 def test_second_round_smaller_s_prunes_nothing_new():
     model = _known_model()
     std = {"fc3": 1.0}
-    pruning.prune_by_std(model, {"fc3": 0.6}, std)
+    rules.prune_round(model, "std", {"fc3": 0.6}, std)
     first = pruning.masks_of(model)["fc3"].clone()
-    pruning.prune_by_std(model, {"fc3": 0.3}, std)
+    rules.prune_round(model, "std", {"fc3": 0.3}, std)
     assert torch.equal(pruning.masks_of(model)["fc3"], first)
     assert int((~first).sum()) == 599
 
@@ -112,22 +110,21 @@ def test_second_round_smaller_s_prunes_nothing_new():
 def test_s_that_empties_a_layer_is_refused_before_any_layer_is_touched():
     model = _known_model()  # fc3: largest |w| is 1.0
     with pytest.raises(pruning.PruningError) as e:
-        pruning.prune_by_std(model, {"fc1": 0.5, "fc3": 2.5}, {"fc1": 0.05, "fc3": 0.5})
-    assert str(e.value) == ("s.fc3 = 2.5 removes every remaining weight of fc3 (threshold 1.25 > largest |w| 1); "
-                            "allowed: s <= 2")
+        rules.prune_round(model, "std", {"fc1": 0.5, "fc3": 2.5}, {"fc1": 0.05, "fc3": 0.5})
+    assert str(e.value) == "s.fc3 = 2.5 removes every weight of fc3 (rule std); allowed: s <= 2 (largest |w| 1)"
     assert pruning.masks_of(model) == {}  # fc1, named first, was not pruned either
-    pruning.prune_by_std(model, {"fc3": 2.0}, {"fc3": 0.5})  # the bound itself keeps the largest weight
+    rules.prune_round(model, "std", {"fc3": 2.0}, {"fc3": 0.5})  # the bound itself keeps the largest weight
     assert int(pruning.masks_of(model)["fc3"].sum()) == 1
 
 
 def test_emptying_check_looks_only_at_surviving_weights():
     model = _known_model()
-    pruning.prune_by_std(model, {"fc3": 0.6}, {"fc3": 1.0})
+    rules.prune_round(model, "std", {"fc3": 0.6}, {"fc3": 1.0})
     first = pruning.masks_of(model)["fc3"].clone()
     with torch.no_grad():
         model.fc3.weight_orig[~first] = 5.0  # pruned entries' hidden values do not count
-    with pytest.raises(pruning.PruningError, match=r"threshold 1.5 > largest \|w\| 1\); allowed: s <= 1$"):
-        pruning.prune_by_std(model, {"fc3": 1.5}, {"fc3": 1.0})
+    with pytest.raises(pruning.PruningError, match=r"allowed: s <= 1 \(largest \|w\| 1\)$"):
+        rules.prune_round(model, "std", {"fc3": 1.5}, {"fc3": 1.0})
     assert torch.equal(pruning.masks_of(model)["fc3"], first)
 
 
@@ -150,7 +147,7 @@ def _tiny_data(n, seed):
 def test_pruned_weights_stay_zero_through_retraining(kind):
     torch.manual_seed(0)
     model = make("lenet_300_100")
-    pruning.prune_by_std(model, {"fc1": 1.0, "fc2": 0.5}, pruning.weight_std(model))
+    rules.prune_round(model, "std", {"fc1": 1.0, "fc2": 0.5}, pruning.weight_std(model))
     masks = {k: v.clone() for k, v in pruning.masks_of(model).items()}
     assert 0.2 < masks["fc1"].float().mean() < 0.8  # a real mix of pruned and kept weights
     before = {k: v.clone() for k, v in pruning.plain_state_dict(model).items()}
@@ -197,7 +194,7 @@ def test_conv_training_keeps_masks_and_returns_standard_layout():
     it was trained."""
     torch.manual_seed(0)
     model = make("lenet5_caffe")
-    pruning.prune_by_std(model, {"conv2": 1.0}, pruning.weight_std(model))
+    rules.prune_round(model, "std", {"conv2": 1.0}, pruning.weight_std(model))
     with torch.no_grad():
         model.conv2.weight_mask[:, 3] = 0  # conv2 ignores its input channel 3 altogether
     keep = model.conv2.weight_mask.bool().clone()
@@ -296,7 +293,7 @@ def test_training_on_the_cpu_is_repeatable_to_the_bit(key):
     for _ in range(2):
         torch.manual_seed(0)
         model = make(key)
-        pruning.prune_by_std(model, {"fc1": 1.0}, pruning.weight_std(model))
+        rules.prune_round(model, "std", {"fc1": 1.0}, pruning.weight_std(model))
         fit(model, cfg, _tiny_data(96, 1), _tiny_data(32, 2))
         states.append(pruning.plain_state_dict(model))
     assert not torch.are_deterministic_algorithms_enabled()
@@ -310,7 +307,7 @@ def _pruned_model():
     torch.manual_seed(0)
     model = make("lenet_300_100")
     std = pruning.weight_std(model)
-    pruning.prune_by_std(model, {"fc1": 1.0, "fc3": 0.5}, std)
+    rules.prune_round(model, "std", {"fc1": 1.0, "fc3": 0.5}, std)
     history = [{"iteration": 1, "s": {"fc1": 1.0, "fc3": 0.5}, "kept": 0.31, "val_accuracy": 0.97}]
     return model, std, history
 
@@ -366,7 +363,7 @@ def test_loaded_checkpoint_can_be_pruned_further(tmp_path):
     path = _save(tmp_path, pruning.checkpoint("lenet_300_100", "lenet_300_100", {}, model, std, history))
     loaded, ck = pruning.load_checkpoint(path, "lenet_300_100")
     old = pruning.masks_of(loaded)["fc1"].clone()
-    pruning.prune_by_std(loaded, {"fc1": 1.5}, ck["dense_std"])
+    rules.prune_round(loaded, "std", {"fc1": 1.5}, ck["dense_std"])
     new = pruning.masks_of(loaded)["fc1"]
     assert not (new & ~old).any()
     assert new.sum() < old.sum()

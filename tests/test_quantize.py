@@ -7,12 +7,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from hanprune import __main__ as cli, encoding, io, pruning, quantize
+from hanprune import __main__ as cli, encoding, io, pruning, quantize, rules
 from hanprune.config import Training
-from hanprune.encoding import EncodingError
+from hanprune.encoding import EncodingError, read_compressed
 from hanprune.models import make, prunable_layers
-from hanprune.quantize import (kmeans_1d, load_into, load_quantized, quantized_layers, read_compressed, round_to_half,
-                               share_weights)
+from hanprune.quantize import kmeans_1d, load_into, load_quantized, quantized_layers, round_to_half, share_weights
 from hanprune.train import fit
 
 
@@ -34,7 +33,7 @@ def test_kmeans_initialises_linearly_and_keeps_empty_clusters():
 def _pruned_model(seed=0):
     torch.manual_seed(seed)
     model = make("lenet_300_100")
-    pruning.prune_by_std(model, {"fc1": 1.0, "fc2": 0.8, "fc3": 0.3}, pruning.weight_std(model))
+    rules.prune_round(model, "std", {"fc1": 1.0, "fc2": 0.8, "fc3": 0.3}, pruning.weight_std(model))
     masks = pruning.masks_of(model)
     plain = make("lenet_300_100")
     plain.load_state_dict(pruning.plain_state_dict(model))
@@ -239,7 +238,7 @@ def test_after_weight_sharing_every_surviving_weight_has_its_nearest_centroid(ke
     (ties within float rounding allowed), and pruned weights stay zero with code -1."""
     torch.manual_seed(0)
     model = make(key)
-    pruning.prune_by_std(model, {name: 0.8 for name in prunable_layers(model)}, pruning.weight_std(model))
+    rules.prune_round(model, "std", {name: 0.8 for name in prunable_layers(model)}, pruning.weight_std(model))
     masks = pruning.masks_of(model)
     original = {name: m.weight.detach().clone() for name, m in prunable_layers(model).items()}
     plain = make(key)

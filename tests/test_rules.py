@@ -1,8 +1,6 @@
 """The pruning rules (hanprune.rules), budgets from a scan, and the choice of the round (select)."""
 import copy
 import json
-import runpy
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +10,9 @@ from types import SimpleNamespace
 
 from hanprune import io, pruning, rules
 from hanprune.models import make, prunable_layers
-from hanprune.rules import ALL, Quantile, StdThreshold, from_budget, prune_round, round_values, scan
+from hanprune.rules import ALL, RULES, Rule, from_budget, prune_round, round_values, scan
 from hanprune.selection import select_round
+from tests.tiny import stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,9 +29,9 @@ def _two_layers(a, b) -> nn.Sequential:
 
 
 def test_quantile_prunes_the_smallest_fraction_of_the_layer_with_ties_by_position():
-    layer = _layer([[0.5, -0.1, 0.3, 0.1], [-0.2, 0.1, 0.9, -0.4]])  # three |w| = 0.1 tie
-    Quantile.apply(layer, "weight", q=0.25, total=8)  # 2 of 8: two of the three 0.1s, the first two
-    assert layer.weight_mask.tolist() == [[1, 0, 1, 0], [1, 1, 1, 1]]
+    model = nn.Sequential(_layer([[0.5, -0.1, 0.3, 0.1], [-0.2, 0.1, 0.9, -0.4]]))  # three |w| = 0.1 tie
+    prune_round(model, "quantile", {"0": 0.25}, pruning.weight_std(model))  # 2 of 8: the first two 0.1s
+    assert model[0].weight_mask.tolist() == [[1, 0, 1, 0], [1, 1, 1, 1]]
 
 
 def test_quantile_rounds_compound():
@@ -88,8 +87,9 @@ def _old_sensitivity(model, s_grid, score):
     for layer in prunable_layers(model):
         for s in s_grid:
             pruned = copy.deepcopy(model)
-            StdThreshold.apply(prunable_layers(pruned)[layer], "weight", s=s, std=std[layer])
-            kept = prunable_layers(pruned)[layer].weight_mask.mean().item()
+            mask = (prunable_layers(pruned)[layer].weight.abs() >= s * std[layer]).float()
+            torch.nn.utils.prune.custom_from_mask(prunable_layers(pruned)[layer], "weight", mask)
+            kept = mask.mean().item()
             rows.append({"layer": layer, "s": s, "kept": kept, "score": score(pruned)})
     return rows
 
@@ -101,8 +101,9 @@ def test_the_std_rule_gives_today_s_masks_and_scan_bit_for_bit():
     s = {"conv1": 0.25, "conv2": 0.5, "fc1": 1.0, "fc2": 0.7, "fc3": 0.4}
     ours, today = copy.deepcopy(model), copy.deepcopy(model)
     prune_round(ours, "std", s, std)
-    for name, value in s.items():  # what stages/prune.py did: StdThreshold per layer
-        StdThreshold.apply(prunable_layers(today)[name], "weight", s=value, std=std[name])
+    for name, value in s.items():  # the paper's rule written out: |w| >= s * std survives
+        layer = prunable_layers(today)[name]
+        torch.nn.utils.prune.custom_from_mask(layer, "weight", (layer.weight.abs() >= value * std[name]).float())
         assert torch.equal(prunable_layers(today)[name].weight_mask, prunable_layers(ours)[name].weight_mask)
     x = torch.randn(4, 1, 28, 28)
     score = lambda m: m.eval()(x).sum().item()  # noqa: E731
@@ -151,6 +152,34 @@ def test_values_given_beside_a_budget_override_single_layers():
     assert round_values("global", 0.6, budget, scan_all) == (0.6, [])
 
 
+class Sign(Rule):
+    """A rule of the test's own: prune the negative weights of the layers named (value 1), or none (0)."""
+    key, per_layer, grid = "neg", True, [0.0, 1.0]
+    value = bool
+
+    def masks(self, weights, alive, values, dense_std):
+        return {n: alive[n] * (weights[n] >= 0).float() if on else alive[n] for n, on in values.items()}
+
+    def scale(self, value, factor):
+        return value
+
+
+def test_a_new_rule_is_one_class_and_one_registry_line_and_runs_a_round_through_the_shared_mechanism(monkeypatch):
+    """Adding a rule: the class above and its line in RULES. The shared mechanism applies its masks
+    (torch's re-parametrisation), refuses a round that would empty a layer, and scans it."""
+    monkeypatch.setitem(RULES, "sign", Sign())
+    model = _two_layers([[0.1, -0.2, 0.3, -0.4]], [[-1.0, -2.0]])
+    prune_round(model, "sign", {"0": True}, pruning.weight_std(model))
+    assert model[0].weight_mask.tolist() == [[1, 0, 1, 0]] and pruning.masks_of(model).keys() == {"0"}
+    assert model[0].weight.tolist() == [[pytest.approx(0.1), 0.0, pytest.approx(0.3), 0.0]]
+    with pytest.raises(pruning.PruningError, match=r"^neg.1 = 1 removes every weight of 1 \(rule sign\); allowed: a smaller neg$"):
+        prune_round(model, "sign", {"1": True}, pruning.weight_std(model))
+    assert pruning.masks_of(model).keys() == {"0"}  # refused whole
+    rows = scan(_two_layers([[0.1, -0.2, 0.3, -0.4]], [[-1.0, 2.0]]), "sign", Sign.grid, lambda m: 0.5)
+    assert [(r["layer"], r["neg"], r["kept"]) for r in rows] == [("0", 0.0, 1.0), ("0", 1.0, 0.5), ("1", 0.0, 1.0),
+                                                                 ("1", 1.0, 0.5)]
+
+
 def _rounds(*figures):
     return [{"iteration": k, "val_retrained": v, "compression": c} for k, (v, c) in enumerate(figures, start=1)]
 
@@ -175,10 +204,8 @@ def test_select_stage_reads_no_data_and_copies_the_chosen_round(tmp_path, monkey
     p = yaml_params(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["stages/select_round.py", "lenet_300_100", "--params", str(p), "--rounds", "rounds",
-                                      "--out", "selected.pt", "--metrics", "select.json"])
-    monkeypatch.syspath_prepend(str(ROOT / "stages"))
-    runpy.run_path(str(ROOT / "stages" / "select_round.py"), run_name="__main__")  # exits only on an error
+    stage("select_round").main(["lenet_300_100", "--params", str(p), "--rounds", "rounds", "--out", "selected.pt",
+                                "--metrics", "select.json"])
     assert "select lenet_300_100: round 2 of 3" in capsys.readouterr().out
     assert json.loads((tmp_path / "select.json").read_text()) == {
         "round": 2, "compression": 8.0, "val": 0.979, "val_dense": 0.98, "max_drop": 0.002, "held": True, "rounds": 3}

@@ -1,5 +1,5 @@
 """The numeric mode's and the device's refusals (hanprune.runtime.start), and how a stage finds
-run.portable before torch is imported (stages/common.py: portable_requested)."""
+run.portable before torch's first operation (stages/common.py: portable_requested)."""
 import os
 from pathlib import Path
 
@@ -25,7 +25,8 @@ def test_portable_mode_on_other_kernels_is_refused(monkeypatch, restore_runtime)
     with pytest.raises(runtime.RuntimeConfigError) as e:
         runtime.start("cpu", 1, True, 0)
     assert str(e.value) == ("run.portable is true but torch runs its AVX512 kernels: portable mode needs a CPU with "
-                            "AVX2 and runtime.configure(True) before torch is imported (stages/common.py does it); "
+                            "AVX2 and runtime.configure(True) before torch's first operation (stages/common.run_stage does "
+                            "it); "
                             "or set run.portable: false")
 
 
@@ -65,10 +66,33 @@ def test_configure_sets_the_portable_settings_only_when_asked(monkeypatch):
 
 @pytest.fixture
 def common(monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # its import forks the worker: no store here
     monkeypatch.syspath_prepend(str(ROOT / "stages"))
     import common
     return common
+
+
+PROBE = """
+import hashlib, os, sys
+if sys.argv[1] == "before":
+    from hanprune import runtime; runtime.configure(True)
+import torch
+if sys.argv[1] == "after":
+    from hanprune import runtime; runtime.configure(True)
+torch.manual_seed(0); torch.set_num_threads(1)
+a, b = torch.randn(257, 129), torch.randn(129, 65)
+print(torch.backends.cpu.get_cpu_capability(), hashlib.md5((a @ b).numpy().tobytes()).hexdigest())
+"""
+
+
+def test_the_portable_settings_take_effect_when_set_after_torch_is_imported():
+    """run_stage configures the mode after the stage script's imports (torch among them) and before
+    main(): ATen and MKL read their settings at their first operation, not at import."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in runtime.PORTABLE_ENV}
+    out = {when: subprocess.run([sys.executable, "-c", PROBE, when], capture_output=True, text=True, check=True,
+                                cwd=ROOT, env=env).stdout for when in ("before", "after")}
+    assert out["before"] == out["after"] and out["before"].startswith("AVX2 ")
 
 
 def _params(path: Path, portable) -> str:

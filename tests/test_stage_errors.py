@@ -1,9 +1,8 @@
 """Every bad input to a stage script: exit code 1, one `error: ...` line naming what is wrong, and
-the stage's existing output untouched. The scripts run in this process (runpy), as `dvc repro`
+the stage's existing output untouched. The stages run in this process (tests.tiny.run_stage: main(argv)), as `dvc repro`
 would run them, to keep the suite fast."""
 import json
 import os
-import runpy
 import signal
 import subprocess
 import sys
@@ -13,8 +12,9 @@ import pytest
 import torch
 import yaml
 
-from hanprune import data, datasets, encoding, io, pruning, sources, storage
+from hanprune import data, datasets, encoding, io, pruning, rules, sources, storage
 from hanprune.models import make
+from tests import tiny
 from tests.tiny import TINY, tiny_params, write_tiny_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,11 +42,8 @@ def project(tmp_path, monkeypatch):
 
 
 def run_stage(capsys, monkeypatch, script: str, *args) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", [f"stages/{script}.py", *args])
-    monkeypatch.syspath_prepend(str(ROOT / "stages"))
-    with pytest.raises(SystemExit) as exit_:
-        runpy.run_path(str(ROOT / "stages" / f"{script}.py"), run_name="__main__")
-    return exit_.value.code, capsys.readouterr().err
+    code = tiny.run_stage(script, *args)
+    return code, capsys.readouterr().err
 
 
 def last_line(err: str) -> str:
@@ -219,8 +216,7 @@ def test_s_that_empties_a_layer_stops_the_round_before_training(project, capsys,
 
 
 def _evaluate_module(monkeypatch) -> dict:
-    monkeypatch.syspath_prepend(str(ROOT / "stages"))
-    return runpy.run_path(str(ROOT / "stages" / "evaluate.py"))  # not as __main__: main() does not run
+    return vars(tiny.stage("evaluate"))
 
 
 def _round(before, retrained):
@@ -247,22 +243,21 @@ def test_pruned_model_far_below_dense_is_not_registered(project, capsys, monkeyp
     from mlflow import MlflowClient
     model = make("lenet_300_100")
     std = pruning.weight_std(model)
-    pruning.prune_by_std(model, {"fc1": 1.0}, std)
+    rules.prune_round(model, "std", {"fc1": 1.0}, std)
     io.write_json(project / "selection.json", {"round": 1, "rounds": 1})
     for path in ("pruned.pt", "rounds/iter1.pt"):
         io.save_torch(project / path,
-                      pruning.checkpoint("lenet_300_100", "lenet_300_100", {}, model, std, [_round(0.99, 0.11)]))
+                      pruning.checkpoint("lenet_300_100", "lenet_300_100", {}, model, std, [_round(0.99, 0.3)]))
     _write_compressed(project / "compressed.bin", model)
     for name in storage.FILES.values():
         (project / "storage" / name).parent.mkdir(exist_ok=True)
         (project / "storage" / name).write_bytes(b"x")
     uri = f"sqlite:///{project}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setattr(sys, "argv", ["stages/evaluate.py", *EVALUATE[1:]])
-    sys.argv[sys.argv.index("--pruned") + 1] = "pruned.pt"
-    monkeypatch.syspath_prepend(str(ROOT / "stages"))
-    runpy.run_path(str(ROOT / "stages" / "evaluate.py"), run_name="__main__")
-    reason = ("validation accuracy 0.1100 is 88.00 points below the dense model's 0.9900 "
+    args = EVALUATE[1:]
+    args[args.index("--pruned") + 1] = "pruned.pt"
+    assert tiny.run_stage("evaluate", *args) == 0
+    reason = ("validation accuracy 0.3000 is 69.00 points below the dense model's 0.9900 "  # above chance (issue 40)
               "(tracking.register_max_drop = 0.5)")
     assert f"evaluate lenet_300_100: not registered: {reason}\n" in capsys.readouterr().out
     client = MlflowClient(uri)

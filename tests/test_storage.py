@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from hanprune import measure, pruning, storage
+from hanprune import measure, pruning, rules, storage
 from hanprune.models import make
 
 
@@ -11,7 +11,7 @@ def pruned(key: str):
     torch.manual_seed(0)
     model = make(key)
     layers = {"fc1", "conv2"} & set(pruning.weight_std(model))
-    pruning.prune_by_std(model, {name: 1.0 for name in layers}, pruning.weight_std(model))
+    rules.prune_round(model, "std", {name: 1.0 for name in layers}, pruning.weight_std(model))
     return model
 
 

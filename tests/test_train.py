@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hanprune import pruning, quantize
+from hanprune import pruning, quantize, rules
 from hanprune.config import Training
 from hanprune.models import make
 from hanprune.train import SGD, accuracy, fit, learning_rates, random_shift
@@ -67,7 +67,7 @@ def test_fit_is_the_plain_loop_to_the_bit_including_the_last_smaller_batch():
     cfg = _cfg()
     x, y = _data(16 * 6 + 5, 1)
     start = make("lenet_300_100")
-    pruning.prune_by_std(start, {"fc1": 1.0, "fc2": 0.5}, pruning.weight_std(start))
+    rules.prune_round(start, "std", {"fc1": 1.0, "fc2": 0.5}, pruning.weight_std(start))
     models = []
     for _ in range(2):
         m = make("lenet_300_100")

@@ -1,6 +1,7 @@
 """Tiny generated MNIST-like data and a params.yaml for it, so the pipeline runs in seconds; a copy
 of the project using them, in a temporary git repository, and how to run commands in it."""
 import hashlib
+import importlib
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ from hanprune.idx import idx_images, idx_labels
 
 TINY = "tiny"  # data.name of the generated data: it lies in <root>/tiny/raw
 ROOT = Path(__file__).resolve().parents[1]
+STAGES = ROOT / "stages"
 PROJECT_FILES = ["hanprune", "stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"]
 
 
@@ -119,3 +121,17 @@ def sh(repo: Path, *cmd, check=True, **extra_env) -> subprocess.CompletedProcess
 
 def ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def stage(script: str):
+    """The module of stages/<script>.py, imported as `python stages/<script>.py` finds its imports
+    (stages/ on sys.path, for `common`); its main(argv) runs the stage in this process."""
+    if str(STAGES) not in sys.path:
+        sys.path.insert(0, str(STAGES))
+    return importlib.import_module(script)
+
+
+def run_stage(script: str, *args) -> int:
+    """stages/<script>.py's main(args) in this process, with the errors and exit code of `python
+    stages/<script>.py args` (common.call): 0, or 1 after one `error: ...` line on stderr."""
+    return stage("common").call(stage(script).main, [str(a) for a in args])
