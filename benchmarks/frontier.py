@@ -27,20 +27,12 @@ sys.path.insert(0, str(ROOT))
 
 from hanprune import io  # noqa: E402
 from benchmarks.seeds import BUDGET, git_file, runs, within  # noqa: E402
+from hanprune.report import PAPERS  # noqa: E402
 
 # Targets: parameter compression, file compression, test error (%).
 TARGETS = {"lenet_300_100": (40, 120, 1.59), "lenet5_caffe": (60, 150, 0.77), "lenet5": (25, 60, 1.0)}
-# Published points: (label, parameter compression, file compression or None, test error %), from the
-# papers' own tables (shared/reference/figures.md and issue 25).
-PUBLISHED = {
-    "lenet_300_100": [("Han et al. 2015", 12, None, 1.59), ("Deep Compression 2016", 12, 40, 1.58),
-                      ("Dynamic Network Surgery 2016", 56, None, 1.99),
-                      ("Sparse Variational Dropout 2017", 68, None, 1.92)],
-    "lenet5_caffe": [("Han et al. 2015", 12, None, 0.77), ("Deep Compression 2016", 12, 39, 0.74),
-                     ("Dynamic Network Surgery 2016", 108, None, 0.91),
-                     ("Soft weight-sharing 2017", 200, 162, 0.97), ("Sparse Variational Dropout 2017", 280, None, 0.75)],
-    "lenet5": [("reference implementation", 7.5, None, 3.6)],
-}
+# Published points: (label, parameter compression, file compression or None, test error %).
+PUBLISHED = {arch: [tuple(point) for point in points] for arch, points in PAPERS["records"].items()}
 
 
 def every_run() -> list[tuple[str, str, dict]]:

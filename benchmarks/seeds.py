@@ -22,11 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hanprune import io  # noqa: E402
-from hanprune.report import PAPER  # noqa: E402
+from hanprune.report import PAPER, PAPERS  # noqa: E402
 
 SEEDS = range(1, 5)
 # Validation error budget (%) per architecture: the paper's pruned test error (issue 25).
-BUDGET = {"lenet_300_100": 1.59, "lenet5_caffe": 0.77, "lenet5": 1.0}
+BUDGET = PAPERS["budget"]
 
 
 def within(budget: float, *errors: float) -> bool:

@@ -15,16 +15,16 @@ def check(p: Params) -> None:
         try:
             layers = list(prunable_layers(make(m.arch, m.kwargs)))
         except ModelError as e:
-            raise ConfigError(f"models.{key}.arch: {e}") from None
+            raise ConfigError(f"{p.source}: models.{key}.arch: {e}") from None
         check_bits(p, key, layers)
         for it in rounds_of(p, key):
-            check_round(f"prune.{key}-iter{it.iteration}", it, layers)
+            check_round(f"{p.source}: prune.{key}-iter{it.iteration}", it, layers)
         used = sorted({it.rule for it in rounds_of(p, key)})
         if len(used) > 1:
-            raise ConfigError(f"prune: the rounds of {key} use the rules {', '.join(used)}; use one (the "
+            raise ConfigError(f"{p.source}: prune: the rounds of {key} use the rules {', '.join(used)}; use one (the "
                               "sensitivity scan, and a budget, are in the units of its values)")
-        grid_of(RULES[used[0]], p.sensitivity)
+        grid_of(RULES[used[0]], p.sensitivity, p.source)
     keys = list(dict.fromkeys(r.key for r in RULES.values()))
     for key in p.sensitivity:
         if key not in keys:
-            raise ConfigError(f"sensitivity.{key}: unknown grid{suggest(key, keys)}; allowed: {', '.join(keys)}")
+            raise ConfigError(f"{p.source}: sensitivity.{key}: unknown grid{suggest(key, keys)}; allowed: {', '.join(keys)}")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .datasets import BUILT_IN, FILES, SOURCES, Spec, spec as dataset_spec
 from .errors import HanpruneError
@@ -115,9 +115,16 @@ class Quantize(Strict):
 
 
 class Select(Strict):
-    """Which round goes on to weight sharing and evaluation (stage select@<model>)."""
-    max_drop: float = Field(ge=0, le=1, description=(
-        "the most compressed round whose validation accuracy is at most this (0..1) below the dense model's"))
+    """Which round goes on to weight sharing and evaluation (stage select@<model>, hanprune.selection):
+    the most compressed round whose validation accuracy is at most `noise` standard errors of the
+    dense model's validation accuracy below it (or max_drop, if given), and (if given) whose
+    validation error is at most max_error."""
+    noise: float = Field(2.0, ge=0, description=(
+        "the tolerance in binomial standard errors of the dense validation accuracy a: noise * sqrt(a (1 - a) / n), "
+        "n = data.val_size"))
+    max_error: float | None = Field(None, gt=0, le=1, description="optional: the largest validation error (0..1)")
+    max_drop: float | None = Field(None, ge=0, le=1, description=(
+        "optional: a fixed tolerance (0..1) in place of the noise's, e.g. 1 to take the last round"))
 
 
 class ModelCfg(Strict):
@@ -160,6 +167,11 @@ class Params(Strict):
                                                                        # grid, else the rule's own
     models: dict[str, ModelCfg]
     prune: dict[str, Iteration]
+    _source: str = PrivateAttr("params.yaml")  # the file it was loaded from, for messages
+
+    @property
+    def source(self) -> str:
+        return self._source
 
 
 def dense_path(model: str) -> str:
@@ -174,11 +186,11 @@ def check_bits(p: Params, key: str, layers: list[str]) -> None:
     """models.<key>.quantize.bits against the model's prunable layers."""
     m = p.models[key]
     if set(m.quantize.bits) != set(layers):
-        raise ConfigError(f"models.{key}.quantize.bits: must give every layer of {key} "
+        raise ConfigError(f"{p.source}: models.{key}.quantize.bits: must give every layer of {key} "
                           f"({', '.join(layers)}), got {', '.join(m.quantize.bits) or 'none'}")
     for layer, bits in m.quantize.bits.items():
         if not 1 <= bits <= 16:
-            raise ConfigError(f"models.{key}.quantize.bits.{layer}: must be 1..16, got {bits}")
+            raise ConfigError(f"{p.source}: models.{key}.quantize.bits.{layer}: must be 1..16, got {bits}")
 
 
 def rounds_of(p: Params, model: str) -> list[Iteration]:
@@ -288,4 +300,5 @@ def load(path="params.yaml") -> Params:
         _check_chains(params)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    params._source = str(path)
     return params

@@ -4,30 +4,16 @@ import csv
 import io as _io
 from pathlib import Path
 
+import yaml
 from tabulate import tabulate
 
-# Han et al. 2015, Tables 1-3 (errors in %, kept in % of weights).
-PAPER = {
-    "lenet_300_100": {"dense_error": 1.64, "pruned_error": 1.59, "compression": 12.0, "flops_kept_percent": 8,
-                      "kept_percent": {"fc1": 8, "fc2": 9, "fc3": 26}},
-    "lenet5_caffe": {"dense_error": 0.80, "pruned_error": 0.77, "compression": 12.0, "flops_kept_percent": 16,
-                     "kept_percent": {"conv1": 66, "conv2": 12, "fc1": 8, "fc2": 19}},
-}
-# The public reference implementation's README (neural-pruning), accuracies in %.
-REFERENCE = {
-    "lenet_300_100": {"dense_error": 100 - 95.62, "pruned_error": 100 - 94.76, "compression": 8.21,
-                      "flops_kept_percent": 100 * 64.61 / 532.91,
-                      "kept_percent": {"fc1": 12.5, "fc2": 6.4, "fc3": 72.9}},
-    "lenet5": {"dense_error": 100 - 97.00, "pruned_error": 100 - 96.40, "compression": 7.50,
-               "flops_kept_percent": 100 * 279.96 / 845.95,
-               "kept_percent": {"conv1": 51.3, "conv2": 27.5, "fc1": 12.5, "fc2": 6.4, "fc3": 72.9}},
-}
+PAPERS = yaml.safe_load((Path(__file__).parent / "papers.yaml").read_text())  # the published figures
+PAPER = PAPERS["han2015"]
+REFERENCE = {key: {"dense_error": 100 - r["dense_accuracy"], "pruned_error": 100 - r["pruned_accuracy"],
+                   "compression": r["compression"], "flops_kept_percent": 100 * r["flops_pruned"] / r["flops_dense"],
+                   "kept_percent": r["kept_percent"]} for key, r in PAPERS["reference_implementation"].items()}
+DEEP_COMPRESSION = PAPERS["deep_compression"]
 
-# Han, Mao & Dally 2016 (Deep Compression), Table 1: bytes after each step and the final test error.
-DEEP_COMPRESSION = {
-    "lenet_300_100": {"dense_kb": 1070, "pruned": 12, "quantized": 32, "huffman": 40, "huffman_kb": 27, "error": 1.58},
-    "lenet5_caffe": {"dense_kb": 1720, "pruned": 12, "quantized": 33, "huffman": 39, "huffman_kb": 44, "error": 0.74},
-}
 # Issue 7's floors: file_compression at least this with test error at most this (%).
 COMPRESSION_TARGETS = {"lenet_300_100": (40.0, 1.64), "lenet5_caffe": (39.0, 0.80)}
 
@@ -321,7 +307,9 @@ def rounds_table(rounds: list[dict], selection: dict) -> str:
 
 def selection_line(selection: dict) -> str:
     s = selection
-    rule = f"the most compressed round within {100 * s['max_drop']:.2f} points of the dense validation accuracy"
+    rule = (f"the most compressed round within {100 * s['max_drop']:.2f} points of the dense validation accuracy"
+            + (f" ({s['noise']:g} standard errors of it on the validation split)" if s.get("noise") is not None else "")
+            + (f", validation error at most {100 * s['max_error']:.2f}%" if s.get("max_error") else ""))
     if s["held"]:
         return (f"Selected (stage select, validation only): round {s['round']} of {s['rounds']}, {s['compression']:.1f}x, "
                 f"val {100 * s['val']:.2f}% against dense {100 * s['val_dense']:.2f}%: {rule}. Rule held: **yes**.")

@@ -161,11 +161,11 @@ def check_round(where: str, it, layers: list[str]):
     return rule, values
 
 
-def grid_of(rule: Rule, sensitivity: dict[str, list[float]]) -> list[float]:
-    """The scan's grid: params' sensitivity.<key> where given, else the rule's own."""
+def grid_of(rule: Rule, sensitivity: dict[str, list[float]], source: str = "params.yaml") -> list[float]:
+    """The scan's grid: params' sensitivity.<key> (of the file `source`) where given, else the rule's own."""
     grid = sensitivity.get(rule.key, rule.grid)
     if 0 not in grid:
-        raise ConfigError(f"sensitivity.{rule.key}: must hold 0 (the dense model, from which the scan's "
+        raise ConfigError(f"{source}: sensitivity.{rule.key}: must hold 0 (the dense model, from which the scan's "
                           "accuracy drops are measured)")
     return grid
 
@@ -211,8 +211,7 @@ def scan(model: nn.Module, rule: str | Rule, grid: list[float], score) -> list[d
             weights, alive = _current({n: layers[n] for n in group})
             masks = r.masks(weights, alive, {label: value} if r.per_layer else value, std)  # may empty a layer
             attach_masks(pruned, masks)
-            kept = (masks[label].mean().item() if r.per_layer else
-                    sum(m.sum().item() for m in masks.values()) / sum(m.numel() for m in masks.values()))
+            kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())  # exact
             rows.append({"layer": label, r.key: value, "kept": kept, "score": score(pruned)})
     return rows
 

@@ -141,6 +141,8 @@ class MlflowRun:
                     self.parent_id = self._parent(exp_id, {k: str(v) for k, v in group.items()})
                     tags["mlflow.parentRunId"] = self.parent_id
             self.run = self.client.create_run(exp_id, run_name=name, tags=tags)
+            if tags.get("dataset"):  # MLflow's Dataset column: the data the stage read, by its md5
+                self._dataset(tags["dataset"], tags.get("dataset_md5", ""))
         except Exception as e:  # noqa: BLE001 - any store failure is reported the same way
             message = f"MLflow tracking store {uri} unreachable: {_reason(e)}"
             if required:
@@ -174,6 +176,12 @@ class MlflowRun:
         parent = self.client.create_run(exp_id, run_name=name, tags={**group, "pipeline_parent": "true"})
         self.client.set_terminated(parent.info.run_id)
         return parent.info.run_id
+
+    def _dataset(self, name: str, md5: str):
+        """The dataset as an input of the run (mlflow.log_input's entity), its md5 as the digest."""
+        from mlflow.entities import Dataset, DatasetInput
+        dataset = Dataset(name=name, digest=md5, source_type="local", source=f'{{"data.name": "{name}"}}')
+        self.client.log_inputs(self.run.info.run_id, datasets=[DatasetInput(dataset=dataset)])
 
     @property
     def id(self):

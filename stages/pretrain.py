@@ -15,11 +15,11 @@ def main(argv=None):
     p = load_params(args.params, args.model)
     m = p.models[args.model]
     cfg = m.pretrain
+    device = start(p, cfg.seed)  # before the model: its initial weights come from the seed
     try:
         model = make(m.arch, m.kwargs)
     except ModelError as e:
-        raise ConfigError(f"models.{args.model}.arch: {e}") from None
-    device = start(p, cfg.seed)
+        raise ConfigError(f"{p.source}: models.{args.model}.arch: {e}") from None
     splits = data.open_splits(args.data, p.data, device)
     with tracked(p, f"pretrain@{args.model}", args.model, splits.dataset) as mlrun:
         mlrun.params({"pretrain": cfg.model_dump(), "data": p.data.model_dump(exclude={"md5"}), "run": p.run.model_dump()})

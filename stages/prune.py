@@ -32,7 +32,7 @@ def main(argv=None):
     m = p.models[it.model]
     cfg = m.retrain.model_copy(update={"epochs": it.epochs, "lr": it.lr})
     model, ckpt = load_checkpoint(args.start, it.model, m.arch, m.kwargs)
-    key = check_round(f"prune.{args.iteration}", it, list(prunable_layers(model)))[0].key
+    key = check_round(f"{p.source}: prune.{args.iteration}", it, list(prunable_layers(model)))[0].key
     schedule = json.loads(Path(args.schedule).read_text())
     if schedule.get("rule") != it.rule or key not in schedule:
         raise ConfigError(f"{args.schedule}: not the schedule of prune.{args.iteration} (rule {it.rule}); "

@@ -22,7 +22,7 @@ def main(argv=None):
     it = p.prune[args.iteration]
     with open(args.scan, newline="") as f:
         rows = list(csv.DictReader(f))
-    rule, given = check_round(f"prune.{args.iteration}", it, [r["layer"] for r in rows])
+    rule, given = check_round(f"{p.source}: prune.{args.iteration}", it, [r["layer"] for r in rows])
     if rows and rule.key not in rows[0]:
         raise ConfigError(f"prune.{args.iteration}.rule: {it.rule} takes {rule.key}, but {args.scan} scans another "
                           "rule's values: a model's rounds use one rule (the scan is made with its first round's)")

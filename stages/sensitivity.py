@@ -18,8 +18,8 @@ def main(argv=None):
     m = p.models[args.model]
     model, _ = load_checkpoint(args.dense, args.model, m.arch, m.kwargs)
     first = p.prune[f"{args.model}-iter1"]  # every round of a model has the same rule
-    rule, _ = check_round(f"prune.{args.model}-iter1", first, list(prunable_layers(model)))
-    key, grid = rule.key, grid_of(rule, p.sensitivity)
+    rule, _ = check_round(f"{p.source}: prune.{args.model}-iter1", first, list(prunable_layers(model)))
+    key, grid = rule.key, grid_of(rule, p.sensitivity, p.source)
     device = start(p)
     splits = data.open_splits(args.data, p.data, device)
     with tracked(p, f"sensitivity@{args.model}", args.model, splits.dataset) as mlrun:

@@ -20,8 +20,9 @@ import torch  # noqa: E402
 
 from hanprune.config import Training  # noqa: E402
 from hanprune.models import make  # noqa: E402
-from hanprune.pruning import plain_state_dict, prune_by_std, weight_std  # noqa: E402
+from hanprune.pruning import plain_state_dict, weight_std  # noqa: E402
 from hanprune.quantize import share_weights  # noqa: E402
+from hanprune.rules import prune_round  # noqa: E402
 from hanprune.train import fit  # noqa: E402
 
 
@@ -38,12 +39,12 @@ y = torch.randint(0, 10, (512,), generator=g)
 cfg = Training(seed=0, epochs=1, batch_size=32, lr=0.05, momentum=0.9, schedule="cosine",
                regularization={"kind": "l2", "strength": 1e-4}, shift=2)
 out = {"capability": torch.backends.cpu.get_cpu_capability(), "mkldnn": torch.backends.mkldnn.enabled}
-for key in ("lenet_300_100", "lenet5"):
+for key in ("lenet_300_100", "lenet5", "lenet5_caffe"):
     torch.manual_seed(0)
     model = make(key)
     fit(model, cfg, (x, y), (x[:64], y[:64]))
     out[f"{key}/pretrain"] = digest(model)
-    prune_by_std(model, {name: 0.5 for name in weight_std(model)}, weight_std(model))
+    prune_round(model, "std", {name: 0.5 for name in weight_std(model)}, weight_std(model))
     fit(model, cfg, (x, y), (x[:64], y[:64]))
     out[f"{key}/prune"] = digest(model)
     masks = {name: m.weight_mask.bool() for name, m in model.named_modules() if hasattr(m, "weight_mask")}

@@ -27,22 +27,9 @@ def _error(tmp_path, params) -> str:
 
 def test_project_params_load():
     p = config.load(PARAMS_FILE)
-    lenets = {"lenet_300_100", "lenet5", "lenet5_caffe"}
-    compared = ("lenet_300_100", "lenet5")
-    assert set(p.models) == {*lenets, *(f"{m}_{r}" for m in compared for r in ("quantile", "global")), "small_resnet"}
-    for m in compared:  # each rule's run of a LeNet differs from the std run's only in its rule, values and
-        # how many rounds it has: round k retrains as long, at the same learning rate, under each rule
-        rules = {r: {it.rule for it in p.prune.values() if it.model == k} for r, k in
-                 [("std", m), ("quantile", f"{m}_quantile"), ("global", f"{m}_global")]}
-        assert rules == {"std": {"std"}, "quantile": {"quantile"}, "global": {"global"}}
-        for k in (f"{m}_quantile", f"{m}_global"):
-            # the same training; weight sharing may differ (lenet_300_100_global's bits are the sweep's)
-            assert p.models[k].model_dump(exclude={"code", "quantize"}) == p.models[m].model_dump(exclude={"code", "quantize"})
-            budget = {it.iteration: (it.epochs, it.lr) for it in p.prune.values() if it.model == k}
-            std = {it.iteration: (it.epochs, it.lr) for it in p.prune.values() if it.model == m}
-            assert sorted(budget) == list(range(1, len(budget) + 1))
-            assert all(budget[i] == std[i] for i in budget.keys() & std.keys()) and len(budget.keys() & std.keys()) >= 3
-    assert p.models["small_resnet"].arch == "examples.small_resnet:SmallResNet"
+    assert set(p.models) == {"lenet_300_100", "lenet5", "lenet5_caffe"}  # the paper's table
+    assert {it.rule for it in p.prune.values()} == {"std"}  # the paper's rule
+    assert all(m.select.noise == 2 and m.select.max_drop is None for m in p.models.values())
     assert {it.model for it in p.prune.values()} == set(p.models)
     assert p.prune["lenet5-iter1"].start == "models/lenet5/dense.pt"
     assert p.models["lenet_300_100"].pretrain.regularization.kind == "l2"
@@ -249,10 +236,15 @@ def test_a_model_s_rounds_share_one_rule_and_its_grid_holds_zero(tmp_path, proje
 
 
 def test_budget_and_select_load(tmp_path, project_params):
+    it = project_params["prune"]["lenet5-iter1"]
+    del it["s"]
+    it["budget"] = {"max_drop": 0.01, "scale": 0.5}
     p = config.load(_write(tmp_path, project_params))
-    assert p.prune["small_resnet-iter1"].budget.model_dump() == {"max_drop": 0.01, "scale": 0.5}
-    assert rules.values_of(rules.RULES["std"], p.prune["small_resnet-iter1"].model_extra) == {}
-    assert p.models["lenet5"].select.max_drop == 0.002
+    assert p.prune["lenet5-iter1"].budget.model_dump() == {"max_drop": 0.01, "scale": 0.5}
+    assert rules.values_of(rules.RULES["std"], p.prune["lenet5-iter1"].model_extra) == {}
+    assert p.models["lenet5"].select.noise == 2
+    project_params["models"]["lenet5"]["select"] = {"noise": -1}
+    assert "models.lenet5.select.noise: Input should be greater than or equal to 0" in _error(tmp_path, project_params)
     project_params["models"]["lenet5"]["select"] = {"max_drop": 2}
     assert "models.lenet5.select.max_drop: Input should be less than or equal to 1" in _error(tmp_path, project_params)
 

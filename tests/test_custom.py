@@ -126,7 +126,7 @@ def project(tmp: Path, user_dir: Path, kwargs: dict) -> Path:
     md5 = write_color_idx(tmp / "src")
     p = tiny_params(ROOT / "params.yaml", tmp / "src", md5, {"lenet5": 1})
     p["models"] = {"mine": {**p["models"]["lenet5"], "arch": "mynets:TinyNet", "kwargs": kwargs,
-                            "code": str(user_dir / "mynets.py"), "select": {"max_drop": 0.002}}}
+                            "code": str(user_dir / "mynets.py"), "select": {"noise": 2}}}
     p["models"]["mine"]["quantize"]["bits"] = {name: 4 for name in LAYERS}
     p["prune"] = {"mine-iter1": {"model": "mine", "iteration": 1, "start": "models/mine/dense.pt", "rule": "std",
                                  "s": {name: 0.5 for name in LAYERS}, "epochs": 1, "lr": 0.01}}

@@ -196,7 +196,7 @@ def test_select_refuses_a_round_at_chance_level(project, capsys):
                           "--metrics", "metrics.json")
     assert code == 1 and err == ("error: select lenet_300_100: round 1 (rounds/iter1.pt): validation accuracy 0.1200 "
                                  "is at chance level (10 classes: at most 1/10 + 0.05 = 0.1500); lower models."
-                                 "lenet_300_100.select.max_drop, prune less or retrain slower; nothing written\n")
+                                 "lenet_300_100.select.noise, prune less or retrain slower; nothing written\n")
     assert _state(project) == before
 
 

@@ -205,7 +205,14 @@ def test_decode_command_takes_the_arch_of_an_older_file_from_params(tmp_path, ca
         cli.main(["decode", str(path)])
     assert e.value.code == 1 and capsys.readouterr().err.startswith(
         f"error: {path}: of an older format, which does not name the architecture: model 'small_resnet'")
-    project_params["models"]["small_resnet"]["kwargs"] = SMALL_RESNET[1]
+    project_params["models"]["small_resnet"] = {  # the example model of examples/, as README's "Your own model" adds it
+        **project_params["models"]["lenet5"], "arch": SMALL_RESNET[0], "kwargs": SMALL_RESNET[1],
+        "code": "examples/small_resnet.py",
+        "quantize": {**project_params["models"]["lenet5"]["quantize"],
+                     "bits": {"stem": 8, "block.conv1": 8, "block.conv2": 8, "head": 5}}}
+    project_params["prune"]["small_resnet-iter1"] = {"model": "small_resnet", "iteration": 1, "rule": "std",
+                                                     "start": "models/small_resnet/dense.pt", "s": {"head": 1.0},
+                                                     "epochs": 1, "lr": 0.01}
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(project_params, sort_keys=False))
     cli.main(["decode", str(path), "--params", str(params)])

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from hanprune import io, pruning, rules
 from hanprune.models import make, prunable_layers
 from hanprune.rules import ALL, RULES, Rule, from_budget, prune_round, round_values, scan
-from hanprune.selection import select_round
+from hanprune.selection import select_round, tolerance
 from tests.tiny import stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,12 +89,12 @@ def _old_sensitivity(model, s_grid, score):
             pruned = copy.deepcopy(model)
             mask = (prunable_layers(pruned)[layer].weight.abs() >= s * std[layer]).float()
             torch.nn.utils.prune.custom_from_mask(prunable_layers(pruned)[layer], "weight", mask)
-            kept = mask.mean().item()
+            kept = int(mask.sum()) / mask.numel()
             rows.append({"layer": layer, "s": s, "kept": kept, "score": score(pruned)})
     return rows
 
 
-def test_the_std_rule_gives_today_s_masks_and_scan_bit_for_bit():
+def test_the_std_rule_gives_the_paper_s_masks_and_scan_bit_for_bit():
     torch.manual_seed(0)
     model = make("lenet5")
     std = pruning.weight_std(model)
@@ -189,6 +189,15 @@ def test_select_picks_the_most_compressed_round_within_max_drop():
     assert select_round(rounds, 0.990, 0.002) == (rounds[3], True)   # 9x: 12x is 0.4 points off
     assert select_round(rounds, 0.990, 0.004) == (rounds[2], True)   # exactly at the limit counts
     assert select_round(rounds, 0.995, 0.001) == (rounds[0], False)  # none: the least compressed
+    assert select_round(rounds, 0.990, 0.004, max_error=0.0125) == (rounds[3], True)  # not 12x: its error is 1.4%
+
+
+def test_the_tolerance_is_the_validation_split_s_standard_error():
+    """noise * sqrt(a (1 - a) / n): at the paper's Caffe LeNet-5 (dense 0.74% error, 5,000 images)
+    two standard errors are 0.24 points; four times the images halve it."""
+    assert tolerance(0.9926, 5000, 2.0) == pytest.approx(0.002424, abs=1e-6)
+    assert tolerance(0.9926, 20000, 2.0) == pytest.approx(tolerance(0.9926, 5000, 2.0) / 2)
+    assert tolerance(0.9926, 5000, 0.0) == 0 and tolerance(1.0, 5000, 2.0) == 0
 
 
 def test_select_stage_reads_no_data_and_copies_the_chosen_round(tmp_path, monkeypatch, capsys):
@@ -207,8 +216,9 @@ def test_select_stage_reads_no_data_and_copies_the_chosen_round(tmp_path, monkey
     stage("select_round").main(["lenet_300_100", "--params", str(p), "--rounds", "rounds", "--out", "selected.pt",
                                 "--metrics", "select.json"])
     assert "select lenet_300_100: round 2 of 3" in capsys.readouterr().out
-    assert json.loads((tmp_path / "select.json").read_text()) == {
-        "round": 2, "compression": 8.0, "val": 0.979, "val_dense": 0.98, "max_drop": 0.002, "held": True, "rounds": 3}
+    assert json.loads((tmp_path / "select.json").read_text()) == {  # one standard error of 0.98 on 5,000: 0.00198
+        "round": 2, "compression": 8.0, "val": 0.979, "val_dense": 0.98, "noise": 1.0,
+        "max_drop": pytest.approx(0.0019799), "max_error": None, "held": True, "rounds": 3}
     assert (tmp_path / "selected.pt").read_bytes() == (tmp_path / "rounds" / "iter2.pt").read_bytes()
 
 
@@ -216,7 +226,7 @@ def yaml_params(tmp_path) -> Path:
     import yaml
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["data"]["root"] = str(tmp_path / "no-data-here")
-    p["models"] = {"lenet_300_100": {**p["models"]["lenet_300_100"], "select": {"max_drop": 0.002}}}
+    p["models"] = {"lenet_300_100": {**p["models"]["lenet_300_100"], "select": {"noise": 1}}}
     p["prune"] = {k: v for k, v in p["prune"].items() if v["model"] == "lenet_300_100" and v["iteration"] <= 3}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(p, sort_keys=False))

@@ -138,6 +138,20 @@ def test_experiment_opens_on_its_runs_and_a_parent_spans_its_children(tmp_path):
     assert parent.info.end_time >= children[1].info.end_time > children[0].info.start_time
 
 
+def test_the_dataset_is_an_input_of_the_run_with_its_md5_as_digest(tmp_path):
+    """MLflow 3's Dataset column names the data a stage read (mlflow.log_input's entity)."""
+    from mlflow.tracking import MlflowClient
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    md5 = "0123456789abcdef0123456789abcdef"
+    with tracking.MlflowRun(uri, "e", "stage", {"dataset": "mnist", "dataset_md5": md5}, True) as run:
+        pass
+    with tracking.MlflowRun(uri, "e", "report", {"dataset": "", "dataset_md5": ""}, True) as none:
+        pass
+    (given,) = MlflowClient(uri).get_run(run.id).inputs.dataset_inputs
+    assert (given.dataset.name, given.dataset.digest) == ("mnist", md5)
+    assert MlflowClient(uri).get_run(none.id).inputs.dataset_inputs == []
+
+
 def _runs(uri: str, experiment: str = "e") -> list:
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)

@@ -47,7 +47,7 @@ def tiny_params(params_file: Path, local_dir: Path, md5: dict, iterations: dict[
         p["models"][key]["pretrain"].update(epochs=12, batch_size=32)  # lenet5 learns the tiny data by epoch 8
         p["models"][key]["retrain"].update(epochs=1, batch_size=32)
         p["models"][key]["quantize"]["finetune"].update(epochs=1, batch_size=32)
-        p["models"][key]["select"] = {"max_drop": 1.0}  # the last round, whatever the tiny data's accuracies
+        p["models"][key]["select"] = {"max_drop": 1.0}  # a fixed tolerance: the last round, whatever the tiny data's accuracies
     prune = {}
     for key, it in p["prune"].items():
         if it["model"] in iterations and it["iteration"] <= iterations[it["model"]]:
