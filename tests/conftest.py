@@ -47,3 +47,13 @@ def _project_params() -> dict:
 def project_params(_project_params) -> dict:
     """A fresh deep copy of the project's params.yaml, to mutate."""
     return copy.deepcopy(_project_params)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A working directory for running stages (tests.tiny.stage_project): the tiny data, a valid
+    params.yaml, a dense lenet_300_100 and, at the outputs the stages would write, earlier files."""
+    from tests.tiny import stage_project
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # never reached: errors come first
+    return stage_project(tmp_path)

@@ -1,4 +1,4 @@
-"""Run in a fresh process by tests/test_portable.py and benchmarks/numerics.py (the numeric mode is
+"""Run in a fresh process by tests/test_portable.py (and, until commit 58a3336, benchmarks/numerics.py; docs/numerics.md) (the numeric mode is
 fixed when torch loads): train, prune and retrain, share weights and fine-tune lenet_300_100 and
 lenet5 on tiny data at 2 threads, as the stages do, and print the md5 of each step's weights as JSON.
 

@@ -231,9 +231,9 @@ def _covered(path: str, outs: list[str]) -> bool:
 
 
 # Results that no stage writes, each with what writes it.
-NOT_STAGE_OUTPUTS = {"reports/SEEDS.md": "benchmarks/seeds.py, from the seed experiments (dvc exp show)",
-                     "reports/FRONTIER.md": "benchmarks/frontier.py, from the run and its experiments",
-                     "reports/frontier": "benchmarks/frontier.py: its figures"}
+NOT_STAGE_OUTPUTS = {"reports/SEEDS.md": "studies/seeds.py, from the seed experiments (dvc exp show)",
+                     "reports/FRONTIER.md": "studies/frontier.py, from the run and its experiments",
+                     "reports/frontier": "studies/frontier.py: its figures"}
 
 
 def test_every_tracked_result_is_an_output_of_a_stage(dvc_stages):

@@ -16,7 +16,8 @@ from hanprune.errors import torch_text
 from hanprune.models import make
 from hanprune.selection import ChanceLevelError, refuse_chance_level
 from tests import tiny
-from tests.test_stage_errors import OLD, PRUNE, _set, _write_compressed, edit_params, project  # noqa: F401
+from tests.test_stage_errors import _set, _write_compressed
+from tests.tiny import OLD, PRUNE, edit_params
 
 OUTPUTS = ("out.pt", "metrics.json", "plot.csv")  # the project fixture's files of an earlier run
 

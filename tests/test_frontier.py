@@ -1,4 +1,4 @@
-"""benchmarks/frontier.py: one point per configuration of a model from the runs' commits, the point chosen on
+"""studies/frontier.py: one point per configuration of a model from the runs' commits, the point chosen on
 validation only, and the targets judged on that point."""
 import json
 import runpy
@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _frontier():
-    return runpy.run_path(str(ROOT / "benchmarks" / "frontier.py"))
+    return runpy.run_path(str(ROOT / "studies" / "frontier.py"))
 
 
 def _point(model, compression, val_error, test_error, rule="std", file_x=50.0, file_val_error=None):

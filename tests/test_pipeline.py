@@ -641,11 +641,11 @@ def test_two_queued_experiments_run_in_parallel_into_one_new_store(repo):
 
 
 def test_seed_band_report_from_experiments(repo, tmp_path):
-    """benchmarks/seeds.py summarises the baseline and the experiments it is pointed at (here the two
+    """studies/seeds.py summarises the baseline and the experiments it is pointed at (here the two
     queued ones, which change bits rather than seeds) from their commits, one table per model."""
     repo, params, _ = repo
     out = tmp_path / "SEEDS.md"
-    proc = sh(repo, sys.executable, str(ROOT / "benchmarks" / "seeds.py"), "report", "--prefix", "q-", "--out", str(out))
+    proc = sh(repo, sys.executable, str(ROOT / "studies" / "seeds.py"), "report", "--prefix", "q-", "--out", str(out))
     assert "3 runs (baseline, q-" in proc.stdout
     text = out.read_text()
     m = json.loads((repo / "metrics" / "lenet_300_100.json").read_text())

@@ -1,4 +1,4 @@
-"""benchmarks/seeds.py: which runs make the seed band (the report itself is run end to end on the
+"""studies/seeds.py: which runs make the seed band (the report itself is run end to end on the
 tiny pipeline's experiments in test_pipeline.py)."""
 import json
 import runpy
@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_runs_are_the_baseline_and_the_finished_experiments_of_the_prefix(monkeypatch):
-    seeds = runpy.run_path(str(ROOT / "benchmarks" / "seeds.py"))
+    seeds = runpy.run_path(str(ROOT / "studies" / "seeds.py"))
     params = {"models": {}}
 
     def exp(name, state):
@@ -28,7 +28,7 @@ def test_runs_are_the_baseline_and_the_finished_experiments_of_the_prefix(monkey
 def test_queue_re_seeds_only_the_models_named(monkeypatch, tmp_path, capsys):
     import pytest
     import yaml
-    seeds = runpy.run_path(str(ROOT / "benchmarks" / "seeds.py"))
+    seeds = runpy.run_path(str(ROOT / "studies" / "seeds.py"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"models": {"a": {}, "b": {}}}))
     monkeypatch.chdir(tmp_path)
     calls = []
@@ -44,7 +44,7 @@ def test_queue_re_seeds_only_the_models_named(monkeypatch, tmp_path, capsys):
 def test_the_band_counts_the_runs_within_their_architecture_s_validation_budget():
     """The budget is absolute (the paper's pruned test error of the arch), not the select rule's
     max_drop below each run's own dense model: a run can hold its rule and miss the budget."""
-    render = runpy.run_path(str(ROOT / "benchmarks" / "seeds.py"))["render"]
+    render = runpy.run_path(str(ROOT / "studies" / "seeds.py"))["render"]
 
     def out(seed, val_error):
         return {"dense": 1.0, "pruned": 1.3, "compressed": 1.4, "compression": 44.0, "file_compression": 120.0,

@@ -12,33 +12,12 @@ import pytest
 import torch
 import yaml
 
-from hanprune import data, datasets, encoding, io, pruning, rules, sources, storage
+from hanprune import data, datasets, encoding, io, pruning, rules, storage
 from hanprune.models import make
 from tests import tiny
-from tests.tiny import TINY, tiny_params, write_tiny_mnist
+from tests.tiny import OLD, PRUNE, TINY, edit_params
 
 ROOT = Path(__file__).resolve().parents[1]
-OLD = b"the output of an earlier run"
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch):
-    """A working directory with the tiny data in data/tiny/raw, a valid params.yaml, a dense
-    checkpoint of lenet_300_100 and, at the outputs the stages would write, files of an earlier run."""
-    md5 = write_tiny_mnist(tmp_path / "source")
-    params = tiny_params(ROOT / "params.yaml", tmp_path / "source", md5, {"lenet_300_100": 1})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _write_schedule(tmp_path, params)
-    spec = datasets.spec(TINY, md5)
-    data.write_raw(sources.fetch(spec, "local", tmp_path / "source")[1], tmp_path / "data", spec)  # as download does
-    model = make("lenet_300_100")
-    io.save_torch(tmp_path / "models/lenet_300_100/dense.pt",
-                  pruning.checkpoint("lenet_300_100", "lenet_300_100", {}, model, pruning.weight_std(model), []))
-    for out in ["out.pt", "metrics.json", "plot.csv"]:
-        (tmp_path / out).write_bytes(OLD)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # never reached: errors come first
-    return tmp_path
 
 
 def run_stage(capsys, monkeypatch, script: str, *args) -> tuple[int, str]:
@@ -49,24 +28,6 @@ def run_stage(capsys, monkeypatch, script: str, *args) -> tuple[int, str]:
 def last_line(err: str) -> str:
     """The error line; stages that reach MLflow before failing print its warning first."""
     return err.strip().splitlines()[-1]
-
-
-PRUNE = ["prune", "lenet_300_100-iter1", "--start", "models/lenet_300_100/dense.pt", "--schedule", "schedule.json",
-         "--out", "out.pt", "--metrics", "metrics.json", "--plot", "plot.csv"]
-
-
-def _write_schedule(project, params):
-    """schedule.json as the schedule stage writes it for round 1's s (when the params still have one)."""
-    it = (params.get("prune") or {}).get("lenet_300_100-iter1")
-    if isinstance(it, dict) and isinstance(it.get("s"), dict):
-        io.write_json(project / "schedule.json", {"rule": "std", "s": it["s"]})
-
-
-def edit_params(project, change):
-    p = yaml.safe_load((project / "params.yaml").read_text())
-    change(p)
-    (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    _write_schedule(project, p)
 
 
 def _set(path, value):

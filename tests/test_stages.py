@@ -15,9 +15,8 @@ from hanprune import data, encoding, io, pruning, rules, storage
 from hanprune.models import make, prunable_layers
 from hanprune.quantize import load_into, quantized_layers, share_weights
 from hanprune.train import accuracy
-from tests.test_stage_errors import PRUNE, project  # noqa: F401 (the fixture: tiny data, params, dense.pt)
 from tests import tiny
-from tests.tiny import TINY
+from tests.tiny import PRUNE, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 LENET_300_100_PARAMS = 266_610  # weights and biases (test_models)

@@ -135,3 +135,44 @@ def run_stage(script: str, *args) -> int:
     """stages/<script>.py's main(args) in this process, with the errors and exit code of `python
     stages/<script>.py args` (common.call): 0, or 1 after one `error: ...` line on stderr."""
     return stage("common").call(stage(script).main, [str(a) for a in args])
+
+
+OLD = b"the output of an earlier run"
+
+
+def stage_project(tmp_path: Path) -> Path:
+    """A working directory with the tiny data in data/tiny/raw, a valid params.yaml, a dense
+    checkpoint of lenet_300_100 and, at the outputs the stages would write, files of an earlier run."""
+    from hanprune import data, datasets, io, pruning, sources
+    from hanprune.models import make
+    md5 = write_tiny_mnist(tmp_path / "source")
+    params = tiny_params(ROOT / "params.yaml", tmp_path / "source", md5, {"lenet_300_100": 1})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _write_schedule(tmp_path, params)
+    spec = datasets.spec(TINY, md5)
+    data.write_raw(sources.fetch(spec, "local", tmp_path / "source")[1], tmp_path / "data", spec)  # as download does
+    model = make("lenet_300_100")
+    io.save_torch(tmp_path / "models/lenet_300_100/dense.pt",
+                  pruning.checkpoint("lenet_300_100", "lenet_300_100", {}, model, pruning.weight_std(model), []))
+    for out in ["out.pt", "metrics.json", "plot.csv"]:
+        (tmp_path / out).write_bytes(OLD)
+    return tmp_path
+
+
+PRUNE = ["prune", "lenet_300_100-iter1", "--start", "models/lenet_300_100/dense.pt", "--schedule", "schedule.json",
+         "--out", "out.pt", "--metrics", "metrics.json", "--plot", "plot.csv"]
+
+
+def _write_schedule(project, params):
+    from hanprune import io
+    """schedule.json as the schedule stage writes it for round 1's s (when the params still have one)."""
+    it = (params.get("prune") or {}).get("lenet_300_100-iter1")
+    if isinstance(it, dict) and isinstance(it.get("s"), dict):
+        io.write_json(project / "schedule.json", {"rule": "std", "s": it["s"]})
+
+
+def edit_params(project, change):
+    p = yaml.safe_load((project / "params.yaml").read_text())
+    change(p)
+    (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    _write_schedule(project, p)

@@ -1,0 +1,78 @@
+"""The README's figures, made from the committed results, so that they cannot go stale.
+
+    python docs/figures.py          # write the blocks between their markers in README.md
+    python docs/figures.py --check  # exit 1 if README.md's blocks differ from the results (tests/test_docs.py)
+
+Each block sits between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->`: `paper` (the paper
+against this project, per model, from metrics/, metrics/select/ and hanprune/papers.yaml) and
+`run` (the committed run's wall time and stage count, from benchmarks/stages.json)."""
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {"lenet_300_100": "LeNet-300-100", "lenet5_caffe": "LeNet-5 (Caffe, the paper's)",
+          "lenet5": "LeNet-5 (classic, the reference implementation's)"}
+
+
+def _json(root: Path, path: str) -> dict:
+    return json.loads((root / path).read_text())
+
+
+def paper_block(root: Path) -> str:
+    papers = yaml.safe_load((root / "hanprune" / "papers.yaml").read_text())
+    rows = ["| model | paper: params fewer, test error | this project: params fewer, test error | round (of) | "
+            "file smaller, test error | budget held |",
+            "|---|---|---|---|---|---|"]
+    for key, name in MODELS.items():
+        m, s = _json(root, f"metrics/{key}.json"), _json(root, f"metrics/select/{key}.json")
+        han = papers["han2015"].get(key)
+        paper = f"{han['compression']:g}x, {han['pruned_error']:.2f}%" if han else "not in the paper"
+        error, budget = 100 * (1 - m["test_pruned"]), papers["budget"][key]
+        rows.append(f"| {name} | {paper} | **{m['compression']:.1f}x, {error:.2f}%** | {s['round']} ({s['rounds']}) | "
+                    f"{m['file_compression']:.1f}x, {100 * (1 - m['test_compressed']):.2f}% | "
+                    f"{'yes' if m['compression'] >= 12 and error <= budget else 'no'}: >= 12x at <= {budget:g}% |")
+    return "\n".join(rows)
+
+
+def run_block(root: Path) -> str:
+    run = _json(root, "benchmarks/stages.json")
+    stages = run["stages"]
+    fixed = max(s["fixed_seconds"] for s in stages.values() if s["training_seconds"] > 0)
+    return (f"{len(stages)} stages in {run['wall_seconds'] / 60:.1f} min of wall-clock time "
+            f"(`{run['command']}` from an empty cache, {sum(s['training_seconds'] for s in stages.values()) / 60:.1f} "
+            f"min of it in epochs; the largest fixed cost of a training stage {fixed:.1f} s)")
+
+
+BLOCKS = {"paper": paper_block, "run": run_block}
+
+
+def render(text: str, root: Path = ROOT) -> str:
+    for name, make in BLOCKS.items():
+        pattern = re.compile(rf"(<!-- figures:{name} -->\n?).*?(\n?<!-- /figures:{name} -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"README.md: no <!-- figures:{name} --> ... <!-- /figures:{name} --> block")
+        text = pattern.sub(lambda m: m[1] + make(root) + m[2], text)
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="exit 1 if README.md is not what the results give")
+    args = ap.parse_args()
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    made = render(text)
+    if args.check:
+        if made != text:
+            sys.exit("README.md's figures differ from the committed results: run python docs/figures.py")
+        return
+    readme.write_text(made)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""README.md's figures come from the committed results (docs/figures.py), and its first screen
+holds what a newcomer needs."""
+import json
+import runpy
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _figures():
+    return runpy.run_path(str(ROOT / "docs" / "figures.py"))
+
+
+def test_the_readme_s_figures_are_the_committed_results():
+    assert _figures()["render"](README) == README, "run python docs/figures.py and commit README.md"
+
+
+def test_a_changed_metric_makes_the_readme_stale(tmp_path):
+    """The check can fail: in a scratch copy of the results, one changed metric changes the README."""
+    shutil.copytree(ROOT / "metrics", tmp_path / "metrics")
+    for path in ["hanprune/papers.yaml", "benchmarks/stages.json"]:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / path, tmp_path / path)
+    metrics = tmp_path / "metrics" / "lenet5_caffe.json"
+    m = json.loads(metrics.read_text())
+    m["test_pruned"] -= 0.001
+    metrics.write_text(json.dumps(m))
+    assert _figures()["render"](README, tmp_path) != README
+
+
+def test_the_first_screen_has_the_two_commands_and_the_paper_table():
+    lines = README.splitlines()
+    first = "\n".join(lines[:50])
+    assert len(lines) <= 200
+    assert "./setup.sh && PATH=$PWD/.venv/bin:$PATH dvc repro" in first
+    assert "./setup.sh && .venv/bin/python -m pytest" in first
+    assert "| LeNet-5 (Caffe, the paper's) | 12x, 0.77% |" in first and " min of wall-clock time" in first
