@@ -53,10 +53,10 @@ BLOCKS = {"paper": paper_block, "run": run_block}
 
 def render(text: str, root: Path = ROOT) -> str:
     for name, make in BLOCKS.items():
-        pattern = re.compile(rf"(<!-- figures:{name} -->\n?).*?(\n?<!-- /figures:{name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- figures:{name} -->\n).*?(<!-- /figures:{name} -->)", re.S)
         if not pattern.search(text):
             raise SystemExit(f"README.md: no <!-- figures:{name} --> ... <!-- /figures:{name} --> block")
-        text = pattern.sub(lambda m: m[1] + make(root) + m[2], text)
+        text = pattern.sub(lambda m: m[1] + make(root) + "\n" + m[2], text)
     return text
 
 
