@@ -97,7 +97,7 @@ def numeric_modes(r: dict) -> list[str]:
         "## The portable numeric mode's cost", "",
         "One epoch of the same loop, each in its own process: the fast mode (torch's defaults: AVX-512 "
         "kernels where the CPU has them, oneDNN convolutions) against `run.portable: true` (AVX2 kernels, "
-        "MKL's reproducible mode, ATen's own convolutions), which gives the same bytes on any x86-64 CPU "
+        "MKL's reproducible mode, oneDNN off, convolutions as one unfold and one GEMM: hanprune/kernels.py), which gives the same bytes on any x86-64 CPU "
         "with AVX2 (hanprune/runtime.py).", "",
         table([[k, n["fast_seconds_per_epoch"], n["portable_seconds_per_epoch"], f"{100 * n['portable_cost']:+.0f}%"]
                for k, n in r["numerics"].items()], ["model", "fast mode (s)", "portable mode (s)", "cost"], ".2f"), ""]
