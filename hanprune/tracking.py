@@ -1,8 +1,8 @@
 """MLflow logging that never costs a DVC output.
 
 MlflowRun logs in the calling process. BackgroundRun has an MlflowRun in a worker process make
-the calls: the one process of a concurrent.futures pool (start_worker), forked before the stage
-imports torch, so that MLflow's import and the opening of its store overlap the stage's own work
+the calls: the one process of a concurrent.futures pool (start_worker), forked by run_stage before
+the stage's first torch operation, so that MLflow's import and the opening of its store overlap the stage's own work
 on the other core. BackgroundRun's methods check their arguments in the calling process (a wrong
 call is a TypeError where it is made) and return at once; the worker makes the calls in order;
 finish() waits for them all.
@@ -254,7 +254,7 @@ class MlflowRun:
 
 
 def start_worker(uri: str) -> ProcessPoolExecutor:
-    """The worker process for BackgroundRun, forked now: call it before torch is imported (a fork
+    """The worker process for BackgroundRun, forked now: call it before torch's first operation (a fork
     after torch's thread pool ran leaves the worker hanging at its first parallel operation). It
     imports MLflow and opens the store at `uri` meanwhile, at a lower priority than the stage."""
     pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
