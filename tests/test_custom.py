@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from hanprune import config, data, datasets, idx, measure, models, sources
+from hanprune.check import check
 from tests.tiny import stage_commands, tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ def test_an_architecture_that_cannot_be_made_is_one_config_error(user_module, tm
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(project_params, sort_keys=False))
     with pytest.raises(config.ConfigError) as e:
-        config.load(path)
+        check(config.load(path))  # `python -m hanprune check`; the pretrain stage makes the same check
     assert f"models.lenet5.arch: {message}" in str(e.value)
 
 
