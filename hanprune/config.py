@@ -145,6 +145,14 @@ class Budget(Strict):
     scale: float = Field(gt=0)
 
 
+class Gradual(Strict):
+    """Gradual magnitude pruning (Zhu & Gupta 2017) inside the round's training run: the pruned
+    fraction rises along a cubic curve over the first `ramp` of the round's steps, the masks
+    recomputed every `every` steps; the rest of the run trains at the round's values."""
+    ramp: float = Field(gt=0, le=1)
+    every: int = Field(ge=1)
+
+
 class Iteration(Strict):
     """One prune round. Besides these keys, the values of its rule (s per layer for std, q per
     layer for quantile, one q for global), which hanprune.rules validates (rules.values_of); a
@@ -155,6 +163,7 @@ class Iteration(Strict):
     start: str
     rule: str
     budget: Budget | None = None
+    gradual: Gradual | None = None
     epochs: int = Field(ge=1)
     lr: float = Field(gt=0)
 

@@ -182,7 +182,8 @@ def figures(key: str, plots_dir: Path, out_dir: Path, save) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     xs = [int(r["iteration"]) for r in its]
     ax.plot(xs[1:], [100 * float(r["val_retrained"]) for r in its[1:]], "o-", label="after retraining")
-    ax.plot(xs[1:], [100 * float(r["val_pruned"]) for r in its[1:]], "x--", label="right after pruning")
+    pruned = [(int(r["iteration"]), 100 * float(r["val_pruned"])) for r in its[1:] if r["val_pruned"]]  # none: gradual
+    ax.plot(*zip(*pruned) if pruned else ([], []), "x--", label="right after pruning")
     ax.set_xlabel("iteration"), ax.set_ylabel("validation accuracy (%)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2 = ax.twinx()

@@ -24,6 +24,7 @@ from typing import Annotated
 import torch
 from pydantic import Field, TypeAdapter, ValidationError
 from torch import nn
+from torch.ao.pruning.scheduler.cubic_scheduler import CubicSL
 
 from .config import ConfigError, suggest
 from .errors import HanpruneError
@@ -78,7 +79,7 @@ class Std(Rule):
 def _smallest(weights: torch.Tensor, alive: torch.Tensor, q: float) -> torch.Tensor:
     """`alive` less the smallest surviving |w| until q × numel (rounded half up) are pruned in all.
     Ties in |w| are broken by position (the earlier flat index goes first): the same mask on every run."""
-    mask = alive.clone()
+    mask = alive.clone(memory_format=torch.contiguous_format)  # view(-1) below: the logical order
     survivors = alive.flatten().nonzero().squeeze(1)
     more = math.floor(q * alive.numel() + 0.5) - (alive.numel() - survivors.numel())
     if more > 0:
@@ -154,6 +155,8 @@ def check_round(where: str, it, layers: list[str]):
     if (not values if rule.per_layer else values is None) and it.budget is None:
         raise ConfigError(f"{where}: give {rule.key} ({'per layer' if rule.per_layer else 'one value'}) "
                           f"or a budget ({{max_drop: ..., scale: ...}})")
+    if it.gradual is not None and (problem := _not_gradual(it.rule)):
+        raise ConfigError(f"{where}.gradual: {problem}")
     for layer in values if rule.per_layer else []:
         if layer not in layers:
             raise ConfigError(f"{where}.{rule.key}.{layer}: no such layer in {it.model}; layers: "
@@ -172,16 +175,17 @@ def grid_of(rule: Rule, sensitivity: dict[str, list[float]], source: str = "para
 
 def _current(layers: dict[str, nn.Module]):
     """Each layer's effective weights and its mask (ones where it has none), detached."""
-    weights = {n: m.weight.detach() for n, m in layers.items()}
     alive = {n: m.weight_mask.detach() if hasattr(m, "weight_mask") else torch.ones_like(m.weight.detach())
              for n, m in layers.items()}
+    # weight_orig * mask, not the weight attribute, which torch recomputes only at the next forward
+    weights = {n: m.weight_orig.detach() * alive[n] if hasattr(m, "weight_orig") else m.weight.detach()
+               for n, m in layers.items()}
     return weights, alive
 
 
-def prune_round(model: nn.Module, rule: str | Rule, values, dense_std: dict[str, float]) -> None:
-    """One prune round by `rule` (a name in RULES, or a Rule) with its values (per layer, or one).
-    Refuses (PruningError, model untouched) values that would leave a layer with no weights."""
-    r = RULES[rule] if isinstance(rule, str) else rule
+def _checked_masks(model: nn.Module, r: Rule, values, dense_std: dict[str, float], rule_name: str):
+    """The rule's masks for `values` on the model's current weights; PruningError (model untouched)
+    where they would leave a layer with no weights."""
     layers = prunable_layers(model)
     masks = r.masks(*_current(layers), values, dense_std)
     emptied = [name for name, mask in masks.items() if not mask.any()]
@@ -189,10 +193,71 @@ def prune_round(model: nn.Module, rule: str | Rule, values, dense_std: dict[str,
         name = emptied[0]
         where, value = (f"{r.key}.{name}", values[name]) if r.per_layer else (r.key, values)
         survivors = layers[name].weight.detach()[_current({name: layers[name]})[1][name].bool()]
-        rule_name = rule if isinstance(rule, str) else type(rule).__name__
         raise PruningError(f"{where} = {value:g} removes every weight of {', '.join(emptied)} (rule {rule_name}); "
                            f"allowed: {r.allowed(survivors, dense_std.get(name, 1.0))}")
-    attach_masks(model, masks)
+    return masks
+
+
+def prune_round(model: nn.Module, rule: str | Rule, values, dense_std: dict[str, float]) -> None:
+    """One prune round by `rule` (a name in RULES, or a Rule) with its values (per layer, or one).
+    Refuses (PruningError, model untouched) values that would leave a layer with no weights."""
+    r = RULES[rule] if isinstance(rule, str) else rule
+    attach_masks(model, _checked_masks(model, r, values, dense_std, rule if isinstance(rule, str) else type(rule).__name__))
+
+
+def _not_gradual(rule: str) -> str | None:
+    """Why `rule` cannot prune gradually, or None."""
+    if RULES[rule].key != "q":
+        return (f"rule {rule} has no pruned fraction to ramp; allowed with gradual: "
+                + ", ".join(n for n, r in RULES.items() if r.key == "q"))
+
+
+class Gradual:
+    """Gradual magnitude pruning (Zhu & Gupta 2017) inside one training run, for a rule whose values
+    are pruned fractions (quantile, global). Called before every training step (train.fit's
+    `before_step`): at steps every, 2 every, ... up to the ramp's end, each layer's (or, for global,
+    all layers') pruned fraction is set by torch's cubic curve, torch.ao.pruning.CubicSL's
+    sparsity_compute_fn, from the fraction the round starts at to the round's value, and the masks
+    are recomputed from the current weights (a weight once pruned stays pruned). The masks are
+    updated in place, so a captured CUDA graph reads them. Values that would empty a layer are
+    refused (PruningError) before training."""
+
+    def __init__(self, model: nn.Module, rule: str, values, dense_std: dict[str, float], steps: int, cfg):
+        self.rule, self.name, self.values, self.dense_std = RULES[rule], rule, values, dense_std
+        if problem := _not_gradual(rule):
+            raise ConfigError(f"gradual: {problem}")
+        self.model = model
+        ramp = min(math.floor(cfg.ramp * steps), steps - 1)  # the last update comes before the last step
+        self.updates = ramp // cfg.every
+        if self.updates < 1:
+            raise ConfigError(f"gradual.every: {cfg.every} steps is more than the ramp's {ramp} "
+                              f"(ramp {cfg.ramp:g} of {steps} steps); allowed: every <= {ramp}")
+        self.every = cfg.every
+        _checked_masks(model, self.rule, values, dense_std, rule)  # the end point must not empty a layer
+        layers = prunable_layers(model)
+        weights, alive = _current(layers)
+        attach_masks(model, {n: alive[n] for n, m in layers.items() if not hasattr(m, "weight_mask")})
+        pruned = {n: 1 - a.sum().item() / a.numel() for n, a in alive.items()}
+        self.start = ({n: pruned[n] for n in values} if self.rule.per_layer else
+                      1 - sum(a.sum().item() for a in alive.values()) / sum(a.numel() for a in alive.values()))
+
+    def at(self, update: int):
+        """The values at the update-th of `updates` mask updates (0: where the round starts)."""
+        def curve(s_0, s_f):  # a layer already past its value stays where it is (nothing regrows)
+            return CubicSL.sparsity_compute_fn(min(s_0, s_f), s_f, update, 0, 1, self.updates)
+        if self.rule.per_layer:
+            return {n: curve(self.start[n], q) for n, q in self.values.items()}
+        return curve(self.start, self.values)
+
+    def __call__(self, step: int):
+        update, rest = divmod(step, self.every)
+        if rest or not 1 <= update <= self.updates:
+            return
+        masks = _checked_masks(self.model, self.rule, self.at(update), self.dense_std, self.name)
+        layers = prunable_layers(self.model)
+        with torch.no_grad():
+            for name, mask in masks.items():
+                layers[name].weight_mask.copy_(mask)
 
 
 def scan(model: nn.Module, rule: str | Rule, grid: list[float], score) -> list[dict]:

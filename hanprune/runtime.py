@@ -6,7 +6,7 @@ import, both take effect; start() verifies the capability). start(...) then pick
 and fixes the thread count, once per process.
 
 Portable mode gives the same bytes on any x86-64 CPU with AVX2, of either vendor, at a fixed thread
-count (README, "Reproducibility", and benchmarks/numerics/ for what was measured on which CPU):
+count (README, "Reproducibility", and docs/numerics.md for what was measured on which CPU):
 - ATen's own vectorised kernels (sums, losses, SGD, im2col) are compiled for AVX2 and AVX-512 and
   differ in their bits: ATEN_CPU_CAPABILITY=avx2 pins the AVX2 ones, whatever the vendor;
 - MKL's GEMM kernels differ by CPU: MKL_CBWR=COMPATIBLE pins the one code path that oneMKL documents

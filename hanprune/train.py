@@ -97,11 +97,13 @@ def in_layout(x: torch.Tensor) -> torch.Tensor:
 
 
 def fit(model, cfg, train, val, test=None, device=torch.device("cpu"), log=None, cuda_graphs=True,
-        label: str | None = None, lr_key: str | None = None) -> list[dict]:
+        label: str | None = None, lr_key: str | None = None, before_step=None) -> list[dict]:
     """Train `model` for cfg.epochs with minibatch SGD and return one record per epoch.
 
     train/val/test are (images, labels) tensors already on `device`. `log(record)` is called after
-    every epoch. Pruning masks attached to the model keep pruned weights at zero throughout. On
+    every epoch. Pruning masks attached to the model keep pruned weights at zero throughout;
+    `before_step(i)`, if given, is called before the i-th step (from 0, counted over all epochs): a
+    gradual pruning schedule updates the masks there (rules.Gradual). On
     CUDA, the steps are replayed from a captured CUDA graph (CudaGraphStep) unless cuda_graphs is
     false (benchmarks/run.py times the eager loop so).
 
@@ -115,12 +117,12 @@ def fit(model, cfg, train, val, test=None, device=torch.device("cpu"), log=None,
     model.to(memory_format=memory_format(device))
     try:
         with kernels(device):  # the portable mode's convolutions (hanprune/kernels.py)
-            return _fit(model, cfg, train, val, test, device, log, cuda_graphs, _Diverged(label, lr_key))
+            return _fit(model, cfg, train, val, test, device, log, cuda_graphs, _Diverged(label, lr_key), before_step)
     finally:
         model.to(memory_format=torch.contiguous_format)
 
 
-def _fit(model, cfg, train, val, test, device, log, cuda_graphs, diverged) -> list[dict]:
+def _fit(model, cfg, train, val, test, device, log, cuda_graphs, diverged, before_step) -> list[dict]:
     """The loop. Each epoch draws its batch order and shifts on the CPU (the same numbers on every
     device) and moves them to the device at once."""
     x, y = train
@@ -180,6 +182,8 @@ def _fit(model, cfg, train, val, test, device, log, cuda_graphs, diverged) -> li
             batches.append(torch.cat([perm[full * size:].view(1, -1), offsets[2 * full * size:].view(2, -1)]))
         lrs = [next(rates) for _ in batches]
         for i, batch in enumerate(_progress(batches, f"epoch {epoch}/{cfg.epochs}")):
+            if before_step:
+                before_step((epoch - 1) * len(batches) + i)
             loss = step(batch, lrs[i])
             if per_step and not math.isfinite(loss := loss.item()):
                 diverged.loss(epoch, i, len(batches), loss, lrs[i])

@@ -12,7 +12,7 @@ from hanprune import data, io, measure
 from hanprune.config import ConfigError
 from hanprune.pruning import PruningError, checkpoint, load_checkpoint
 from hanprune.models import prunable_layers
-from hanprune.rules import check_round, prune_round
+from hanprune.rules import Gradual, check_round, prune_round
 from hanprune.train import accuracy, fit
 
 
@@ -44,16 +44,23 @@ def main(argv=None):
         mlrun.params({"prune": it.model_dump(), "retrain": cfg.model_dump(), "chosen": {key: values}})
         model.to(device)
         val_before = accuracy(model, *splits.val)
+        gradual = None
         try:
-            prune_round(model, it.rule, values, ckpt["dense_std"])
+            if it.gradual is None:  # prune at once, then retrain
+                prune_round(model, it.rule, values, ckpt["dense_std"])
+            else:  # prune while training (no accuracy right after pruning)
+                steps = cfg.epochs * -(-len(splits.train[0]) // cfg.batch_size)
+                gradual = Gradual(model, it.rule, values, ckpt["dense_std"], steps, it.gradual)
         except PruningError as e:  # name the params key: prune.<iteration>.s.<layer>
             if it.budget is not None:
                 raise PruningError(f"prune.{args.iteration}.{e} (from the budget: {args.schedule})") from None
             raise PruningError(f"prune.{args.iteration}.{e}") from None
-        val_pruned = accuracy(model, *splits.val)
+        except ConfigError as e:
+            raise ConfigError(f"{p.source}: prune.{args.iteration}.{e}") from None
+        val_pruned = None if gradual else accuracy(model, *splits.val)
         epochs = fit(model, cfg, splits.train, splits.val, None, device,
                      log=epoch_logger(mlrun, f"prune {args.iteration}"), label=f"prune {args.iteration}",
-                     lr_key=f"prune.{args.iteration}.lr")
+                     lr_key=f"prune.{args.iteration}.lr", before_step=gradual)
         layers = measure.layer_stats(model, splits.input_shape)
         total = measure.totals(layers)
         # The checkpoint's history keeps the whole record; the DVC metrics the figures a person compares.
@@ -72,9 +79,10 @@ def main(argv=None):
         io.write_json(args.metrics, headline)
         io.write_csv(args.plot, ["epoch", "train_loss", "val_accuracy"],
                      [[e["epoch"], f"{e['train_loss']:.6f}", f"{e['val_accuracy']:.6f}"] for e in epochs])
-        mlrun.metrics({k: v for k, v in record.items() if k != "iteration"}, step=it.iteration, on_parent=True)
+        mlrun.metrics({k: v for k, v in record.items() if k != "iteration" and v is not None}, step=it.iteration, on_parent=True)
         mlrun.table([{"layer": n, **l} for n, l in layers.items()], "layers.json")
-    print(f"prune {args.iteration}: val {val_before:.4f} -> pruned {val_pruned:.4f} -> retrained "
+    pruned = "gradually" if gradual else f"{val_pruned:.4f}"
+    print(f"prune {args.iteration}: val {val_before:.4f} -> pruned {pruned} -> retrained "
           f"{record['val_retrained']:.4f}, {record['compression']:.1f}x, kept "
           + " ".join(f"{n} {k:.1%}" for n, k in record["kept"].items()) + f" -> {args.out}")
 

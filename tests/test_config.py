@@ -28,10 +28,10 @@ def _error(tmp_path, params) -> str:
 def test_project_params_load():
     p = config.load(PARAMS_FILE)
     assert set(p.models) == {"lenet_300_100", "lenet5", "lenet5_caffe"}  # the paper's table
-    assert {it.rule for it in p.prune.values()} == {"std"}  # the paper's rule
+    assert {it.rule for it in p.prune.values() if it.model != "lenet5"} == {"std"}  # the paper's rule for its models
     assert all(m.select.noise == 2 and m.select.max_drop is None for m in p.models.values())
     assert {it.model for it in p.prune.values()} == set(p.models)
-    assert p.prune["lenet5-iter1"].start == "models/lenet5/dense.pt"
+    assert p.prune["lenet5_caffe-iter1"].start == "models/lenet5_caffe/dense.pt"
     assert p.models["lenet_300_100"].pretrain.regularization.kind == "l2"
     assert p.data.source in ("auto", "torchvision", "pypi", "local")
 
@@ -88,9 +88,9 @@ def test_misspelled_key_under_model_suggests(tmp_path, project_params):
 
 
 def test_misspelled_key_under_prune_suggests(tmp_path, project_params):
-    project_params["prune"]["lenet5-iter1"]["epochz"] = 3
+    project_params["prune"]["lenet5_caffe-iter1"]["epochz"] = 3
     msg = _error(tmp_path, project_params)
-    assert "prune.lenet5-iter1.epochz: unknown key" in msg
+    assert "prune.lenet5_caffe-iter1.epochz: unknown key" in msg
     assert "did you mean 'epochs'?" in msg
 
 
@@ -118,7 +118,7 @@ def test_wrong_literal(tmp_path, project_params):
     assert "cosine" in msg
 
 
-@pytest.mark.parametrize("key, layer", [("lenet5-iter2", "fc1"), ("lenet5_caffe-iter1", "conv1")])
+@pytest.mark.parametrize("key, layer", [("lenet5_caffe-iter2", "fc1"), ("lenet5_caffe-iter1", "conv1")])
 def test_negative_s(tmp_path, project_params, key, layer):
     project_params["prune"][key]["s"][layer] = -0.5
     msg = _error(tmp_path, project_params)
@@ -128,10 +128,10 @@ def test_negative_s(tmp_path, project_params, key, layer):
 
 
 def test_s_for_unknown_layer(tmp_path, project_params):
-    project_params["prune"]["lenet5-iter2"]["s"]["fc4"] = 0.5
+    project_params["prune"]["lenet5_caffe-iter2"]["s"]["fc4"] = 0.5
     msg = _error(tmp_path, project_params)
-    assert "prune.lenet5-iter2.s.fc4: no such layer in lenet5" in msg
-    assert "conv1, conv2, fc1, fc2, fc3" in msg
+    assert "prune.lenet5_caffe-iter2.s.fc4: no such layer in lenet5_caffe" in msg
+    assert "conv1, conv2, fc1, fc2" in msg
 
 
 @pytest.mark.parametrize("where", ["pretrain", "retrain"])
@@ -157,20 +157,20 @@ def test_model_without_prune_iterations(tmp_path, project_params):
 
 
 def test_start_no_stage_produces(tmp_path, project_params):
-    project_params["prune"]["lenet5-iter3"]["start"] = "models/lenet5/iter9.pt"
+    project_params["prune"]["lenet5_caffe-iter3"]["start"] = "models/lenet5_caffe/iter9.pt"
     msg = _error(tmp_path, project_params)
-    assert "prune.lenet5-iter3.start" in msg
-    assert "'models/lenet5/iter9.pt'" in msg
+    assert "prune.lenet5_caffe-iter3.start" in msg
+    assert "'models/lenet5_caffe/iter9.pt'" in msg
     assert "no stage produces it" in msg
-    assert "expected 'models/lenet5/rounds/iter2.pt'" in msg
+    assert "expected 'models/lenet5_caffe/rounds/iter2.pt'" in msg
 
 
 def test_start_not_the_previous_checkpoint(tmp_path, project_params):
-    project_params["prune"]["lenet5-iter3"]["start"] = "models/lenet5/dense.pt"
+    project_params["prune"]["lenet5_caffe-iter3"]["start"] = "models/lenet5_caffe/dense.pt"
     msg = _error(tmp_path, project_params)
-    assert "prune.lenet5-iter3.start" in msg
+    assert "prune.lenet5_caffe-iter3.start" in msg
     assert "not the previous checkpoint" in msg
-    assert "expected 'models/lenet5/rounds/iter2.pt'" in msg
+    assert "expected 'models/lenet5_caffe/rounds/iter2.pt'" in msg
 
 
 def test_iteration_gap(tmp_path, project_params):
@@ -188,60 +188,60 @@ def test_iteration_key_mismatch(tmp_path, project_params):
 
 
 def test_prune_model_not_in_models(tmp_path, project_params):
-    project_params["prune"]["lenet5-iter1"]["model"] = "lenet55"
+    project_params["prune"]["lenet5_caffe-iter1"]["model"] = "lenet55"
     msg = _error(tmp_path, project_params)
-    assert "prune.lenet5-iter1.model: 'lenet55' is not a key of models" in msg
+    assert "prune.lenet5_caffe-iter1.model: 'lenet55' is not a key of models" in msg
     assert "did you mean 'lenet5'?" in msg
 
 
 def test_added_round_loads(tmp_path, project_params):
     """Adding a round is one entry: no other key points at the last round."""
-    project_params["prune"]["lenet5-iter4"] = dict(project_params["prune"]["lenet5-iter3"],
-                                                   iteration=4, start="models/lenet5/rounds/iter3.pt")
+    project_params["prune"]["lenet5_caffe-iter4"] = dict(project_params["prune"]["lenet5_caffe-iter3"],
+                                                   iteration=4, start="models/lenet5_caffe/rounds/iter3.pt")
     p = config.load(_write(tmp_path, project_params))
-    assert p.prune["lenet5-iter4"].start == config.iteration_path("lenet5", 3)
+    assert p.prune["lenet5_caffe-iter4"].start == config.iteration_path("lenet5_caffe", 3)
 
 
 @pytest.mark.parametrize("change, expected", [
-    (lambda r: r.update(rule="quantil"), "prune.lenet5-iter1.rule: unknown rule 'quantil' (did you mean 'quantile'?); "
+    (lambda r: r.update(rule="quantil"), "prune.lenet5_caffe-iter1.rule: unknown rule 'quantil' (did you mean 'quantile'?); "
                                          "allowed: std, quantile, global"),
-    (lambda r: r.update(rule="quantile"), "prune.lenet5-iter1.s: unknown key; rule quantile takes q; allowed: model, "
-                                          "iteration, start, rule, budget, epochs, lr, q"),
-    (lambda r: r.update(rule="quantile", s=None, q={"fc1": 1.0}), "prune.lenet5-iter1.q.fc1: must be < 1, got 1.0"),
-    (lambda r: r.update(rule="global", s=None, q={"fc1": 0.5}), "prune.lenet5-iter1.q: Input should be a valid number"),
-    (lambda r: r.pop("s"), "prune.lenet5-iter1: give s (per layer) or a budget ({max_drop: ..., scale: ...})"),
-    (lambda r: r.update(budget={"max_drop": 0.01}), "prune.lenet5-iter1.budget.scale: missing"),
-    (lambda r: r.pop("rule"), "prune.lenet5-iter1.rule: missing"),
+    (lambda r: r.update(rule="quantile"), "prune.lenet5_caffe-iter1.s: unknown key; rule quantile takes q; allowed: model, "
+                                          "iteration, start, rule, budget, gradual, epochs, lr, q"),
+    (lambda r: r.update(rule="quantile", s=None, q={"fc1": 1.0}), "prune.lenet5_caffe-iter1.q.fc1: must be < 1, got 1.0"),
+    (lambda r: r.update(rule="global", s=None, q={"fc1": 0.5}), "prune.lenet5_caffe-iter1.q: Input should be a valid number"),
+    (lambda r: r.pop("s"), "prune.lenet5_caffe-iter1: give s (per layer) or a budget ({max_drop: ..., scale: ...})"),
+    (lambda r: r.update(budget={"max_drop": 0.01}), "prune.lenet5_caffe-iter1.budget.scale: missing"),
+    (lambda r: r.pop("rule"), "prune.lenet5_caffe-iter1.rule: missing"),
 ])
 def test_round_rule_errors(tmp_path, project_params, change, expected):
-    change(project_params["prune"]["lenet5-iter1"])
-    project_params["prune"]["lenet5-iter1"] = {k: v for k, v in project_params["prune"]["lenet5-iter1"].items()
+    change(project_params["prune"]["lenet5_caffe-iter1"])
+    project_params["prune"]["lenet5_caffe-iter1"] = {k: v for k, v in project_params["prune"]["lenet5_caffe-iter1"].items()
                                                if v is not None}
     assert expected in _error(tmp_path, project_params)
 
 
 def test_a_model_s_rounds_share_one_rule_and_its_grid_holds_zero(tmp_path, project_params):
-    r = project_params["prune"]["lenet5-iter2"]
+    r = project_params["prune"]["lenet5_caffe-iter2"]
     r.update(rule="quantile", q={"fc1": 0.5})
     del r["s"]
-    assert "prune: the rounds of lenet5 use the rules quantile, std; use one" in _error(tmp_path, project_params)
+    assert "prune: the rounds of lenet5_caffe use the rules quantile, std; use one" in _error(tmp_path, project_params)
     for r in project_params["prune"].values():
-        if r["model"] == "lenet5" and r["rule"] == "std":
+        if r["model"] == "lenet5_caffe" and r["rule"] == "std":
             r.update(rule="quantile", q={"fc1": 0.5})
             del r["s"]
     project_params["sensitivity"]["q"] = [0.1, 0.5]
     assert "sensitivity.q: must hold 0 (the dense model" in _error(tmp_path, project_params)
     project_params["sensitivity"]["q"] = [0.0, 0.5]
-    assert rules.values_of(rules.RULES["quantile"], config.load(_write(tmp_path, project_params)).prune["lenet5-iter3"].model_extra) == {"fc1": 0.5}
+    assert rules.values_of(rules.RULES["quantile"], config.load(_write(tmp_path, project_params)).prune["lenet5_caffe-iter3"].model_extra) == {"fc1": 0.5}
 
 
 def test_budget_and_select_load(tmp_path, project_params):
-    it = project_params["prune"]["lenet5-iter1"]
+    it = project_params["prune"]["lenet5_caffe-iter1"]
     del it["s"]
     it["budget"] = {"max_drop": 0.01, "scale": 0.5}
     p = config.load(_write(tmp_path, project_params))
-    assert p.prune["lenet5-iter1"].budget.model_dump() == {"max_drop": 0.01, "scale": 0.5}
-    assert rules.values_of(rules.RULES["std"], p.prune["lenet5-iter1"].model_extra) == {}
+    assert p.prune["lenet5_caffe-iter1"].budget.model_dump() == {"max_drop": 0.01, "scale": 0.5}
+    assert rules.values_of(rules.RULES["std"], p.prune["lenet5_caffe-iter1"].model_extra) == {}
     assert p.models["lenet5"].select.noise == 2
     project_params["models"]["lenet5"]["select"] = {"noise": -1}
     assert "models.lenet5.select.noise: Input should be greater than or equal to 0" in _error(tmp_path, project_params)

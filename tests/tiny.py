@@ -52,6 +52,8 @@ def tiny_params(params_file: Path, local_dir: Path, md5: dict, iterations: dict[
     for key, it in p["prune"].items():
         if it["model"] in iterations and it["iteration"] <= iterations[it["model"]]:
             prune[key] = {**it, "epochs": 1}
+            if "gradual" in it:  # a mask update every step: the tiny data has few
+                prune[key]["gradual"] = {**it["gradual"], "every": 1}
     p["prune"] = prune
     return p
 
