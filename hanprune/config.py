@@ -6,6 +6,7 @@ builds the model or applies the rule (check_bits, rules.check_round), and the wh
 `python -m hanprune check` (hanprune/check.py)."""
 import difflib
 from pathlib import Path
+from types import UnionType
 from typing import Literal, get_args
 
 import yaml
@@ -132,10 +133,18 @@ class ModelCfg(Strict):
     kwargs: dict = Field(default_factory=dict, description="keyword arguments of the architecture's class")
     code: str = Field(description="the file that defines the architecture, a dep of the model's stages in "
                                   "dvc.yaml (DVC says if it is missing)")
-    pretrain: Training
+    dense: str | None = Field(None, description="the dense checkpoint its first round starts from, where another "
+                                                "pipeline trains it (a study); default models/<model>/dense.pt")
+    pretrain: Training | None = None
     retrain: Training
     select: Select
     quantize: Quantize
+
+    @model_validator(mode="after")
+    def _trained_somewhere(self):
+        if self.pretrain is None and self.dense is None:
+            raise ValueError("give pretrain (how to train the dense model), or dense (its checkpoint)")
+        return self
 
 
 class Budget(Strict):
@@ -220,7 +229,7 @@ def _check_chains(p: Params) -> None:
         its = rounds_of(p, model)
         if not its:
             raise ConfigError(f"prune: no iterations for model {model}; add prune.{model}-iter1")
-        produced = [dense_path(model)] + [iteration_path(model, it.iteration) for it in its]
+        produced = [p.models[model].dense or dense_path(model)] + [iteration_path(model, it.iteration) for it in its]
         for k, it in enumerate(its, start=1):
             if it.iteration != k:
                 raise ConfigError(f"prune.{model}-iter{it.iteration}: iterations of {model} must be "
@@ -242,6 +251,8 @@ def _annotation(loc):
     while parts and node is not None:
         field = getattr(node, "model_fields", {}).get(parts.pop(0))
         node = field.annotation if field else None
+        if type(node) is UnionType:  # an optional section (X | None): X
+            node = next(a for a in get_args(node) if a is not type(None))
         if getattr(node, "__origin__", None) is dict:
             node = node.__args__[1]
             if parts:

@@ -130,9 +130,9 @@ def values_of(rule: Rule, given: dict):
 _BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<", "less_than_equal": "<="}
 
 
-def check_round(where: str, it, layers: list[str]):
-    """A round's rule, and its values against the rule's type and the model's layers (`where`
-    names the round in errors: prune.<model>-iter<k>). Returns (rule, values)."""
+def check_round(where: str, it, layers: list[str] | None):
+    """A round's rule, and its values against the rule's type and the model's layers, where given
+    (`where` names the round in errors: prune.<model>-iter<k>). Returns (rule, values)."""
     if it.rule not in RULES:
         raise ConfigError(f"{where}.rule: unknown rule {it.rule!r}{suggest(it.rule, RULES)}; "
                           f"allowed: {', '.join(RULES)}")
@@ -157,7 +157,7 @@ def check_round(where: str, it, layers: list[str]):
                           f"or a budget ({{max_drop: ..., scale: ...}})")
     if it.gradual is not None and (problem := _not_gradual(it.rule)):
         raise ConfigError(f"{where}.gradual: {problem}")
-    for layer in values if rule.per_layer else []:
+    for layer in values if rule.per_layer and layers is not None else []:
         if layer not in layers:
             raise ConfigError(f"{where}.{rule.key}.{layer}: no such layer in {it.model}; layers: "
                               f"{', '.join(layers)}" + suggest(layer, layers))

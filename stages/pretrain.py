@@ -15,6 +15,9 @@ def main(argv=None):
     p = load_params(args.params, args.model)
     m = p.models[args.model]
     cfg = m.pretrain
+    if cfg is None:
+        raise ConfigError(f"{p.source}: models.{args.model}.pretrain: missing; this pipeline trains the dense model "
+                          f"(models.{args.model}.dense names one that another pipeline trains)")
     device = start(p, cfg.seed)  # before the model: its initial weights come from the seed
     try:
         model = make(m.arch, m.kwargs)

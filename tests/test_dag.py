@@ -10,6 +10,7 @@ would only re-run stages for nothing. A false dep costs up to 20 minutes of trai
 leaves a stale output that `dvc status` does not report.
 """
 import ast
+import os
 import shlex
 import subprocess
 from pathlib import Path
@@ -123,6 +124,7 @@ def stage_script(spec: dict) -> str:
 
 
 def expected_py_deps(spec: dict, root: Path = ROOT) -> set[str]:
+    """From the project root; `root` is the stage's working directory (its dvc.yaml's folder)."""
     return import_closure(root / stage_script(spec)) - NOT_DEPS
 
 
@@ -135,17 +137,19 @@ def _sorted_py(paths: set[str], script: str) -> list[str]:
     return first + sorted(paths - set(first))
 
 
-def check_deps(dvc_yaml: dict) -> list[str]:
-    """One message per stage whose .py deps differ from its import closure."""
+def check_deps(dvc_yaml: dict, base: Path = ROOT) -> list[str]:
+    """One message per stage whose .py deps differ from its import closure (`base`: the folder of
+    the dvc.yaml, which its paths are relative to)."""
     problems = []
     for name, spec in stage_specs(dvc_yaml):
         deps = [_dep_name(d) for d in spec.get("deps", [])]
-        listed = {d for d in deps if d.endswith(".py")}
-        script = stage_script(spec)
-        expected = expected_py_deps(spec)
+        listed = {_rel(base / d) for d in deps if d.endswith(".py")}
+        script = _rel(base / stage_script(spec))
+        expected = expected_py_deps(spec, base)
         if listed == expected:
             continue
-        corrected = _sorted_py(expected, script) + [d for d in deps if not d.endswith(".py")]
+        corrected = [Path(os.path.relpath(ROOT / d, base)).as_posix() for d in _sorted_py(expected, script)] + [
+            d for d in deps if not d.endswith(".py")]
         indent = " " * (8 if "foreach" in dvc_yaml["stages"][name] else 6)
         problems.append(
             f"stage {name}: deps do not match the imports of {script}\n"
@@ -172,19 +176,24 @@ def data_params(script: Path) -> set[str]:
     return DATA_PARAMS | (SPLIT_PARAMS if opened else set())
 
 
-def check_params(dvc_yaml: dict) -> list[str]:
+def check_params(dvc_yaml: dict, base: Path = ROOT) -> list[str]:
     problems = []
     for name, spec in stage_specs(dvc_yaml):
         params = {p for p in spec.get("params", []) if isinstance(p, str)}
-        missing = sorted(data_params(ROOT / stage_script(spec)) - params)
+        missing = sorted(data_params(base / stage_script(spec)) - params)
         if missing:
             problems.append(f"stage {name} loads the data (args.data): add params {missing}")
     return problems
 
 
-@pytest.fixture(scope="module")
-def dvc_yaml() -> dict:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())
+PIPELINES = ["dvc.yaml", "studies/records/dvc.yaml"]  # the paper's run, and the studies beside it
+
+
+@pytest.fixture(scope="module", params=PIPELINES)
+def dvc_yaml(request) -> tuple[dict, Path]:
+    """A pipeline file and its folder (the stages' working directory)."""
+    path = ROOT / request.param
+    return yaml.safe_load(path.read_text()), path.parent
 
 
 def test_import_closure_follows_common_and_relative_imports():
@@ -198,14 +207,14 @@ def test_import_closure_follows_common_and_relative_imports():
 def test_each_stage_lists_exactly_the_code_it_imports(dvc_yaml):
     """Missing: a change to that file leaves the output stale and `dvc status` silent.
     Extra: a change to that file re-runs the stage (up to 20 minutes) for nothing."""
-    problems = check_deps(dvc_yaml)
+    problems = check_deps(*dvc_yaml)
     assert not problems, "\n" + "\n".join(problems)
 
 
 def test_stages_that_load_data_list_the_params_it_depends_on(dvc_yaml):
     """open_splits() finds the data by data.name and splits it with data.val_size/val_seed, on the
     device, threads and numeric mode that `run` sets: all decide the bits of a training or evaluation."""
-    problems = check_params(dvc_yaml)
+    problems = check_params(*dvc_yaml)
     assert not problems, "\n".join(problems)
 
 
@@ -264,10 +273,11 @@ def test_model_stages_depend_on_the_architecture_s_file_and_params(dvc_yaml):
     """Every stage that builds a model lists the file that defines its architecture
     (models.<key>.code) and its arch and kwargs. A prune round reaches the file through its start
     checkpoint, which pretrain wrote, and a round's schedule through the scan."""
-    per_model = [(name, spec) for name, spec in stage_specs(dvc_yaml) if "foreach" in dvc_yaml["stages"][name]]
+    pipeline, base = dvc_yaml
+    per_model = [(name, spec) for name, spec in stage_specs(pipeline) if "foreach" in pipeline["stages"][name]]
     per_round = {"schedule", "prune"}
-    assert {name for name, _ in per_model} == {"pretrain", "sensitivity", "quantize", "encode", "evaluate",
-                                               "select"} | per_round
+    dense = {"pretrain", "sensitivity"} if base == ROOT else set()  # a study starts from the paper's run's
+    assert {name for name, _ in per_model} == {"quantize", "encode", "evaluate", "select"} | per_round | dense
     for name, spec in per_model:
         deps = [_dep_name(d) for d in spec.get("deps", [])]
         params = {p for p in spec.get("params", []) if isinstance(p, str)}
@@ -277,13 +287,14 @@ def test_model_stages_depend_on_the_architecture_s_file_and_params(dvc_yaml):
         assert {f"models.{key}.arch", f"models.{key}.kwargs"} <= params, f"stage {name}: add the arch params"
 
 
-def test_each_model_s_code_is_the_file_of_its_arch():
+def test_each_model_s_code_is_the_file_of_its_arch(dvc_yaml):
     """models.<key>.code is what DVC watches: it must be the file the import path names."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    base = dvc_yaml[1]
+    params = yaml.safe_load((base / "params.yaml").read_text())
     for key, m in params["models"].items():
         module = m["arch"].partition(":")[0] if ":" in m["arch"] else "hanprune.models"
-        assert m["code"] == module.replace(".", "/") + ".py", key
-        assert (ROOT / m["code"]).is_file(), key
+        assert _rel(base / m["code"]) == module.replace(".", "/") + ".py", key
+        assert (base / m["code"]).is_file(), key
 
 
 def _pipeline_module():

@@ -381,3 +381,31 @@ def test_read_only_tracking_store_costs_one_line(project, request):
     assert line.startswith(f"warning: MLflow tracking store sqlite:///{db} unreachable: ")
     assert "readonly database" in line and line.endswith("; continuing without tracking")
     _assert_pretrained(project)
+
+
+def test_a_budget_without_the_scan_is_refused_by_the_schedule_stage(project, capsys, monkeypatch):
+    edit_params(project, lambda p: p["prune"]["lenet_300_100-iter1"].update(budget={"max_drop": 0.01, "scale": 1.0}))
+    code, err = run_stage(capsys, monkeypatch, "schedule", "lenet_300_100-iter1", "--out", "metrics.json")
+    assert code == 1 and last_line(err) == (
+        "error: params.yaml: prune.lenet_300_100-iter1.budget: a budget needs the model's sensitivity scan (--scan); "
+        "give the rule's values instead")
+    assert (project / "metrics.json").read_bytes() == OLD
+
+
+def test_a_model_another_pipeline_trains_cannot_be_pretrained_here(project, capsys, monkeypatch):
+    """A study names its dense checkpoint (models.<key>.dense) and has no pretrain section."""
+    def dense_elsewhere(p):
+        del p["models"]["lenet_300_100"]["pretrain"]
+        p["models"]["lenet_300_100"]["dense"] = "elsewhere/dense.pt"
+        p["prune"]["lenet_300_100-iter1"]["start"] = "elsewhere/dense.pt"
+    edit_params(project, dense_elsewhere)
+    code, err = run_stage(capsys, monkeypatch, "pretrain", "lenet_300_100", "--data", "data", "--out", "out.pt",
+                          "--plot", "plot.csv")
+    assert code == 1 and last_line(err) == (
+        "error: params.yaml: models.lenet_300_100.pretrain: missing; this pipeline trains the dense model "
+        "(models.lenet_300_100.dense names one that another pipeline trains)")
+    assert (project / "out.pt").read_bytes() == OLD
+    edit_params(project, lambda p: p["models"]["lenet_300_100"].pop("dense"))
+    code, err = run_stage(capsys, monkeypatch, "pretrain", "lenet_300_100", "--data", "data", "--out", "out.pt",
+                          "--plot", "plot.csv")
+    assert code == 1 and "models.lenet_300_100: give pretrain (how to train the dense model), or dense" in last_line(err)
