@@ -4,8 +4,9 @@
     python docs/figures.py --check  # exit 1 if README.md's blocks differ from the results (tests/test_docs.py)
 
 Each block sits between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->`: `paper` (the paper
-against this project, per model, from metrics/, metrics/select/ and hanprune/papers.yaml) and
-`run` (the committed run's wall time and stage count, from benchmarks/stages.json)."""
+against this project, per model, from metrics/, metrics/select/ and hanprune/papers.yaml), `run`
+(the committed run's wall time and stage count, from benchmarks/stages.json) and `records` (the
+records study's selected points against their targets, and its wall time)."""
 import argparse
 import json
 import re
@@ -48,7 +49,26 @@ def run_block(root: Path) -> str:
             f"min of it in epochs; the largest fixed cost of a training stage {fixed:.1f} s)")
 
 
-BLOCKS = {"paper": paper_block, "run": run_block}
+def records_block(root: Path) -> str:
+    """The records study (studies/records): each model's selected point against the issue's targets."""
+    targets = yaml.safe_load((root / "hanprune" / "papers.yaml").read_text())["targets"]
+    study = root / "studies" / "records"
+    rows = ["| model | study: params fewer, test error | round (of) | file smaller, test error | target: params, file, "
+            "test error | met |", "|---|---|---|---|---|---|"]
+    for key in yaml.safe_load((study / "params.yaml").read_text())["models"]:
+        m, s = _json(study, f"metrics/{key}.json"), _json(study, f"metrics/select/{key}.json")
+        x, file_x, error = targets[key]
+        test, file_test = 100 * (1 - m["test_pruned"]), 100 * (1 - m["test_compressed"])
+        met = m["compression"] >= x and m["file_compression"] >= file_x and max(test, file_test) <= error
+        rows.append(f"| {MODELS[key]} | **{m['compression']:.1f}x, {test:.2f}%** | {s['round']} ({s['rounds']}) | "
+                    f"{m['file_compression']:.1f}x, {file_test:.2f}% | >= {x}x, >= {file_x}x, <= {error:.2f}% | "
+                    f"{'yes' if met else 'no'} |")
+    run = _json(root, "benchmarks/records-stages.json")
+    return "\n".join(rows) + (f"\n\n`{run['command']}`: {len(run['stages'])} stages in {run['wall_seconds'] / 60:.1f} min "
+                              "of wall-clock time (benchmarks/records-stages.json).")
+
+
+BLOCKS = {"paper": paper_block, "run": run_block, "records": records_block}
 
 
 def render(text: str, root: Path = ROOT) -> str:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from tabulate import tabulate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +30,7 @@ from hanprune import io  # noqa: E402
 from studies.seeds import BUDGET, git_file, runs, within  # noqa: E402
 from hanprune.report import PAPERS  # noqa: E402
 
-# Targets: parameter compression, file compression, test error (%).
-TARGETS = {"lenet_300_100": (40, 120, 1.59), "lenet5_caffe": (60, 150, 0.77), "lenet5": (25, 60, 1.0)}
+TARGETS = PAPERS["targets"]  # parameter compression, file compression, test error (%)
 # Published points: (label, parameter compression, file compression or None, test error %).
 PUBLISHED = {arch: [tuple(point) for point in points] for arch, points in PAPERS["records"].items()}
 
@@ -55,8 +55,22 @@ def git(*args: str) -> str:
 def configuration(params: dict, model: str) -> str:
     """What a model's results depend on: its entry, its rounds, the data and the scan's grids."""
     rounds = sorted((k, it) for k, it in params["prune"].items() if it["model"] == model)
-    return json.dumps([params["models"][model], rounds, params["data"], params["run"], params["sensitivity"]],
+    return json.dumps([params["models"][model], rounds, params["data"], params["run"], params.get("sensitivity")],
                       sort_keys=True)
+
+
+STUDIES = ["studies/records/"]  # pipelines beside the paper's run, each with its params.yaml, metrics/ and plots/
+
+
+def pipelines(rev: str, params: dict) -> list[tuple[str, dict]]:
+    """(folder, params) of the paper's run ("") and of each study a run's commit holds."""
+    found = [("", params)]
+    for folder in STUDIES:
+        try:
+            found.append((folder, yaml.safe_load(git_file(rev, f"{folder}params.yaml"))))
+        except subprocess.CalledProcessError:  # a commit from before the study
+            pass
+    return found
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -79,25 +93,35 @@ def points(found: list[tuple[str, str, dict]]) -> list[dict]:
     selected round's figures, and every round's (plots/<model>/final/rounds.csv: parameters only,
     as only the selected round is quantized and encoded)."""
     out, seen = [], set()
-    for name, rev, params in found:
-        for model, cfg in params["models"].items():
-            key = (model, configuration(params, model))
-            if cfg["arch"] not in BUDGET or key in seen:
-                continue
-            seen.add(key)
-            m = json.loads(git_file(rev, f"metrics/{model}.json"))
-            s = json.loads(git_file(rev, f"metrics/select/{model}.json"))
-            q = json.loads(git_file(rev, f"metrics/quantize/{model}.json"))
-            rounds = list(csv.DictReader(_io.StringIO(git_file(rev, f"plots/{model}/final/rounds.csv"))))
-            rule = next(it["rule"] for it in params["prune"].values() if it["model"] == model)
-            out.append({"run": name, "model": model, "arch": cfg["arch"], "rule": rule, "round": s["round"],
-                        "changed": changed(params, found[0][2], model),
-                        "compression": m["compression"], "file_compression": m["file_compression"],
-                        "val_error": 100 * (1 - s["val"]), "file_val_error": 100 * (1 - q["val_finetuned"]),
-                        "test_error": 100 * (1 - m["test_pruned"]),
-                        "file_test_error": 100 * (1 - m["test_compressed"]),
-                        "rounds": [(float(r["compression"]), 100 * (1 - float(r["test_accuracy"]))) for r in rounds]})
+    base = dict(pipelines(found[0][1], found[0][2]))
+    for name, rev, run_params in found:
+        for folder, params in pipelines(rev, run_params):
+            for model, cfg in params["models"].items():
+                key = (folder, model, configuration(params, model))
+                if cfg["arch"] not in BUDGET or key in seen:
+                    continue
+                seen.add(key)
+                try:
+                    out.append(_point(name, rev, folder, params, model, cfg, base.get(folder, params)))
+                except subprocess.CalledProcessError:  # a study not yet run at that commit
+                    pass
     return out
+
+
+def _point(name: str, rev: str, folder: str, params: dict, model: str, cfg: dict, base: dict) -> dict:
+    m = json.loads(git_file(rev, f"{folder}metrics/{model}.json"))
+    s = json.loads(git_file(rev, f"{folder}metrics/select/{model}.json"))
+    q = json.loads(git_file(rev, f"{folder}metrics/quantize/{model}.json"))
+    rounds = list(csv.DictReader(_io.StringIO(git_file(rev, f"{folder}plots/{model}/final/rounds.csv"))))
+    rule = next(it["rule"] + (" gradual" if it.get("gradual") else "")
+                for it in params["prune"].values() if it["model"] == model)
+    return {"run": name, "model": f"{folder}{model}", "arch": cfg["arch"], "rule": rule, "round": s["round"],
+            "changed": changed(params, base, model) if model in base["models"] else "-",
+            "compression": m["compression"], "file_compression": m["file_compression"],
+            "val_error": 100 * (1 - s["val"]), "file_val_error": 100 * (1 - q["val_finetuned"]),
+            "test_error": 100 * (1 - m["test_pruned"]),
+            "file_test_error": 100 * (1 - m["test_compressed"]),
+            "rounds": [(float(r["compression"]), 100 * (1 - float(r["test_accuracy"]))) for r in rounds]}
 
 
 def chosen(arch_points: list[dict], budget: float) -> dict | None:

@@ -20,13 +20,20 @@ def test_the_readme_s_figures_are_the_committed_results():
 def test_a_changed_metric_makes_the_readme_stale(tmp_path):
     """The check can fail: in a scratch copy of the results, one changed metric changes the README."""
     shutil.copytree(ROOT / "metrics", tmp_path / "metrics")
-    for path in ["hanprune/papers.yaml", "benchmarks/stages.json"]:
+    shutil.copytree(ROOT / "studies" / "records", tmp_path / "studies" / "records")
+    for path in ["hanprune/papers.yaml", "benchmarks/stages.json", "benchmarks/records-stages.json"]:
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / path, tmp_path / path)
     metrics = tmp_path / "metrics" / "lenet5_caffe.json"
     m = json.loads(metrics.read_text())
     m["test_pruned"] -= 0.001
     metrics.write_text(json.dumps(m))
+    assert _figures()["render"](README, tmp_path) != README
+    shutil.copytree(ROOT / "metrics", tmp_path / "metrics", dirs_exist_ok=True)  # as committed again
+    study = tmp_path / "studies" / "records" / "metrics" / "lenet5_caffe.json"
+    m = json.loads(study.read_text())
+    m["file_compression"] *= 2
+    study.write_text(json.dumps(m))
     assert _figures()["render"](README, tmp_path) != README
 
 

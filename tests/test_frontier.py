@@ -2,6 +2,7 @@
 validation only, and the targets judged on that point."""
 import json
 import runpy
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,23 @@ def test_points_come_from_each_run_s_commit_and_render_marks_the_choice():
         files[(rev, "metrics/select/lenet_300_100.json")] = json.dumps({"round": 4, "val": 0.9845})
         files[(rev, "plots/lenet_300_100/final/rounds.csv")] = rounds
         files[(rev, "metrics/quantize/lenet_300_100.json")] = json.dumps({"val_finetuned": 0.985})
-    f["points"].__globals__["git_file"] = lambda rev, path: files[(rev, path)]
+    study = {"models": {"lenet_300_100": {"arch": "lenet_300_100", "dense": "../../models/lenet_300_100/dense.pt"}},
+             "prune": {"lenet_300_100-iter1": {"model": "lenet_300_100", "rule": "quantile", "q": {"fc1": 0.98},
+                                               "gradual": {"ramp": 0.6, "every": 100}}}, "data": {}, "run": {}}
+    files[("base", "studies/records/params.yaml")] = json.dumps(study)  # a study, run at the baseline only
+    for name, text in [("lenet_300_100.json", json.dumps({"compression": 60.0, "file_compression": 200.0,
+                                                          "test_pruned": 0.986, "test_compressed": 0.986})),
+                       ("select/lenet_300_100.json", json.dumps({"round": 1, "val": 0.984})),
+                       ("quantize/lenet_300_100.json", json.dumps({"val_finetuned": 0.984}))]:
+        files[("base", f"studies/records/metrics/{name}")] = text
+    files[("base", "studies/records/plots/lenet_300_100/final/rounds.csv")] = rounds
+    files[("exp2", "studies/records/params.yaml")] = json.dumps(study)  # in the commit, but not run there
+
+    def git_file(rev, path):
+        if (rev, path) not in files:
+            raise subprocess.CalledProcessError(128, ["git", "show", f"{rev}:{path}"])
+        return files[(rev, path)]
+    f["points"].__globals__["git_file"] = git_file
     params = {"models": {"lenet_300_100": {"arch": "lenet_300_100"}, "small": {"arch": "examples.x:Net"}},
               "prune": {"lenet_300_100-iter1": {"model": "lenet_300_100", "rule": "global", "q": 0.9},
                         "small-iter1": {"model": "small", "rule": "std"}},
@@ -50,8 +67,10 @@ def test_points_come_from_each_run_s_commit_and_render_marks_the_choice():
                                                                            "q": 0.95}}}
     # only the architectures with a budget; exp1 changed another model only: not a configuration of this one
     found = f["points"]([("baseline", "base", params), ("exp1", "exp1", other), ("exp2", "exp2", swept)])
-    assert [(q["run"], q["compression"], q["changed"]) for q in found] == [("baseline", 41.0, "-"),
-                                                                          ("exp2", 50.0, "iter1.q=0.95")]
+    assert [(q["run"], q["model"], q["compression"], q["changed"]) for q in found] == [
+        ("baseline", "lenet_300_100", 41.0, "-"), ("baseline", "studies/records/lenet_300_100", 60.0, "-"),
+        ("exp2", "lenet_300_100", 50.0, "iter1.q=0.95")]
+    assert found[1]["rule"] == "quantile gradual"
     p = found[0]
     assert (p["rule"], p["round"], p["compression"], p["file_compression"]) == ("global", 4, 41.0, 130.0)
     assert [(x, round(e, 6)) for x, e in p["rounds"]] == [(3.0, 0.9), (41.0, 1.5)]

@@ -33,12 +33,16 @@ def test_queue_re_seeds_only_the_models_named(monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda cmd, **k: calls.append(cmd))
-    seeds["queue"](["b"])
+    seeds["queue"](["b"], [])
     assert len(calls) == 4 and calls[0][:6] == ["dvc", "exp", "run", "--queue", "-n", "seed-1"]
     assert [c for c in calls[0][6:] if c != "-S"] == ["models.b.pretrain.seed=10", "models.b.retrain.seed=11",
                                                       "models.b.quantize.finetune.seed=12"]
+    calls.clear()
+    seeds["queue"](None, ["run.portable=false"])  # --set: the same setting for every seed
+    assert all(c[-2:] == ["-S", "run.portable=false"] for c in calls) and len(calls) == 4
+    assert "models.a.pretrain.seed=40" in calls[3]
     with pytest.raises(SystemExit, match="--models: c not in params.yaml models"):
-        seeds["queue"](["c"])
+        seeds["queue"](["c"], [])
 
 
 def test_the_band_counts_the_runs_within_their_architecture_s_validation_budget():
@@ -48,10 +52,12 @@ def test_the_band_counts_the_runs_within_their_architecture_s_validation_budget(
 
     def out(seed, val_error):
         return {"dense": 1.0, "pruned": 1.3, "compressed": 1.4, "compression": 44.0, "file_compression": 120.0,
-                "val_error": val_error, "rule": True, "max_drop": 0.0047, "seed": seed, "arch": "lenet_300_100"}
+                "val_error": val_error, "rule": True, "max_drop": 0.0047, "seed": seed, "arch": "lenet_300_100",
+                "mode": "fast" if seed else "portable"}
     text = render({"lenet_300_100_global": [out(0, 1.52), out(10, 1.66), out(20, 1.59)]},
                         ["baseline", "seed-1", "seed-2"])
     assert "| selection rule held (val. error within 0.47 points of dense) | 3 of 3 | yes | yes | yes |" in text
+    assert "| numeric mode (run.portable) | - | portable | fast | fast |" in text
     assert ("| within the validation budget (selected round's val. error ≤ 1.59%, the paper's pruned test error) "
             "| 2 of 3 | yes | **no** | yes |") in text
     other = {"lenet_custom": [{**out(0, 5.0), "arch": "mynets:Net"}]}
