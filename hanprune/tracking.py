@@ -121,6 +121,14 @@ def _best_effort(method):
     return call
 
 
+def _artifact_root(uri: str) -> str | None:
+    """For a SQLite store, mlruns/ beside its file; else the server's choice (None). MLflow's own
+    default, ./mlruns, would follow the working directory, where a study's stages run in its folder."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").as_uri()
+    return None
+
+
 class MlflowRun:
     """One MLflow run. All methods are no-ops when the store could not be reached.
 
@@ -155,7 +163,8 @@ class MlflowRun:
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             try:
-                self.client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+                self.client.create_experiment(name, artifact_location=_artifact_root(self.uri),
+                                              tags=dict([EXPERIMENT_KIND]))
             except Exception:  # noqa: BLE001 - another process (e.g. a parallel experiment) created it first
                 pass
             exp = self.client.get_experiment_by_name(name)

@@ -138,6 +138,19 @@ def test_experiment_opens_on_its_runs_and_a_parent_spans_its_children(tmp_path):
     assert parent.info.end_time >= children[1].info.end_time > children[0].info.start_time
 
 
+def test_artifacts_go_beside_the_sqlite_store_whatever_the_working_directory(tmp_path, monkeypatch):
+    """A study's stages run in its folder (studies/records): their artifacts still go to the
+    project's mlruns/, beside mlflow.db, not to a mlruns/ in the study's folder."""
+    from mlflow.tracking import MlflowClient
+    (tmp_path / "study").mkdir()
+    monkeypatch.chdir(tmp_path / "study")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking.MlflowRun(uri, "study", "stage", {}, True) as run:
+        run.table([{"layer": "fc1", "kept": 0.5}], "layers.json")
+    assert MlflowClient(uri).get_experiment_by_name("study").artifact_location == (tmp_path / "mlruns").as_uri()
+    assert list((tmp_path / "mlruns").rglob("layers.json")) and not (tmp_path / "study" / "mlruns").exists()
+
+
 def test_the_dataset_is_an_input_of_the_run_with_its_md5_as_digest(tmp_path):
     """MLflow 3's Dataset column names the data a stage read (mlflow.log_input's entity)."""
     from mlflow.tracking import MlflowClient
