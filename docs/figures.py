@@ -34,7 +34,8 @@ def paper_block(root: Path) -> str:
         han = papers["han2015"].get(key)
         paper = f"{han['compression']:g}x, {han['pruned_error']:.2f}%" if han else "not in the paper"
         error, budget = 100 * (1 - m["test_pruned"]), papers["budget"][key]
-        rows.append(f"| {name} | {paper} | **{m['compression']:.1f}x, {error:.2f}%** | {s['round']} ({s['rounds']}) | "
+        rows.append(f"| {name} | {paper} | **{m['compression']:.1f}x, {error:.2f}%** | {s['round']} ({s['rounds']})"
+                    f"{'' if s['held'] else ', none within the noise'} | "
                     f"{m['file_compression']:.1f}x, {100 * (1 - m['test_compressed']):.2f}% | "
                     f"{'yes' if m['compression'] >= 12 and error <= budget else 'no'}: >= 12x at <= {budget:g}% |")
     return "\n".join(rows)
@@ -45,7 +46,7 @@ def run_block(root: Path) -> str:
     stages = run["stages"]
     fixed = max(s["fixed_seconds"] for s in stages.values() if s["training_seconds"] > 0)
     return (f"{len(stages)} stages in {run['wall_seconds'] / 60:.1f} min of wall-clock time "
-            f"(`{run['command']}` from an empty cache, {sum(s['training_seconds'] for s in stages.values()) / 60:.1f} "
+            f"(`{run['command']}`, every stage run, {sum(s['training_seconds'] for s in stages.values()) / 60:.1f} "
             f"min of it in epochs; the largest fixed cost of a training stage {fixed:.1f} s)")
 
 
@@ -53,14 +54,15 @@ def records_block(root: Path) -> str:
     """The records study (studies/records): each model's selected point against the issue's targets."""
     targets = yaml.safe_load((root / "hanprune" / "papers.yaml").read_text())["targets"]
     study = root / "studies" / "records"
-    rows = ["| model | study: params fewer, test error | round (of) | file smaller, test error | target: params, file, "
+    rows = ["| model | study: params fewer, test error | round (of), selection | file smaller, test error | target: params, file, "
             "test error | met |", "|---|---|---|---|---|---|"]
     for key in yaml.safe_load((study / "params.yaml").read_text())["models"]:
         m, s = _json(study, f"metrics/{key}.json"), _json(study, f"metrics/select/{key}.json")
         x, file_x, error = targets[key]
         test, file_test = 100 * (1 - m["test_pruned"]), 100 * (1 - m["test_compressed"])
         met = m["compression"] >= x and m["file_compression"] >= file_x and max(test, file_test) <= error
-        rows.append(f"| {MODELS[key]} | **{m['compression']:.1f}x, {test:.2f}%** | {s['round']} ({s['rounds']}) | "
+        rows.append(f"| {MODELS[key]} | **{m['compression']:.1f}x, {test:.2f}%** | {s['round']} ({s['rounds']})"
+                    f"{'' if s['held'] else ', none within the noise'} | "
                     f"{m['file_compression']:.1f}x, {file_test:.2f}% | >= {x}x, >= {file_x}x, <= {error:.2f}% | "
                     f"{'yes' if met else 'no'} |")
     run = _json(root, "benchmarks/records-stages.json")
