@@ -6,10 +6,12 @@
 Each block sits between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->`: `paper` (the paper
 against this project, per model, from metrics/, metrics/select/ and hanprune/papers.yaml), `run`
 (the committed run's wall time and stage count, from benchmarks/stages.json) and `records` (the
-records study's selected points against their targets, and its wall time)."""
+records study's selected points against their targets, and its wall time) and `metrics` (what
+`dvc metrics show` prints)."""
 import argparse
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -77,11 +79,19 @@ def records_block(root: Path) -> str:
                               "of wall-clock time (benchmarks/records-stages.json).")
 
 
-BLOCKS = {"paper": paper_block, "run": run_block, "records": records_block}
+def metrics_block(root: Path) -> str:
+    """What `dvc metrics show` prints on the committed state (DVC from this Python's environment)."""
+    dvc = Path(sys.executable).parent / "dvc"
+    out = subprocess.run([str(dvc) if dvc.exists() else "dvc", "metrics", "show"], cwd=root, capture_output=True,
+                         text=True, check=True).stdout
+    return "```text\n$ dvc metrics show\n" + out.rstrip() + "\n```"
 
 
-def render(text: str, root: Path = ROOT) -> str:
-    for name, make in BLOCKS.items():
+BLOCKS = {"paper": paper_block, "run": run_block, "records": records_block, "metrics": metrics_block}
+
+
+def render(text: str, root: Path = ROOT, blocks=BLOCKS) -> str:
+    for name, make in blocks.items():
         pattern = re.compile(rf"(<!-- figures:{name} -->\n).*?(<!-- /figures:{name} -->)", re.S)
         if not pattern.search(text):
             raise SystemExit(f"README.md: no <!-- figures:{name} --> ... <!-- /figures:{name} --> block")

@@ -18,7 +18,10 @@ def test_the_readme_s_figures_are_the_committed_results():
 
 
 def test_a_changed_metric_makes_the_readme_stale(tmp_path):
-    """The check can fail: in a scratch copy of the results, one changed metric changes the README."""
+    """The check can fail: in a scratch copy of the results, one changed metric changes the README.
+    (The `dvc metrics show` block needs a DVC repository: it is checked on the real one only.)"""
+    figures = _figures()
+    blocks = {name: make for name, make in figures["BLOCKS"].items() if name != "metrics"}
     shutil.copytree(ROOT / "metrics", tmp_path / "metrics")
     shutil.copytree(ROOT / "studies" / "records", tmp_path / "studies" / "records")
     for path in ["hanprune/papers.yaml", "benchmarks/stages.json", "benchmarks/records-stages.json"]:
@@ -28,13 +31,13 @@ def test_a_changed_metric_makes_the_readme_stale(tmp_path):
     m = json.loads(metrics.read_text())
     m["test_pruned"] -= 0.001
     metrics.write_text(json.dumps(m))
-    assert _figures()["render"](README, tmp_path) != README
+    assert figures["render"](README, tmp_path, blocks) != README
     shutil.copytree(ROOT / "metrics", tmp_path / "metrics", dirs_exist_ok=True)  # as committed again
     study = tmp_path / "studies" / "records" / "metrics" / "lenet5_caffe.json"
     m = json.loads(study.read_text())
     m["file_compression"] *= 2
     study.write_text(json.dumps(m))
-    assert _figures()["render"](README, tmp_path) != README
+    assert figures["render"](README, tmp_path, blocks) != README
 
 
 def test_the_first_screen_has_the_two_commands_and_the_paper_table():
