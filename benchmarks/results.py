@@ -139,7 +139,9 @@ def pipeline(r: dict) -> list[str]:
     lines = ["## Pipeline", "", f"`dvc repro` with nothing stale: {pl['noop_repro_seconds']:.2f} s (median; target ≤ 5 s).", ""]
     if "stage_seconds" in pl:
         lines += [
-            f"The full `dvc repro` of the committed run, measured by `benchmarks/monitor.py` (`{pl['full_repro_command']}`): "
+            f"The full `dvc repro` of the committed run, measured by `benchmarks/monitor.py` (`{pl['full_repro_command']}`"
+            + ("; the first invocation ran every stage, the next ones re-ran what a params change made stale, and each "
+               "stage's row is its last run" if " + " in pl["full_repro_command"] else "") + "): "
             f"{pl['full_repro_seconds']:.0f} s in all (target < 20 min), peak RSS of the largest stage "
             f"{max(pl['stage_peak_rss_mb'].values()):.0f} MB (target ≤ 2 GB). A stage's fixed cost is "
             "its time from process start to exit less its epochs: starting Python, imports, data, the "
