@@ -3,6 +3,7 @@ holds a copy of the project and tiny generated MNIST-like data (data.name: tiny,
 import csv
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -110,7 +111,8 @@ def test_first_repro_runs_every_stage_and_writes_metrics(repo):
         masks = [load_checkpoint(repo / "models" / model / "rounds" / f"iter{k}.pt")[1]["masks"]
                  for k in range(1, ITERATIONS[model] + 1)]
         for r, mask in zip(rounds, masks):
-            assert set(r) == {"val_pruned", "val_retrained", "compression", "kept", "s"}
+            key = "q" if params["prune"][f"{model}-iter1"]["rule"] in ("quantile", "global") else "s"  # lenet5: gradual q
+            assert set(r) == {"val_pruned", "val_retrained", "compression", "kept", key}
             assert r["val_retrained"] > 5 * CHANCE
             assert r["kept"] == {n: int(mm.sum()) / mm.numel() for n, mm in mask.items()}
         for earlier, later in zip(masks, masks[1:]):  # each round prunes a subset of the survivors, and more
@@ -193,9 +195,13 @@ def check_plot_data(repo: Path, model: str, dense: nn.Module, masks: list[dict])
     std = {n: m.weight.detach().std().item() for n, m in prunable_layers(dense).items()}
     scan = list(csv.DictReader((repo / "plots" / model / "sensitivity.csv").open()))
     assert {r["layer"] for r in scan} == set(std)
-    for r in scan:  # one layer of the dense model pruned at s: the fraction it keeps
+    for r in scan:  # one layer of the dense model pruned at s (or q, lenet5's rule): the fraction it keeps
         weight = prunable_layers(dense)[r["layer"]].weight.detach()
-        assert float(r["kept_percent"]) == round(100 * (weight.abs() >= float(r["s"]) * std[r["layer"]]).double().mean().item(), 3), r
+        if "s" in r:
+            kept = (weight.abs() >= float(r["s"]) * std[r["layer"]]).double().mean().item()
+        else:
+            kept = 1 - math.floor(float(r["q"]) * weight.numel() + 0.5) / weight.numel()
+        assert float(r["kept_percent"]) == round(100 * kept, 3), r
 
 
 def test_second_repro_runs_nothing(repo):
