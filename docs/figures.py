@@ -26,8 +26,17 @@ def _json(root: Path, path: str) -> dict:
     return json.loads((root / path).read_text())
 
 
+def _papers(root: Path) -> dict:
+    return yaml.safe_load((root / "hanprune" / "papers.yaml").read_text())
+
+
+def _selected(s: dict) -> str:
+    """The selected round of metrics/select/<model>.json, of how many, and whether the rule held."""
+    return f"{s['round']} ({s['rounds']})" + ("" if s["held"] else ", none within the noise")
+
+
 def paper_block(root: Path) -> str:
-    papers = yaml.safe_load((root / "hanprune" / "papers.yaml").read_text())
+    papers = _papers(root)
     rows = ["| model | paper: params fewer, test error | this project: params fewer, test error | round (of) | "
             "file smaller, test error | budget held |",
             "|---|---|---|---|---|---|"]
@@ -36,8 +45,7 @@ def paper_block(root: Path) -> str:
         han = papers["han2015"].get(key)
         paper = f"{han['compression']:g}x, {han['pruned_error']:.2f}%" if han else "not in the paper"
         error, budget = 100 * (1 - m["test_pruned"]), papers["budget"][key]
-        rows.append(f"| {name} | {paper} | **{m['compression']:.1f}x, {error:.2f}%** | {s['round']} ({s['rounds']})"
-                    f"{'' if s['held'] else ', none within the noise'} | "
+        rows.append(f"| {name} | {paper} | **{m['compression']:.1f}x, {error:.2f}%** | {_selected(s)} | "
                     f"{m['file_compression']:.1f}x, {100 * (1 - m['test_compressed']):.2f}% | "
                     f"{'yes' if m['compression'] >= 12 and error <= budget else 'no'}: >= 12x at <= {budget:g}% |")
     return "\n".join(rows)
@@ -61,7 +69,7 @@ def run_block(root: Path) -> str:
 
 def records_block(root: Path) -> str:
     """The records study (studies/records): each model's selected point against the issue's targets."""
-    targets = yaml.safe_load((root / "hanprune" / "papers.yaml").read_text())["targets"]
+    targets = _papers(root)["targets"]
     study = root / "studies" / "records"
     rows = ["| model | study: params fewer, test error | round (of), selection | file smaller, test error | target: params, file, "
             "test error | met |", "|---|---|---|---|---|---|"]
@@ -70,8 +78,7 @@ def records_block(root: Path) -> str:
         x, file_x, error = targets[key]
         test, file_test = 100 * (1 - m["test_pruned"]), 100 * (1 - m["test_compressed"])
         met = m["compression"] >= x and m["file_compression"] >= file_x and max(test, file_test) <= error
-        rows.append(f"| {MODELS[key]} | **{m['compression']:.1f}x, {test:.2f}%** | {s['round']} ({s['rounds']})"
-                    f"{'' if s['held'] else ', none within the noise'} | "
+        rows.append(f"| {MODELS[key]} | **{m['compression']:.1f}x, {test:.2f}%** | {_selected(s)} | "
                     f"{m['file_compression']:.1f}x, {file_test:.2f}% | >= {x}x, >= {file_x}x, <= {error:.2f}% | "
                     f"{'yes' if met else 'no'} |")
     run = _json(root, "benchmarks/records-stages.json")
