@@ -1,17 +1,33 @@
 """One epoch of this project's training loop (hanprune.train.fit) with a model's pretrain settings,
-timed, printed as JSON. The numeric mode (hanprune/runtime.py) is fixed when torch loads, so
+timed, printed as JSON with
+the rate of MKL's GEMM in the same mode. The numeric mode (hanprune/runtime.py) is fixed when torch loads, so
 benchmarks/run.py measures each mode's cost by running this once per mode, each in its own process.
 
     python benchmarks/epoch.py KEY --data DATA_ROOT --params PARAMS --threads N [--portable] [--images N]
 """
 import argparse
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hanprune import runtime  # noqa: E402
+
+
+def gemm_flops(n: int, reps: int) -> float:
+    """FLOP/s of a large square float32 matmul (2 n^3 FLOPs), median of reps, in this process's numeric mode."""
+    import torch
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times)
 
 
 def one_epoch(key, cfg, x, y) -> float:
@@ -37,7 +53,8 @@ def main():
     params = config.load(args.params)
     x, y = data.load_split(data.verified(data.raw_dir(args.data, params.data.name), params.data.name), train=True)
     x, y = x[:args.images], y[:args.images]
-    print(json.dumps({"seconds": one_epoch(args.model, params.models[args.model].pretrain, x, y)}))
+    seconds = one_epoch(args.model, params.models[args.model].pretrain, x, y)
+    print(json.dumps({"seconds": seconds, "gemm_gflops": gemm_flops(512 if args.images else 2048, 5) / 1e9}))
 
 
 if __name__ == "__main__":

@@ -97,10 +97,14 @@ def numeric_modes(r: dict) -> list[str]:
         "## The portable numeric mode's cost", "",
         "One epoch of the same loop, each in its own process: the fast mode (torch's defaults: AVX-512 "
         "kernels where the CPU has them, oneDNN convolutions) against `run.portable: true` (AVX2 kernels, "
-        "MKL's reproducible mode, oneDNN off, convolutions as one unfold and one GEMM: hanprune/kernels.py), which gives the same bytes on any x86-64 CPU "
-        "with AVX2 (hanprune/runtime.py).", "",
+        "MKL's reproducible mode, oneDNN off, convolutions as a channels-last im2col and one GEMM: hanprune/kernels.py), "
+        "which gives the same bytes on any x86-64 CPU with AVX2 (hanprune/runtime.py). GEMM: the rate of a "
+        "square float32 matmul in the same process, in that mode: MKL_CBWR=COMPATIBLE, the one branch "
+        "documented to give the same results on Intel and other CPUs, is what bounds the portable mode.", "",
         table([[k, n["fast_seconds_per_epoch"], n["portable_seconds_per_epoch"], f"{100 * n['portable_cost']:+.0f}%"]
-               for k, n in r["numerics"].items()], ["model", "fast mode (s)", "portable mode (s)", "cost"], ".2f"), ""]
+               + ([f"{n['fast_gemm_gflops']:.0f}", f"{n['portable_gemm_gflops']:.0f}"] if "fast_gemm_gflops" in n else ["", ""])
+               for k, n in r["numerics"].items()],
+              ["model", "fast mode (s)", "portable mode (s)", "cost", "GEMM fast (GFLOP/s)", "GEMM portable (GFLOP/s)"], ".2f"), ""]
 
 
 VARIANTS = ("dense", "masked", "torch_csr", "scipy_csr", "numpy_dense", "numpy_scipy_csr")

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import results  # noqa: E402  (benchmarks/, the script's directory)
-from epoch import one_epoch  # noqa: E402
+from epoch import gemm_flops, one_epoch  # noqa: E402
 from hanprune import config, data, measure, runtime  # noqa: E402
 from hanprune.models import make, prunable_layers  # noqa: E402
 from hanprune.pruning import load_checkpoint, plain_state_dict  # noqa: E402
@@ -43,18 +43,6 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
-
-
-def gemm_flops(n: int, reps: int) -> float:
-    """FLOP/s of a large square float32 matmul (2 n^3 FLOPs), median of reps."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times)
 
 
 def train_epoch(model, batches) -> float:
@@ -105,15 +93,17 @@ def bench_training(key, cfg, dataset, x, y, reps, baseline_reps, flops_per_secon
 
 def bench_numerics(key, args, reps) -> dict:
     """Seconds per epoch of the project's loop in the fast and the portable mode, each in a child
-    process (median of reps): what run.portable costs."""
+    process (median of reps): what run.portable costs, and the rate of MKL's GEMM in each mode (epoch.py)."""
     def epoch(mode: list[str]) -> float:
         cmd = [sys.executable, str(Path(__file__).with_name("epoch.py")), key, "--data", args.data,
                "--params", args.params, "--threads", str(args.threads), *mode, *(["--images", "2000"] if args.quick else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
-    fast = statistics.median(epoch([]) for _ in range(reps))
-    portable = statistics.median(epoch(["--portable"]) for _ in range(reps))
-    return {"fast_seconds_per_epoch": fast, "portable_seconds_per_epoch": portable, "portable_cost": portable / fast - 1}
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    fast, portable = ([epoch(mode) for _ in range(reps)] for mode in ([], ["--portable"]))
+    median = {k: [statistics.median(r[k] for r in runs) for runs in (fast, portable)] for k in ("seconds", "gemm_gflops")}
+    (fast_s, portable_s), (fast_gemm, portable_gemm) = median["seconds"], median["gemm_gflops"]
+    return {"fast_seconds_per_epoch": fast_s, "portable_seconds_per_epoch": portable_s, "portable_cost": portable_s / fast_s - 1,
+            "fast_gemm_gflops": fast_gemm, "portable_gemm_gflops": portable_gemm}
 
 
 def latency(model, images, calls):

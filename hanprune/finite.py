@@ -8,10 +8,9 @@ def nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
     """None when every floating-point tensor of `tensors` is finite; else a description of the
     first one (in the dict's order) that is not: its name, how many of its values are nan or inf,
     and the index of the first."""
-    floats = {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_floating_point()}
-    if not floats or all(bool(torch.isfinite(t).all()) for t in floats.values()):
-        return None
-    for name, t in floats.items():
+    for name, t in tensors.items():
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            continue
         bad = ~torch.isfinite(t.detach())
         if bad.any():
             first = tuple(int(i) for i in bad.nonzero()[0]) if t.dim() else ()

@@ -186,13 +186,13 @@ def _current(layers: dict[str, nn.Module]):
 def _checked_masks(model: nn.Module, r: Rule, values, dense_std: dict[str, float], rule_name: str):
     """The rule's masks for `values` on the model's current weights; PruningError (model untouched)
     where they would leave a layer with no weights."""
-    layers = prunable_layers(model)
-    masks = r.masks(*_current(layers), values, dense_std)
+    weights, alive = _current(prunable_layers(model))
+    masks = r.masks(weights, alive, values, dense_std)
     emptied = [name for name, mask in masks.items() if not mask.any()]
     if emptied:
         name = emptied[0]
         where, value = (f"{r.key}.{name}", values[name]) if r.per_layer else (r.key, values)
-        survivors = layers[name].weight.detach()[_current({name: layers[name]})[1][name].bool()]
+        survivors = weights[name][alive[name].bool()]
         raise PruningError(f"{where} = {value:g} removes every weight of {', '.join(emptied)} (rule {rule_name}); "
                            f"allowed: {r.allowed(survivors, dense_std.get(name, 1.0))}")
     return masks
@@ -235,7 +235,7 @@ class Gradual:
         self.every = cfg.every
         _checked_masks(model, self.rule, values, dense_std, rule)  # the end point must not empty a layer
         layers = prunable_layers(model)
-        weights, alive = _current(layers)
+        alive = _current(layers)[1]
         attach_masks(model, {n: alive[n] for n, m in layers.items() if not hasattr(m, "weight_mask")})
         pruned = {n: 1 - a.sum().item() / a.numel() for n, a in alive.items()}
         self.start = ({n: pruned[n] for n in values} if self.rule.per_layer else

@@ -67,6 +67,11 @@ def learning_rates(cfg, steps: int):
         yield lr
 
 
+def step_count(cfg, images: int) -> int:
+    """The SGD steps of training on `images` images for cfg.epochs (the last batch of an epoch may be short)."""
+    return cfg.epochs * -(-images // cfg.batch_size)
+
+
 def random_shift(x: torch.Tensor, shift: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     """Translate image i by (dy[i] - shift, dx[i] - shift) pixels, dy and dx in [0, 2 * shift]; the
     border pixels (MNIST's background) fill the uncovered edge."""
@@ -128,7 +133,7 @@ def _fit(model, cfg, train, val, test, device, log, cuda_graphs, diverged, befor
     x, y = train
     n, size = len(x), cfg.batch_size
     full = n // size
-    rates = learning_rates(cfg, cfg.epochs * -(-n // size))
+    rates = learning_rates(cfg, step_count(cfg, n))
     optimizer = SGD(model.parameters(), cfg)
     l1 = cfg.regularization.strength if cfg.regularization.kind == "l1" else 0.0
     layers = list(prunable_layers(model).values())

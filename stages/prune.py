@@ -13,7 +13,7 @@ from hanprune.config import ConfigError
 from hanprune.pruning import PruningError, checkpoint, load_checkpoint
 from hanprune.models import prunable_layers
 from hanprune.rules import Gradual, check_round, prune_round
-from hanprune.train import accuracy, fit
+from hanprune.train import accuracy, fit, step_count
 
 
 def main(argv=None):
@@ -49,8 +49,7 @@ def main(argv=None):
             if it.gradual is None:  # prune at once, then retrain
                 prune_round(model, it.rule, values, ckpt["dense_std"])
             else:  # prune while training (no accuracy right after pruning)
-                steps = cfg.epochs * -(-len(splits.train[0]) // cfg.batch_size)
-                gradual = Gradual(model, it.rule, values, ckpt["dense_std"], steps, it.gradual)
+                gradual = Gradual(model, it.rule, values, ckpt["dense_std"], step_count(cfg, len(splits.train[0])), it.gradual)
         except PruningError as e:  # name the params key: prune.<iteration>.s.<layer>
             if it.budget is not None:
                 raise PruningError(f"prune.{args.iteration}.{e} (from the budget: {args.schedule})") from None
