@@ -5,9 +5,9 @@
 
 Each block sits between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->`: `paper` (the paper
 against this project, per model, from metrics/, metrics/select/ and hanprune/papers.yaml), `run`
-(the committed run's wall time and stage count, from benchmarks/stages.json) and `records` (the
-records study's selected points against their targets, and its wall time) and `metrics` (what
-`dvc metrics show` prints)."""
+(the committed run's wall time and stage count, from benchmarks/stages.json), `records` (the
+records study's selected points against their targets, and its wall time), `rules` (the rule
+comparison's selected points, and its wall time) and `metrics` (what `dvc metrics show` prints)."""
 import argparse
 import json
 import re
@@ -81,9 +81,31 @@ def records_block(root: Path) -> str:
         rows.append(f"| {MODELS[key]} | **{m['compression']:.1f}x, {test:.2f}%** | {_selected(s)} | "
                     f"{m['file_compression']:.1f}x, {file_test:.2f}% | >= {x}x, >= {file_x}x, <= {error:.2f}% | "
                     f"{'yes' if met else 'no'} |")
-    run = _json(root, "benchmarks/records-stages.json")
-    return "\n".join(rows) + (f"\n\n`{run['command']}`: {len(run['stages'])} stages in {run['wall_seconds'] / 60:.1f} min "
-                              "of wall-clock time (benchmarks/records-stages.json).")
+    return "\n".join(rows) + "\n\n" + _study_time(root, "records")
+
+
+def _study_time(root: Path, study: str) -> str:
+    run = _json(root, f"benchmarks/{study}-stages.json")
+    return (f"`{run['command']}`: {len(run['stages'])} stages in {run['wall_seconds'] / 60:.1f} min of wall-clock time "
+            f"(benchmarks/{study}-stages.json).")
+
+
+def rules_block(root: Path) -> str:
+    """The rule comparison (studies/rules): each model and rule's selected round; lenet_300_100's std
+    rounds are the paper's run's."""
+    study = root / "studies" / "rules"
+    params = yaml.safe_load((study / "params.yaml").read_text())
+    rows = ["| model | rule | round (of), selection | params fewer, test error | file smaller, test error |",
+            "|---|---|---|---|---|"]
+
+    def row(where: Path, key: str, arch: str, rule: str):
+        m, s = _json(where, f"metrics/{key}.json"), _json(where, f"metrics/select/{key}.json")
+        rows.append(f"| {MODELS[arch]} | {rule} | {_selected(s)} | **{m['compression']:.1f}x, "
+                    f"{100 * (1 - m['test_pruned']):.2f}%** | {m['file_compression']:.1f}x, {100 * (1 - m['test_compressed']):.2f}% |")
+    row(root, "lenet_300_100", "lenet_300_100", "std (the paper's run)")
+    for key, model in params["models"].items():
+        row(study, key, model["arch"], next(r["rule"] for r in params["prune"].values() if r["model"] == key))
+    return "\n".join(rows) + "\n\n" + _study_time(root, "rules")
 
 
 def metrics_block(root: Path) -> str:
@@ -94,7 +116,8 @@ def metrics_block(root: Path) -> str:
     return "```text\n$ dvc metrics show\n" + out.rstrip() + "\n```"
 
 
-BLOCKS = {"paper": paper_block, "run": run_block, "records": records_block, "metrics": metrics_block}
+BLOCKS = {"paper": paper_block, "run": run_block, "records": records_block, "rules": rules_block,
+          "metrics": metrics_block}
 
 
 def render(text: str, root: Path = ROOT, blocks=BLOCKS) -> str:

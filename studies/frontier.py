@@ -59,7 +59,7 @@ def configuration(params: dict, model: str) -> str:
                       sort_keys=True)
 
 
-STUDIES = ["studies/records/"]  # pipelines beside the paper's run, each with its params.yaml, metrics/ and plots/
+STUDIES = ["studies/records/", "studies/rules/"]  # pipelines beside the paper's run, each with its params.yaml, metrics/ and plots/
 
 
 def pipelines(rev: str, params: dict) -> list[tuple[str, dict]]:

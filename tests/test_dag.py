@@ -186,7 +186,7 @@ def check_params(dvc_yaml: dict, base: Path = ROOT) -> list[str]:
     return problems
 
 
-PIPELINES = ["dvc.yaml", "studies/records/dvc.yaml"]  # the paper's run, and the studies beside it
+PIPELINES = ["dvc.yaml", "studies/records/dvc.yaml", "studies/rules/dvc.yaml"]  # the paper's run, and the studies beside it
 
 
 @pytest.fixture(scope="module", params=PIPELINES)
@@ -276,8 +276,8 @@ def test_model_stages_depend_on_the_architecture_s_file_and_params(dvc_yaml):
     pipeline, base = dvc_yaml
     per_model = [(name, spec) for name, spec in stage_specs(pipeline) if "foreach" in pipeline["stages"][name]]
     per_round = {"schedule", "prune"}
-    dense = {"pretrain", "sensitivity"} if base == ROOT else set()  # a study starts from the paper's run's
-    assert {name for name, _ in per_model} == {"quantize", "encode", "evaluate", "select"} | per_round | dense
+    pretrain = {"pretrain"} if base == ROOT else set()  # a study starts from the paper's run's dense models
+    assert {name for name, _ in per_model} == {"sensitivity", "quantize", "encode", "evaluate", "select"} | per_round | pretrain
     for name, spec in per_model:
         deps = [_dep_name(d) for d in spec.get("deps", [])]
         params = {p for p in spec.get("params", []) if isinstance(p, str)}

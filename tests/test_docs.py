@@ -23,8 +23,11 @@ def test_a_changed_metric_makes_the_readme_stale(tmp_path):
     figures = _figures()
     blocks = {name: make for name, make in figures["BLOCKS"].items() if name != "metrics"}
     shutil.copytree(ROOT / "metrics", tmp_path / "metrics")
-    shutil.copytree(ROOT / "studies" / "records", tmp_path / "studies" / "records")
-    for path in ["hanprune/papers.yaml", "benchmarks/stages.json", "benchmarks/records-stages.json"]:
+    for study in ("records", "rules"):
+        shutil.copytree(ROOT / "studies" / study, tmp_path / "studies" / study, symlinks=True,
+                        ignore=shutil.ignore_patterns("models", "mlruns"))
+    for path in ["hanprune/papers.yaml", "benchmarks/stages.json", "benchmarks/records-stages.json",
+                 "benchmarks/rules-stages.json"]:
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / path, tmp_path / path)
     metrics = tmp_path / "metrics" / "lenet5_caffe.json"
@@ -37,6 +40,12 @@ def test_a_changed_metric_makes_the_readme_stale(tmp_path):
     m = json.loads(study.read_text())
     m["file_compression"] *= 2
     study.write_text(json.dumps(m))
+    assert figures["render"](README, tmp_path, blocks) != README
+    shutil.copytree(ROOT / "studies" / "records" / "metrics", tmp_path / "studies" / "records" / "metrics", dirs_exist_ok=True)
+    rules = tmp_path / "studies" / "rules" / "metrics" / "lenet5_global.json"
+    m = json.loads(rules.read_text())
+    m["compression"] += 1
+    rules.write_text(json.dumps(m))
     assert figures["render"](README, tmp_path, blocks) != README
 
 

@@ -1,5 +1,9 @@
 """End to end: the real dvc.yaml and stage scripts, run by DVC in a temporary git repository that
-holds a copy of the project and tiny generated MNIST-like data (data.name: tiny, data.source: local)."""
+holds a copy of the project and tiny generated MNIST-like data (data.name: tiny, data.source: local).
+
+The module's first run (the `repo` fixture) is shared: a test that uses it as it is leaves it so
+(what it forces to run again gives the same bytes), and a test that edits params, commits or runs
+experiments does so in a copy of its own (tests.tiny.fork). No test depends on another's state."""
 import csv
 import hashlib
 import json
@@ -20,7 +24,7 @@ from hanprune.models import prunable_layers
 from hanprune.pruning import load_checkpoint
 from hanprune.encoding import read_compressed
 from hanprune.train import accuracy
-from tests.tiny import ROOT, TINY, env, ran, sh, tiny_project
+from tests.tiny import ROOT, TINY, env, fork, ran, sh, tiny_project
 
 pytestmark = pytest.mark.slow
 
@@ -322,10 +326,11 @@ def test_sigkill_inside_the_checkpoint_write_leaves_the_old_file_or_none(repo):
     temporary[0].unlink()
 
 
-def test_a_budget_edit_reruns_only_its_round_and_what_follows(repo):
+def test_a_budget_edit_reruns_only_its_round_and_what_follows(repo, tmp_path):
     """Round 3 takes fc2 and fc3 from the scan (fc1 stays by hand); then its budget's scale halves.
     Each edit re-runs that round's schedule, and the round and what follows only if its values changed."""
     repo, params, _ = repo
+    repo = fork(repo, tmp_path)
     p = yaml.safe_load((repo / "params.yaml").read_text())
     it = p["prune"]["lenet_300_100-iter3"]
     it.update(s={"fc1": it["s"]["fc1"]}, budget={"max_drop": 0.05, "scale": 1.0})
@@ -352,8 +357,9 @@ def test_a_budget_edit_reruns_only_its_round_and_what_follows(repo):
     assert "prune.lenet_300_100-iter3.s.fc1" not in diff  # what the user set: fc1 kept its value
 
 
-def test_changing_round_2_of_3_reruns_only_what_follows_it(repo):
+def test_changing_round_2_of_3_reruns_only_what_follows_it(repo, tmp_path):
     repo, params, _ = repo
+    repo = fork(repo, tmp_path)
     p = yaml.safe_load((repo / "params.yaml").read_text())
     p["prune"]["lenet_300_100-iter2"]["s"]["fc1"] += 0.3
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
@@ -369,20 +375,21 @@ def test_changing_round_2_of_3_reruns_only_what_follows_it(repo):
     assert not any(path.startswith("metrics/prune/") for path in metrics)  # the headline only
     shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json", "metrics/prune").stdout)
     assert "metrics/prune/lenet_300_100-iter2.json" in next(iter(shown.values()))["data"]
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "iter2 s")
 
 
-def test_exp_run_with_a_prune_param_makes_an_experiment(repo):
+def test_exp_run_with_a_prune_param_makes_an_experiment(repo, tmp_path):
     """The experiment holds the new s in its params and its own metrics, which differ from the
-    baseline's (a larger s in round 3 prunes more)."""
-    repo, _, _ = repo
+    baseline's (a larger s in round 3 prunes more); its stages' MLflow runs carry its name."""
+    from mlflow.tracking import MlflowClient
+    repo, params, _ = repo
+    repo = fork(repo, tmp_path)
     baseline = json.loads((repo / "metrics" / "lenet_300_100.json").read_text())
     p = yaml.safe_load((repo / "params.yaml").read_text())
     s = p["prune"]["lenet_300_100-iter3"]["s"]["fc1"] + 0.5
     out = sh(repo, "dvc", "exp", "run", "-n", "tiny-exp", "-S", f"prune.lenet_300_100-iter3.s.fc1={s}").stdout
-    assert ran(out) == {"schedule@lenet_300_100-iter3", "prune@lenet_300_100-iter3", "select@lenet_300_100",
-                        "select@lenet5", "quantize@lenet_300_100", "encode@lenet_300_100", "evaluate@lenet_300_100", "report"}
+    expected = {"schedule@lenet_300_100-iter3", "prune@lenet_300_100-iter3", "select@lenet_300_100",
+                "select@lenet5", "quantize@lenet_300_100", "encode@lenet_300_100", "evaluate@lenet_300_100", "report"}
+    assert ran(out) == expected
     shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
     exp = next(e for row in shown for e in (row.get("experiments") or [])
                if e["revs"][0]["name"] == "tiny-exp")["revs"][0]["data"]
@@ -390,6 +397,14 @@ def test_exp_run_with_a_prune_param_makes_an_experiment(repo):
     metrics = exp["metrics"]["metrics/lenet_300_100.json"]["data"]
     assert metrics["compression"] > baseline["compression"]
     assert metrics != baseline
+    # the copy's store holds this experiment's runs only, each under a parent of the same experiment
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(params["tracking"]["experiment"]).experiment_id])
+    by_id = {r.info.run_id: r for r in runs}
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert {r.info.run_name for r in children} == expected - {"schedule@lenet_300_100-iter3"}  # a schedule logs nothing
+    for r in children:
+        assert r.data.tags["dvc_exp_name"] == by_id[r.data.tags["mlflow.parentRunId"]].data.tags["dvc_exp_name"] == "tiny-exp"
 
 
 def test_mlflow_store_groups_stage_runs_under_a_parent_per_model(repo):
@@ -410,7 +425,7 @@ def test_mlflow_store_groups_stage_runs_under_a_parent_per_model(repo):
         assert r.data.tags["dvc_stage"] == r.info.run_name
         if r.info.run_name.split("@")[0] in ("pretrain", "sensitivity", "prune", "quantize", "evaluate", "report"):
             assert r.data.tags["dataset"] == TINY and len(r.data.tags["dataset_md5"]) == 32, r.info.run_name
-    assert {r.data.tags["dvc_exp_name"] for r in children} == {"workspace", "tiny-exp"}
+    assert {r.data.tags["dvc_exp_name"] for r in children} == {"workspace"}  # experiments run in copies
     evaluate = next(r for r in children if r.info.run_name == "evaluate@lenet_300_100"
                     and r.data.tags["dvc_exp_name"] == "workspace")
     assert {"layer.fc1.kept", "layer.fc1.flops_pruned", "layer.fc2.nonzero", "compression"} <= set(evaluate.data.metrics)
@@ -442,7 +457,7 @@ def test_final_pruned_model_is_registered_and_loads_back_with_the_same_accuracy(
     repo, _, _ = repo
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     versions = MlflowClient(uri).search_model_versions("name = 'lenet_300_100-pruned'")
-    latest = max(versions, key=lambda v: int(v.version))  # from the last run: the exp run's workspace
+    latest = max(versions, key=lambda v: int(v.version))  # from the last evaluate (each gives the same bytes)
     m = json.loads((repo / "metrics" / "lenet_300_100.json").read_text())
     assert float(latest.tags["compression"]) == pytest.approx(m["compression"])
     assert float(latest.tags["test_pruned"]) == pytest.approx(m["test_pruned"])
@@ -592,18 +607,20 @@ def test_against_a_real_mlflow_server(repo, tmp_path):
         server.wait(timeout=30)
 
 
-def test_two_queued_experiments_run_in_parallel_into_one_new_store(repo):
+def test_two_queued_experiments_run_in_parallel_into_one_new_store_and_make_a_seed_band(repo, tmp_path):
     """`dvc exp run --queue` twice, `dvc queue start -j 2`: both experiments finish, and every
     stage run of both is in the project's store (found from DVC_ROOT, as the stages run in
-    temporary copies), complete, under its own parent. The store does not exist beforehand, so
-    the two workers' first stages race to create it."""
+    temporary copies), complete, under its own parent. The store does not exist beforehand (the
+    copy has none), so the two workers' first stages race to create it. Then studies/seeds.py
+    summarises the baseline and the two experiments (which change bits rather than seeds) from
+    their commits, one table per model."""
+    import statistics
     import time
     repo, params, _ = repo
+    repo = fork(repo, tmp_path)
     assert json.loads(sh(repo, "dvc", "status", "--json").stdout) == {}
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "before the queue", "--allow-empty")
+    assert not (repo / "mlflow.db").exists()
     head = sh(repo, "git", "rev-parse", "HEAD").stdout.strip()
-    (repo / "mlflow.db").rename(repo / "mlflow-before-queue.db")
     names = {"q-five-bits": 5, "q-four-bits": 4}
     for name, bits in names.items():
         sh(repo, "dvc", "exp", "run", "--queue", "-n", name, "-S", f"models.lenet_300_100.quantize.bits.fc1={bits}")
@@ -645,11 +662,6 @@ def test_two_queued_experiments_run_in_parallel_into_one_new_store(repo):
         assert {"file_compression", "compression", "layer.fc1.kept"} <= set(evaluate["metrics"])
     assert store["versions"] == len(names)
 
-
-def test_seed_band_report_from_experiments(repo, tmp_path):
-    """studies/seeds.py summarises the baseline and the experiments it is pointed at (here the two
-    queued ones, which change bits rather than seeds) from their commits, one table per model."""
-    repo, params, _ = repo
     out = tmp_path / "SEEDS.md"
     proc = sh(repo, sys.executable, str(ROOT / "studies" / "seeds.py"), "report", "--prefix", "q-", "--out", str(out))
     assert "3 runs (baseline, q-" in proc.stdout
@@ -657,7 +669,6 @@ def test_seed_band_report_from_experiments(repo, tmp_path):
     m = json.loads((repo / "metrics" / "lenet_300_100.json").read_text())
     for model in params["models"]:
         assert f"## {model}" in text
-    import statistics
     shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
     base = next(row for row in shown if row["rev"] != "workspace")
     revs = [base["rev"]] + [e["revs"][0]["rev"] for e in sorted(

@@ -103,6 +103,15 @@ def tiny_project(repo: Path, iterations: dict[str, int]) -> dict:
     return params
 
 
+def fork(repo: Path, dest: Path) -> Path:
+    """A copy of the tiny project `repo` (its git history, DVC cache and outputs) at dest/project,
+    without its MLflow store (the copy's stages make their own): a test that edits params, commits
+    or runs experiments works on its own state and leaves `repo` as it was."""
+    copy = dest / "project"
+    shutil.copytree(repo, copy, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
+    return copy
+
+
 def env(tmp: Path, **extra) -> dict:
     """The environment commands run in: the Python environment's bin first, no MLflow, DVC or AWS
     settings of the caller's, DVC's site cache under `tmp`."""
