@@ -186,7 +186,18 @@ def check_params(dvc_yaml: dict, base: Path = ROOT) -> list[str]:
     return problems
 
 
-PIPELINES = ["dvc.yaml", "studies/records/dvc.yaml", "studies/rules/dvc.yaml"]  # the paper's run, and the studies beside it
+STUDIES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "studies").glob("*/dvc.yaml"))
+PIPELINES = ["dvc.yaml", *STUDIES]  # the paper's run, and the studies beside it
+
+
+def test_every_study_runs_the_same_stage_file():
+    """One pipeline for every study, each folder with its own params: copies, not links (DVC reads a
+    dvc.yaml from each commit for `dvc exp show` and `dvc params diff`, and follows no link there)."""
+    files = {path: (ROOT / path) for path in STUDIES}
+    assert len(files) >= 2 and not any(f.is_symlink() for f in files.values())
+    first, *rest = files
+    assert all(files[path].read_bytes() == files[first].read_bytes() for path in rest), \
+        f"studies' dvc.yaml files differ: copy {first} over the others"
 
 
 @pytest.fixture(scope="module", params=PIPELINES)
