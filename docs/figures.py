@@ -7,7 +7,8 @@ Each block sits between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->`: `p
 against this project, per model, from metrics/, metrics/select/ and hanprune/papers.yaml), `run`
 (the committed run's wall time and stage count, from benchmarks/stages.json), `records` (the
 records study's selected points against their targets, and its wall time), `rules` (the rule
-comparison's selected points, and its wall time) and `metrics` (what `dvc metrics show` prints)."""
+comparison's selected points, and its wall time), `metrics` and `exp` (what `dvc metrics show` and
+`dvc exp show` print)."""
 import argparse
 import json
 import re
@@ -108,16 +109,29 @@ def rules_block(root: Path) -> str:
     return "\n".join(rows) + "\n\n" + _study_time(root, "rules")
 
 
-def metrics_block(root: Path) -> str:
-    """What `dvc metrics show` prints on the committed state (DVC from this Python's environment)."""
+def _dvc(root: Path, *args: str) -> str:
+    """What `dvc <args>` prints on the committed state (DVC from this Python's environment), as a sample."""
     dvc = Path(sys.executable).parent / "dvc"
-    out = subprocess.run([str(dvc) if dvc.exists() else "dvc", "metrics", "show"], cwd=root, capture_output=True,
-                         text=True, check=True).stdout
-    return "```text\n$ dvc metrics show\n" + out.rstrip() + "\n```"
+    out = subprocess.run([str(dvc) if dvc.exists() else "dvc", *args], cwd=root, capture_output=True, text=True,
+                         check=True).stdout
+    shown = " ".join(a if re.fullmatch(r"[\w./-]+", a) else f"'{a}'" for a in args)
+    return f"```text\n$ dvc {shown}\n" + out.rstrip() + "\n```"
+
+
+def metrics_block(root: Path) -> str:
+    return _dvc(root, "metrics", "show")
+
+
+EXP_COLUMNS = r"Experiment|metrics/[^/]+:(compression|test_pruned)"
+
+
+def exp_block(root: Path) -> str:
+    """`dvc exp show`, the headline columns of the paper's run: one row per experiment after `dvc exp run`."""
+    return _dvc(root, "exp", "show", "--md", "--drop", ".*", "--keep", EXP_COLUMNS)
 
 
 BLOCKS = {"paper": paper_block, "run": run_block, "records": records_block, "rules": rules_block,
-          "metrics": metrics_block}
+          "metrics": metrics_block, "exp": exp_block}
 
 
 def render(text: str, root: Path = ROOT, blocks=BLOCKS) -> str:
