@@ -23,14 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import results  # noqa: E402  (benchmarks/, the script's directory)
-from epoch import gemm_flops, one_epoch  # noqa: E402
+from epoch import gemm_flops, in_memory_batches, one_epoch, train_epoch  # noqa: E402
 from hanprune import config, data, measure, runtime  # noqa: E402
 from hanprune.models import make, prunable_layers  # noqa: E402
 from hanprune.pruning import load_checkpoint, plain_state_dict  # noqa: E402
@@ -45,18 +44,6 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def train_epoch(model, batches) -> float:
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    model.train()
-    t = time.perf_counter()
-    for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return time.perf_counter() - t
-
-
 def baseline_batches(dataset: data.Dataset):
     """The usual way: torchvision dataset, per-sample transforms, a DataLoader."""
     from torchvision import datasets, transforms
@@ -67,11 +54,6 @@ def baseline_batches(dataset: data.Dataset):
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(dataset.mean, dataset.std)])
     ds = IDX(dataset.raw, train=True, download=False, transform=tf)
     return torch.utils.data.DataLoader(ds, batch_size=64, shuffle=True)
-
-
-def in_memory_batches(x, y):
-    """The plainest loop over tensors already in memory: a shuffled index, one gather per batch."""
-    return ((x[idx], y[idx]) for idx in torch.randperm(len(x)).split(64))
 
 
 def bench_training(key, cfg, dataset, x, y, reps, baseline_reps, flops_per_second, limit=None):
@@ -92,18 +74,21 @@ def bench_training(key, cfg, dataset, x, y, reps, baseline_reps, flops_per_secon
 
 
 def bench_numerics(key, args, reps) -> dict:
-    """Seconds per epoch of the project's loop in the fast and the portable mode, each in a child
-    process (median of reps): what run.portable costs, and the rate of MKL's GEMM in each mode (epoch.py)."""
+    """Seconds per epoch of the project's loop and of the plain loop in the fast and the portable mode,
+    each mode in a child process (median of reps): what run.portable costs, what the project's loop
+    costs over the plain one in each mode, and the rate of MKL's GEMM in each mode (epoch.py)."""
     def epoch(mode: list[str]) -> float:
         cmd = [sys.executable, str(Path(__file__).with_name("epoch.py")), key, "--data", args.data,
                "--params", args.params, "--threads", str(args.threads), *mode, *(["--images", "2000"] if args.quick else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         return json.loads(proc.stdout.strip().splitlines()[-1])
     fast, portable = ([epoch(mode) for _ in range(reps)] for mode in ([], ["--portable"]))
-    median = {k: [statistics.median(r[k] for r in runs) for runs in (fast, portable)] for k in ("seconds", "gemm_gflops")}
-    (fast_s, portable_s), (fast_gemm, portable_gemm) = median["seconds"], median["gemm_gflops"]
+    median = {k: [statistics.median(r[k] for r in runs) for runs in (fast, portable)]
+              for k in ("seconds", "plain_seconds", "gemm_gflops")}
+    (fast_s, portable_s), (fast_plain, portable_plain) = median["seconds"], median["plain_seconds"]
     return {"fast_seconds_per_epoch": fast_s, "portable_seconds_per_epoch": portable_s, "portable_cost": portable_s / fast_s - 1,
-            "fast_gemm_gflops": fast_gemm, "portable_gemm_gflops": portable_gemm}
+            "fast_loop_over_plain": fast_s / fast_plain, "portable_loop_over_plain": portable_s / portable_plain,
+            "fast_gemm_gflops": median["gemm_gflops"][0], "portable_gemm_gflops": median["gemm_gflops"][1]}
 
 
 def latency(model, images, calls):

@@ -5,10 +5,10 @@
 
 Each block sits between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->`: `paper` (the paper
 against this project, per model, from metrics/, metrics/select/ and hanprune/papers.yaml), `run`
-(the committed run's wall time and stage count, from benchmarks/stages.json), `records` (the
-records study's selected points against their targets, and its wall time), `rules` (the rule
-comparison's selected points, and its wall time), `metrics` and `exp` (what `dvc metrics show` and
-`dvc exp show` print)."""
+(the committed run's wall time and stage count, from benchmarks/stages.json), `chain` (the first
+look's stages and their time, from the same file), `records`, `rules` and `own` (each study's
+selected points, and its wall time from benchmarks/<study>-stages.json), `metrics` and `exp` (what
+`dvc metrics show` and `dvc exp show` print)."""
 import argparse
 import json
 import re
@@ -68,6 +68,17 @@ def run_block(root: Path) -> str:
             "running every stage and the next ones re-running what a params change made stale")
 
 
+def chain_block(root: Path) -> str:
+    """The README's first look: lenet_300_100's chain, from benchmarks/stages.json."""
+    stages = _json(root, "benchmarks/stages.json")["stages"]
+    chain = [s for name, s in stages.items() if name == "download" or name.split("@")[-1].split("-iter")[0] == "lenet_300_100"]
+    rounds = sum(name.startswith("prune@lenet_300_100-iter") for name in stages)
+    return (f"A first look, one model's chain (download, dense training, the sensitivity scan, {rounds} prune rounds, "
+            f"weight sharing, the file, evaluation; its {len(chain)} stages took "
+            f"{sum(s['seconds'] for s in chain) / 60:.1f} min together in the committed run, a sum of stage times from "
+            "benchmarks/stages.json):")
+
+
 def records_block(root: Path) -> str:
     """The records study (studies/records): each model's selected point against the issue's targets."""
     targets = _papers(root)["targets"]
@@ -91,22 +102,36 @@ def _study_time(root: Path, study: str) -> str:
             f"(benchmarks/{study}-stages.json).")
 
 
+def _point(where: Path, key: str) -> str:
+    """A study's selected point of one model: the round, its parameters and test error, its file."""
+    m, s = _json(where, f"metrics/{key}.json"), _json(where, f"metrics/select/{key}.json")
+    return (f"{_selected(s)} | **{m['compression']:.1f}x, {100 * (1 - m['test_pruned']):.2f}%** | "
+            f"{m['file_compression']:.1f}x, {100 * (1 - m['test_compressed']):.2f}% | {100 * (1 - m['test_dense']):.2f}%")
+
+
+HEADER = "round (of), selection | params fewer, test error | file smaller, test error | dense test error |"
+
+
 def rules_block(root: Path) -> str:
     """The rule comparison (studies/rules): each model and rule's selected round; lenet_300_100's std
     rounds are the paper's run's."""
     study = root / "studies" / "rules"
     params = yaml.safe_load((study / "params.yaml").read_text())
-    rows = ["| model | rule | round (of), selection | params fewer, test error | file smaller, test error |",
-            "|---|---|---|---|---|"]
-
-    def row(where: Path, key: str, arch: str, rule: str):
-        m, s = _json(where, f"metrics/{key}.json"), _json(where, f"metrics/select/{key}.json")
-        rows.append(f"| {MODELS[arch]} | {rule} | {_selected(s)} | **{m['compression']:.1f}x, "
-                    f"{100 * (1 - m['test_pruned']):.2f}%** | {m['file_compression']:.1f}x, {100 * (1 - m['test_compressed']):.2f}% |")
-    row(root, "lenet_300_100", "lenet_300_100", "std (the paper's run)")
+    rows = [f"| model | rule | {HEADER}", "|---|---|---|---|---|---|",
+            f"| {MODELS['lenet_300_100']} | std (the paper's run) | {_point(root, 'lenet_300_100')} |"]
     for key, model in params["models"].items():
-        row(study, key, model["arch"], next(r["rule"] for r in params["prune"].values() if r["model"] == key))
+        rule = next(r["rule"] for r in params["prune"].values() if r["model"] == key)
+        rows.append(f"| {MODELS[model['arch']]} | {rule} | {_point(study, key)} |")
     return "\n".join(rows) + "\n\n" + _study_time(root, "rules")
+
+
+def own_block(root: Path) -> str:
+    """The own-model example (studies/own-model): its model's selected round, and the study's time."""
+    study = root / "studies" / "own-model"
+    params = yaml.safe_load((study / "params.yaml").read_text())
+    rows = [f"| model | {HEADER}", "|---|---|---|---|---|"]
+    rows += [f"| {key} (`{m['arch']}`) | {_point(study, key)} |" for key, m in params["models"].items()]
+    return "\n".join(rows) + "\n\n" + _study_time(root, "own-model")
 
 
 def _dvc(root: Path, *args: str) -> str:
@@ -130,8 +155,8 @@ def exp_block(root: Path) -> str:
     return _dvc(root, "exp", "show", "--md", "--drop", ".*", "--keep", EXP_COLUMNS)
 
 
-BLOCKS = {"paper": paper_block, "run": run_block, "records": records_block, "rules": rules_block,
-          "metrics": metrics_block, "exp": exp_block}
+BLOCKS = {"paper": paper_block, "run": run_block, "chain": chain_block, "records": records_block,
+          "rules": rules_block, "own": own_block, "metrics": metrics_block, "exp": exp_block}
 
 
 def render(text: str, root: Path = ROOT, blocks=BLOCKS) -> str:

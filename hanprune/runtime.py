@@ -13,8 +13,11 @@ count (README, "Reproducibility", and docs/numerics.md for what was measured on 
   to give the same results on Intel and non-Intel CPUs alike, for a fixed thread count (its AVX2
   branch does so on Intel CPUs only: on others MKL takes another one);
 - oneDNN promises run-to-run determinism on one platform only, and its convolutions choose their
-  blocking from the CPU's cache sizes, so in portable mode convolutions run on ATen's own kernels
-  (im2col and MKL's GEMM) instead, in the standard memory layout (hanprune.train.memory_format).
+  blocking from the CPU's cache sizes; without it ATen would run them in NNPACK, which blocks by
+  the cache sizes too. So in portable mode oneDNN is off and every convolution runs as
+  hanprune.kernels writes it: a channels-last im2col (aten::copy_), one GEMM forward (aten::addmm)
+  and two backward (aten::mm), both MKL's COMPATIBLE branch, and strided adds (aten::add_), the
+  kernels torch.profiler names in a portable training step.
 """
 import os
 

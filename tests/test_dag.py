@@ -287,8 +287,7 @@ def test_model_stages_depend_on_the_architecture_s_file_and_params(dvc_yaml):
     pipeline, base = dvc_yaml
     per_model = [(name, spec) for name, spec in stage_specs(pipeline) if "foreach" in pipeline["stages"][name]]
     per_round = {"schedule", "prune"}
-    pretrain = {"pretrain"} if base == ROOT else set()  # a study starts from the paper's run's dense models
-    assert {name for name, _ in per_model} == {"sensitivity", "quantize", "encode", "evaluate", "select"} | per_round | pretrain
+    assert {name for name, _ in per_model} == {"pretrain", "sensitivity", "quantize", "encode", "evaluate", "select"} | per_round
     for name, spec in per_model:
         deps = [_dep_name(d) for d in spec.get("deps", [])]
         params = {p for p in spec.get("params", []) if isinstance(p, str)}
@@ -306,6 +305,9 @@ def test_each_model_s_code_is_the_file_of_its_arch(dvc_yaml):
         module = m["arch"].partition(":")[0] if ":" in m["arch"] else "hanprune.models"
         assert _rel(base / m["code"]) == module.replace(".", "/") + ".py", key
         assert (base / m["code"]).is_file(), key
+    train = base / "train.yaml"  # a study's models that it trains itself, each with its code again
+    for key, t in (yaml.safe_load(train.read_text())["train"] if train.exists() else {}).items():
+        assert t["code"] == params["models"][key]["code"], f"{train}: {key}'s code is not models.{key}.code"
 
 
 def _pipeline_module():
