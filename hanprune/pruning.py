@@ -72,9 +72,11 @@ def checkpoint(model_key: str, arch: str, kwargs: dict, model: nn.Module, dense_
 def load_checkpoint(path, model_key: str | None = None, arch: str | None = None, kwargs: dict | None = None):
     """Load a checkpoint written by this project (never executes pickled code: weights_only=True) and
     make its model with the arch and kwargs it names. model_key, and arch with kwargs, if given, are
-    what the caller expects it to hold; a checkpoint of format 1 names no arch: it is taken to hold
-    `arch` with `kwargs`, else (models.architecture) its key's built-in architecture.
-    Returns (model with masks attached, checkpoint dict)."""
+    what the caller expects it to hold. Where both the caller and the checkpoint name the arch, the
+    arch and kwargs must match and the key may differ: a study prunes the paper's run's dense model
+    under a key of its own (studies/rules). A checkpoint of format 1 names no arch: its key must be
+    model_key, and it is taken to hold `arch` with `kwargs`, else (models.architecture) its key's
+    built-in architecture. Returns (model with masks attached, checkpoint dict)."""
     try:
         with warnings.catch_warnings():  # torch warns of a pickle protocol it does not write; refused below
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -95,7 +97,7 @@ def load_checkpoint(path, model_key: str | None = None, arch: str | None = None,
     for key, kind in entries + ([("arch", str), ("kwargs", dict)] if ckpt["format"] == CHECKPOINT_FORMAT else []):
         if not isinstance(ckpt.get(key), kind):
             raise CheckpointError(f"{path}: checkpoint entry {key!r} missing or not a {kind.__name__}")
-    if model_key is not None and ckpt["model"] != model_key:
+    if model_key is not None and ckpt["model"] != model_key and (arch is None or ckpt.get("arch") is None):
         raise CheckpointError(f"{path}: holds model {ckpt['model']!r}, expected {model_key!r}")
     try:
         model = make(*architecture(ckpt["model"], ckpt.get("arch"), ckpt.get("kwargs"), arch, kwargs))

@@ -396,6 +396,19 @@ def test_checkpoint_of_another_model(tmp_path):
     assert "holds model 'lenet_300_100', expected 'lenet5'" in msg
 
 
+def test_checkpoint_of_another_key_with_the_same_architecture(tmp_path):
+    """A study's model (lenet_300_100_quantile) starts from the paper's run's dense checkpoint: the
+    arch and kwargs decide, not the key; another arch is still refused."""
+    model, std, history = _pruned_model()
+    path = _save(tmp_path, pruning.checkpoint("lenet_300_100", "lenet_300_100", {}, model, std, history))
+    loaded, ckpt = pruning.load_checkpoint(path, "lenet_300_100_quantile", "lenet_300_100", {})
+    assert ckpt["model"] == "lenet_300_100"
+    assert all(torch.equal(w, pruning.plain_state_dict(model)[k]) for k, w in pruning.plain_state_dict(loaded).items())
+    with pytest.raises(CheckpointError, match="holds model lenet_300_100 of arch 'lenet_300_100' with kwargs {}, "
+                                              "expected arch 'lenet5'"):
+        pruning.load_checkpoint(path, "lenet5_quantile", "lenet5", {})
+
+
 def test_mask_shape_mismatch(tmp_path):
     model, std, history = _pruned_model()
     ckpt = pruning.checkpoint("lenet_300_100", "lenet_300_100", {}, model, std, history)

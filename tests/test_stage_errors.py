@@ -253,7 +253,8 @@ def _bad_mask(project):
 
 BAD_CHECKPOINTS = {
     "truncated": (lambda p: _ckpt(p).write_bytes(_ckpt(p).read_bytes()[:2000]), "dense.pt: not a readable checkpoint"),
-    "another model": (_other_model, "dense.pt: holds model 'lenet5', expected 'lenet_300_100'"),
+    "another model": (_other_model, "dense.pt: holds model lenet5 of arch 'lenet5' with kwargs {}, expected arch "
+                                    "'lenet_300_100' with kwargs {}"),
     "mask shape": (_bad_mask, "dense.pt: mask of fc1 has shape (3, 3), weight has (300, 784)"),
 }
 
