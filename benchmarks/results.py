@@ -167,7 +167,8 @@ def gpu(r: dict) -> list[str]:
     cpu = r.get("train", {})
     lines = [
         "## GPU", "",
-        f"{g['device']}, torch {g['torch']}, measured on that GPU on {g['date']} by `benchmarks/run.py "
+        f"{g['device']}, torch {g['torch']}, measured on that GPU on {g['date']} with the code and pipeline "
+        f"of that date (kept when benchmarks/run.py re-measures the CPU figures) by `benchmarks/run.py "
         f"--device cuda` (which `benchmarks/gpu_check.sh` runs). float32 GEMM (8192², TF32 off): "
         f"{g['gemm_tflops']:.1f} TFLOP/s.", "",
         "One epoch of `hanprune.train.fit` (60,000 images, batch 64, the model's pretrain settings) with "
