@@ -8,14 +8,16 @@ reports/FRONTIER.md and reports/frontier/<arch>.png. Run it at the project root.
     python studies/frontier.py                                         # the frontier of all of them
 
 A point is a model's selected round (stage select, validation only). Per architecture, the point
-chosen is the most compressed whose validation error is within the budget (seeds.BUDGET: the papers'
-pruned test errors), both its selected round's and its weight-shared model's (the file's); the test
-set is only reported.
+chosen is the most compressed that the selection rule holds (hanprune/selection.py): both its selected
+round's and its weight-shared model's (the file's) validation accuracy within `noise` standard errors of
+the dense model's (the run's models.<model>.select.noise; 2 for a run from before the rule). The test
+set is only reported, against the targets (hanprune/papers.yaml).
 """
 import argparse
 import csv
 import io as _io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hanprune import io  # noqa: E402
-from studies.seeds import BUDGET, git_file, runs, within  # noqa: E402
 from hanprune.report import PAPERS  # noqa: E402
+from hanprune.selection import tolerance  # noqa: E402
+from studies.seeds import git_file, runs  # noqa: E402
 
 TARGETS = PAPERS["targets"]  # parameter compression, file compression, test error (%)
 # Published points: (label, parameter compression, file compression or None, test error %).
@@ -98,7 +101,7 @@ def points(found: list[tuple[str, str, dict]]) -> list[dict]:
         for folder, params in pipelines(rev, run_params):
             for model, cfg in params["models"].items():
                 key = (folder, model, configuration(params, model))
-                if cfg["arch"] not in BUDGET or key in seen:
+                if cfg["arch"] not in TARGETS or key in seen:
                     continue
                 seen.add(key)
                 try:
@@ -115,20 +118,29 @@ def _point(name: str, rev: str, folder: str, params: dict, model: str, cfg: dict
     rounds = list(csv.DictReader(_io.StringIO(git_file(rev, f"{folder}plots/{model}/final/rounds.csv"))))
     rule = next(it["rule"] + (" gradual" if it.get("gradual") else "")
                 for it in params["prune"].values() if it["model"] == model)
+    noise = s.get("noise") or (cfg.get("select") or {}).get("noise") or 2.0
     return {"run": name, "model": f"{folder}{model}", "arch": cfg["arch"], "rule": rule, "round": s["round"],
             "changed": changed(params, base, model) if model in base["models"] else "-",
             "compression": m["compression"], "file_compression": m["file_compression"],
             "val_error": 100 * (1 - s["val"]), "file_val_error": 100 * (1 - q["val_finetuned"]),
+            "dense_val_error": 100 * (1 - s["val_dense"]),
+            "tolerance": 100 * tolerance(s["val_dense"], params["data"].get("val_size", 5000), noise),
             "test_error": 100 * (1 - m["test_pruned"]),
             "file_test_error": 100 * (1 - m["test_compressed"]),
             "rounds": [(float(r["compression"]), 100 * (1 - float(r["test_accuracy"]))) for r in rounds]}
 
 
-def chosen(arch_points: list[dict], budget: float) -> dict | None:
-    """The most compressed point (parameters, then file) whose validation error is within the budget,
-    both the selected round's and the weight-shared model's, the one the file holds (validation only)."""
-    held = [p for p in arch_points if within(budget, p["val_error"], p["file_val_error"])]
-    return max(held, key=lambda p: (p["compression"], p["file_compression"])) if held else None
+def held(p: dict) -> bool:
+    """Whether the selection rule holds a point: its selected round's and its weight-shared model's
+    validation error at most its tolerance (points, %) above the dense model's."""
+    return max(p["val_error"], p["file_val_error"]) - p["dense_val_error"] <= p["tolerance"] + 1e-9
+
+
+def chosen(arch_points: list[dict]) -> dict | None:
+    """The most compressed point (parameters, then file) that the selection rule holds, for the
+    selected round and for the weight-shared model the file holds (validation only)."""
+    held_points = [p for p in arch_points if held(p)]
+    return max(held_points, key=lambda p: (p["compression"], p["file_compression"])) if held_points else None
 
 
 def figure(arch: str, pts: list[dict], best: dict | None, out: Path) -> str:
@@ -157,7 +169,7 @@ def figure(arch: str, pts: list[dict], best: dict | None, out: Path) -> str:
             x = params_x if key == "compression" else file_x
             ax.plot([] if x is None else [x], [] if x is None else [err], "*", markersize=12, color=colors[name],
                     label=name)
-        ax.axhline(BUDGET[arch], color="gray", linestyle=":", label=f"budget {BUDGET[arch]:.2f}%")
+        ax.axhline(TARGETS[arch][2], color="gray", linestyle=":", label=f"target test error {TARGETS[arch][2]:.2f}%")
         ax.set_xscale("log"), ax.set_xlabel(f"{label} (log scale)"), ax.grid(True, which="both", alpha=0.3)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}x" if v in (2, 3, 5, 20, 30, 50, 200, 300) else ""))
@@ -179,14 +191,15 @@ def render(pts: list[dict], names: list[str], figures: dict[str, str]) -> str:
              "run, its finished DVC experiments and those of older commits (named `commit <sha>`), never typed. "
              "Errors in %; \"file\": the weight-shared model the compressed file holds, as the run's own commit "
              "wrote it (its format version then: before 4, codebooks and biases took float32).", ""]
-    for arch in BUDGET:
+    for arch in TARGETS:
         mine = sorted((p for p in pts if p["arch"] == arch), key=lambda p: p["compression"])
         if not mine:
             continue
-        best = chosen(mine, BUDGET[arch])
+        best = chosen(mine)
         params_x, file_x, error = TARGETS[arch]
-        lines += [f"## {arch}", "", f"Budget: validation error ≤ {BUDGET[arch]:.2f}%. Target: ≥ {params_x}x parameters, "
-                  f"≥ {file_x}x file, test error ≤ {error:.2f}%.", ""]
+        lines += [f"## {arch}", "", "Chosen: the most compressed point that the selection rule holds (its selected round's "
+                  "and its file's validation error at most `noise` standard errors above the dense model's: the "
+                  f"tolerance column). Target: ≥ {params_x}x parameters, ≥ {file_x}x file, test error ≤ {error:.2f}%.", ""]
         if best:
             met = (best["compression"] >= params_x and best["file_compression"] >= file_x
                    and max(best["test_error"], best["file_test_error"]) <= error)
@@ -194,13 +207,15 @@ def render(pts: list[dict], names: list[str], figures: dict[str, str]) -> str:
                       f"{best['file_compression']:.1f}x file, test error {best['test_error']:.2f}% (file "
                       f"{best['file_test_error']:.2f}%). Target **{'met' if met else 'not met'}**.", ""]
         else:
-            lines += ["No configuration is within the validation budget.", ""]
+            lines += ["No configuration is held by the selection rule.", ""]
         body = [[p["run"], f"`{p['model']}`", p["changed"], p["rule"], p["round"], f"{p['compression']:.2f}", f"{p['file_compression']:.1f}",
-                 f"{p['val_error']:.2f}", f"{p['file_val_error']:.2f}", f"{p['test_error']:.2f}",
+                 f"{p['dense_val_error']:.2f} + {p['tolerance']:.2f}", f"{p['val_error']:.2f}", f"{p['file_val_error']:.2f}",
+                 "yes" if held(p) else "no", f"{p['test_error']:.2f}",
                  f"{p['file_test_error']:.2f}",
                  "**chosen**" if p is best else ""] for p in mine]
-        lines += [tabulate(body, headers=["run", "model", "set otherwise than the baseline", "rule", "round", "params x", "file x", "val error",
-                                          "file val error", "test error", "file test error", ""], tablefmt="github"), "",
+        lines += [tabulate(body, headers=["run", "model", "set otherwise than the baseline", "rule", "round", "params x", "file x",
+                                          "dense val error + tolerance", "val error", "file val error", "held",
+                                          "test error", "file test error", ""], tablefmt="github"), "",
                   f"![{arch} frontier](frontier/{figures[arch]})", ""]
     return "\n".join(lines)
 
@@ -208,17 +223,17 @@ def render(pts: list[dict], names: list[str], figures: dict[str, str]) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="reports/FRONTIER.md")
-    ap.add_argument("--skip", default="seed-", help="leave out the experiments whose names start with this "
-                                                    "(the seed band's: reports/SEEDS.md)")
+    ap.add_argument("--skip", default=r"([\w.-]+-)?seed-\d+$", help="leave out the experiments whose names match "
+                    "this regular expression (the seed bands': seed-k, <study>-seed-k; reports/SEEDS*.md)")
     args = ap.parse_args()
     out = Path(args.out)
-    found = [run for run in every_run() if not (args.skip and run[0].startswith(args.skip))]
+    found = [run for run in every_run() if not (args.skip and re.match(args.skip, run[0]))]
     pts = points(found)
     figures = {}
-    for arch in BUDGET:
+    for arch in TARGETS:
         mine = [p for p in pts if p["arch"] == arch]
         if mine:
-            figures[arch] = figure(arch, mine, chosen(mine, BUDGET[arch]), out.parent / "frontier" / f"{arch}.png")
+            figures[arch] = figure(arch, mine, chosen(mine), out.parent / "frontier" / f"{arch}.png")
     io.write_text(out, render(pts, [name for name, _, _ in found], figures))
     print(f"{out}: {len(pts)} points from {len(found)} run(s)")
 

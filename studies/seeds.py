@@ -9,6 +9,10 @@ reports/SEEDS.md from the experiments' results. Run it at the project root.
 Seed k sets every model's pretrain, retrain and fine-tune seeds to 10k, 10k+1 and 10k+2 (the
 committed params hold 0, 1, 2). The validation split (data.val_seed) and every schedule stay.
 `--models m1 m2` re-seeds, and reports, only those models: each experiment re-runs only their stages.
+
+`--study studies/records` does the same for a study's pipeline (its params.yaml, its dvc.yaml only),
+experiments <study>-seed-1 .. 4, reports/SEEDS-<study>.md. A study's model that starts from the
+paper's run's dense checkpoint has no pretrain: its band is over the retrain and fine-tune seeds.
 """
 import argparse
 import json
@@ -39,52 +43,63 @@ FIGURES = [("dense test error (%)", "dense"), ("pruned test error (%)", "pruned"
            ("compressed file (x)", "file_compression"), ("selected round's validation error (%)", "val_error")]
 
 
-def seed_params(k: int, models) -> list[str]:
-    return [f"models.{m}.{block}={10 * k + offset}" for m in models
-            for offset, block in enumerate(["pretrain.seed", "retrain.seed", "quantize.finetune.seed"])]
+def seed_params(k: int, models: dict, params_file: str = "") -> list[str]:
+    """The -S settings of seed k for `models` (name: entry); params_file prefixes them for a study's params.yaml."""
+    prefix = f"{params_file}:" if params_file else ""
+    return [f"{prefix}models.{m}.{block}={10 * k + offset}" for m, entry in models.items()
+            for offset, block in enumerate(["pretrain.seed", "retrain.seed", "quantize.finetune.seed"])
+            if block != "pretrain.seed" or "pretrain" in entry]
 
 
-def queue(only: list[str] | None, settings: list[str]):
-    models = yaml.safe_load(Path("params.yaml").read_text())["models"]
+def prefix_of(study: str) -> str:
+    """The experiments' names: seed-k for the paper's run, <study>-seed-k for studies/<study>/."""
+    return f"{Path(study).name}-seed-" if study else "seed-"
+
+
+def queue(only: list[str] | None, settings: list[str], study: str = ""):
+    params_file = f"{study}params.yaml"
+    models = yaml.safe_load(Path(params_file).read_text())["models"]
     unknown = sorted(set(only or []) - set(models))
     if unknown:
-        sys.exit(f"--models: {', '.join(unknown)} not in params.yaml models (there: {', '.join(models)})")
-    models = only or list(models)
+        sys.exit(f"--models: {', '.join(unknown)} not in {params_file} models (there: {', '.join(models)})")
+    models = {m: e for m, e in models.items() if only is None or m in only}
+    name = prefix_of(study)
     for k in SEEDS:
-        cmd = ["dvc", "exp", "run", "--queue", "-n", f"seed-{k}"]
-        for setting in seed_params(k, models) + settings:
+        cmd = ["dvc", "exp", "run", "--queue", "-n", f"{name}{k}"] + ([f"{study}dvc.yaml"] if study else [])
+        for setting in seed_params(k, models, params_file if study else "") + settings:
             cmd += ["-S", setting]
         subprocess.run(cmd, check=True)
-    print(f"queued seed-{SEEDS[0]} .. seed-{SEEDS[-1]}; run them with `dvc queue start -j 1`")
+    print(f"queued {name}{SEEDS[0]} .. {name}{SEEDS[-1]}; run them with `dvc queue start -j 1`")
 
 
 def git_file(rev: str, path: str) -> str:
     return subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
 
 
-def outcome(rev: str, params: dict, model: str) -> dict:
-    """One pipeline run's figures for one model, read from its commit."""
-    m = json.loads(git_file(rev, f"metrics/{model}.json"))
-    selected = json.loads(git_file(rev, f"metrics/select/{model}.json"))  # the select stage's verdict
+def outcome(rev: str, params: dict, model: str, study: str = "") -> dict:
+    """One pipeline run's figures for one model, read from its commit (study: the study's folder)."""
+    m = json.loads(git_file(rev, f"{study}metrics/{model}.json"))
+    selected = json.loads(git_file(rev, f"{study}metrics/select/{model}.json"))  # the select stage's verdict
+    entry = params["models"][model]
     return {"dense": 100 * (1 - m["test_dense"]), "pruned": 100 * (1 - m["test_pruned"]),
             "compressed": 100 * (1 - m["test_compressed"]), "compression": m["compression"],
             "file_compression": m["file_compression"], "val_error": 100 * (1 - selected["val"]),
             "rule": selected["held"], "max_drop": selected["max_drop"],
             "mode": "portable" if params["run"]["portable"] else "fast",
-            "seed": params["models"][model]["pretrain"]["seed"], "arch": params["models"][model]["arch"]}
+            "seed": entry["pretrain" if "pretrain" in entry else "retrain"]["seed"], "arch": entry["arch"]}
 
 
-def runs(prefix: str, rev: str = "HEAD") -> list[tuple[str, str, dict]]:
-    """(name, commit, params) of the baseline commit rev and its finished experiments named <prefix>*,
-    in name order (a queued or running experiment's commit holds the baseline's results)."""
+def runs(prefix: str, rev: str = "HEAD", params_file: str = "params.yaml") -> list[tuple[str, str, dict]]:
+    """(name, commit, params: params_file's) of the baseline commit rev and its finished experiments
+    named <prefix>*, in name order (a queued or running experiment's commit holds the baseline's results)."""
     shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json", "--rev", rev], capture_output=True, text=True,
                                       check=True).stdout)
     base = next(row for row in shown if row["rev"] != "workspace")
-    found = [("baseline", base["rev"], base["data"]["params"]["params.yaml"]["data"])]
+    found = [("baseline", base["rev"], base["data"]["params"][params_file]["data"])]
     for exp in base.get("experiments") or []:
         rev, state = exp["revs"][0], (exp.get("executor") or {}).get("state", "success")
         if (rev.get("name") or "").startswith(prefix) and state == "success":
-            found.append((rev["name"], rev["rev"], rev["data"]["params"]["params.yaml"]["data"]))
+            found.append((rev["name"], rev["rev"], rev["data"]["params"][params_file]["data"]))
     return found[:1] + sorted(found[1:])
 
 
@@ -93,14 +108,17 @@ def band(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {sd:.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
-def render(results: dict[str, list[dict]], names: list[str]) -> str:
-    lines = ["# The seed band", "",
+def render(results: dict[str, list[dict]], names: list[str], study: str = "") -> str:
+    option = f" --study {study.rstrip('/')}" if study else ""
+    lines = [f"# The seed band{f' of {study.rstrip(chr(47))}' if study else ''}", "",
              f"Each model below run {len(names)} times: the committed run (baseline) and "
-             + ", ".join(names[1:]) + ", which change its pretrain, retrain and fine-tune seeds "
-             "(`python studies/seeds.py queue`, `dvc queue start -j 1`) and nothing else but the numeric mode "
+             + ", ".join(names[1:]) + ", which change its "
+             + ("retrain and fine-tune seeds (a model that starts from the paper's run's dense checkpoint keeps it) "
+                if study else "pretrain, retrain and fine-tune seeds ")
+             + f"(`python studies/seeds.py queue{option}`, `dvc queue start -j 1`) and nothing else but the numeric mode "
              "where the table's row says so. Validation split and schedules "
              "are the committed ones. Mean ± sample std (min-max) over the runs; generated by "
-             "`python studies/seeds.py report`, never typed.", ""]
+             f"`python studies/seeds.py report{option}`, never typed.", ""]
     for model, outs in results.items():
         paper = PAPER.get(model)
         lines += [f"## {model}", "", "| figure | band | " + " | ".join(f"{n} (seed {o['seed']})" for n, o in zip(names, outs))
@@ -127,32 +145,40 @@ def render(results: dict[str, list[dict]], names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def report(prefix: str, out: Path, only: list[str] | None, revs: list[str]):
-    found = runs(prefix, revs[0])
+def report(prefix: str, out: Path, only: list[str] | None, revs: list[str], study: str = ""):
+    found = runs(prefix, revs[0], f"{study}params.yaml")
     for rev in revs[1:]:  # experiments queued on other commits; the baseline is the first's
-        found += runs(prefix, rev)[1:]
+        found += runs(prefix, rev, f"{study}params.yaml")[1:]
     # the models of every run (a model added since an experiment ran has no figures there)
     models = [m for m in found[0][2]["models"] if all(m in params["models"] for _, _, params in found)
               and (only is None or m in only)]
-    results = {m: [outcome(rev, params, m) for _, rev, params in found] for m in models}
-    io.write_text(out, render(results, [name for name, _, _ in found]))
+    results = {m: [outcome(rev, params, m, study) for _, rev, params in found] for m in models}
+    io.write_text(out, render(results, [name for name, _, _ in found], study))
     print(f"{out}: {len(found)} runs ({', '.join(n for n, _, _ in found)}) of {', '.join(models)}")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", choices=["queue", "report"])
-    ap.add_argument("--prefix", default="seed-", help="experiments whose names start with this (report)")
+    ap.add_argument("--study", default="", help="a study's folder, e.g. studies/records (default: the paper's run)")
+    ap.add_argument("--prefix", help="experiments whose names start with this (report; default seed-, or <study>-seed-)")
     ap.add_argument("--models", nargs="+", help="re-seed (queue), and report, only these models (default: all); "
                                                 "the others keep the committed run's results")
     ap.add_argument("--set", action="append", default=[], metavar="PARAM=VALUE",
                     help="queue: one more -S setting for every seed, e.g. run.portable=false (the report shows "
                          "each run's numeric mode)")
-    ap.add_argument("--out", default="reports/SEEDS.md")
+    ap.add_argument("--out", help="default reports/SEEDS.md, or reports/SEEDS-<study>.md")
     ap.add_argument("--rev", action="append", help="report: the commit the experiments were queued on, if "
                                                     "commits came since (repeat it for several; default HEAD)")
     args = ap.parse_args()
-    queue(args.models, args.set) if args.action == "queue" else report(args.prefix, Path(args.out), args.models, args.rev or ["HEAD"])
+    study = f"{args.study.rstrip('/')}/" if args.study else ""
+    if study and not Path(f"{study}dvc.yaml").is_file():
+        sys.exit(f"--study: {args.study} has no dvc.yaml; allowed: a study's folder, e.g. studies/records")
+    if args.action == "queue":
+        queue(args.models, args.set, study)
+    else:
+        out = Path(args.out or (f"reports/SEEDS-{Path(study).name}.md" if study else "reports/SEEDS.md"))
+        report(args.prefix or prefix_of(study), out, args.models, args.rev or ["HEAD"], study)
 
 
 if __name__ == "__main__":

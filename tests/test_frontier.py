@@ -13,22 +13,42 @@ def _frontier():
 
 
 def _point(model, compression, val_error, test_error, rule="std", file_x=50.0, file_val_error=None):
+    """A point of lenet_300_100 whose dense validation error is 1.20% and tolerance 0.30 points."""
     return {"run": "r", "model": model, "arch": "lenet_300_100", "rule": rule, "round": 3, "compression": compression,
             "file_compression": file_x, "val_error": val_error, "test_error": test_error, "file_test_error": test_error,
-            "file_val_error": val_error if file_val_error is None else file_val_error}
+            "file_val_error": val_error if file_val_error is None else file_val_error,
+            "dense_val_error": 1.20, "tolerance": 0.30}
 
 
-def test_the_chosen_point_is_the_most_compressed_within_the_validation_budget_whatever_its_test_error():
+def test_the_chosen_point_is_the_most_compressed_the_selection_rule_holds_whatever_its_test_error():
     chosen = _frontier()["chosen"]
-    a = _point("a", 20.0, 1.50, 1.40)
-    b = _point("b", 45.0, 1.60, 1.20)  # more compressed and better on test, but over budget on validation
-    c = _point("c", 30.0, 1.59, 1.70)  # at the budget: taken, though its test error is over it
-    assert chosen([a, b, c], 1.59) is c
-    assert chosen([b], 1.59) is None
-    # at the same parameter compression the larger file wins, if the file's model is within the budget too
-    d = _point("d", 30.0, 1.50, 1.30, file_x=120.0, file_val_error=1.70)  # its weight sharing costs too much
-    e = _point("e", 30.0, 1.50, 1.40, file_x=110.0, file_val_error=1.55)
-    assert chosen([a, c, d, e], 1.59) is e
+    a = _point("a", 20.0, 1.40, 1.40)
+    b = _point("b", 45.0, 1.51, 1.20)  # more compressed and better on test, but past the tolerance on validation
+    c = _point("c", 30.0, 1.50, 1.70)  # at the tolerance: taken, though its test error is over the target
+    assert chosen([a, b, c]) is c
+    assert chosen([b]) is None
+    # at the same parameter compression the larger file wins, if the file's model is held too
+    d = _point("d", 30.0, 1.40, 1.30, file_x=120.0, file_val_error=1.60)  # its weight sharing costs too much
+    e = _point("e", 30.0, 1.40, 1.40, file_x=110.0, file_val_error=1.45)
+    assert chosen([a, c, d, e]) is e
+
+
+def test_the_tolerance_is_the_selection_rule_s_from_the_dense_validation_accuracy():
+    f = _frontier()
+    files = {("r", "metrics/lenet_300_100.json"): json.dumps({"compression": 40.0, "file_compression": 100.0,
+                                                              "test_pruned": 0.985, "test_compressed": 0.985}),
+             ("r", "metrics/select/lenet_300_100.json"): json.dumps({"round": 2, "val": 0.985, "val_dense": 0.9888,
+                                                                     "noise": 3.0}),
+             ("r", "metrics/quantize/lenet_300_100.json"): json.dumps({"val_finetuned": 0.985}),
+             ("r", "plots/lenet_300_100/final/rounds.csv"): "iteration,compression,test_accuracy\n2,40.0,0.985\n"}
+    f["_point"].__globals__["git_file"] = lambda rev, path: files[(rev, path)]
+    params = {"models": {"lenet_300_100": {"arch": "lenet_300_100"}}, "data": {"val_size": 5000},
+              "prune": {"lenet_300_100-iter1": {"model": "lenet_300_100", "rule": "std"}}}
+    p = f["_point"]("r", "r", "", params, "lenet_300_100", params["models"]["lenet_300_100"], params)
+    assert round(p["tolerance"], 4) == round(100 * 3.0 * (0.9888 * 0.0112 / 5000) ** 0.5, 4)  # 0.4470 points
+    assert round(p["dense_val_error"], 6) == 1.12 and f["held"](p)  # 1.50% is within 1.12 + 0.447
+    params["data"]["val_size"] = 20000  # a larger split: a smaller tolerance (0.2235 points), no longer held
+    assert not f["held"](f["_point"]("r", "r", "", params, "lenet_300_100", params["models"]["lenet_300_100"], params))
 
 
 def test_points_come_from_each_run_s_commit_and_render_marks_the_choice():
@@ -38,7 +58,7 @@ def test_points_come_from_each_run_s_commit_and_render_marks_the_choice():
     for rev, x in [("base", 41.0), ("exp1", 41.0), ("exp2", 50.0)]:
         files[(rev, "metrics/lenet_300_100.json")] = json.dumps(
             {"compression": x, "file_compression": 130.0, "test_pruned": 0.985, "test_compressed": 0.9849})
-        files[(rev, "metrics/select/lenet_300_100.json")] = json.dumps({"round": 4, "val": 0.9845})
+        files[(rev, "metrics/select/lenet_300_100.json")] = json.dumps({"round": 4, "val": 0.9845, "val_dense": 0.986})
         files[(rev, "plots/lenet_300_100/final/rounds.csv")] = rounds
         files[(rev, "metrics/quantize/lenet_300_100.json")] = json.dumps({"val_finetuned": 0.985})
     study = {"models": {"lenet_300_100": {"arch": "lenet_300_100", "dense": "../../models/lenet_300_100/dense.pt"}},
@@ -47,7 +67,7 @@ def test_points_come_from_each_run_s_commit_and_render_marks_the_choice():
     files[("base", "studies/records/params.yaml")] = json.dumps(study)  # a study, run at the baseline only
     for name, text in [("lenet_300_100.json", json.dumps({"compression": 60.0, "file_compression": 200.0,
                                                           "test_pruned": 0.986, "test_compressed": 0.986})),
-                       ("select/lenet_300_100.json", json.dumps({"round": 1, "val": 0.984})),
+                       ("select/lenet_300_100.json", json.dumps({"round": 1, "val": 0.984, "val_dense": 0.986})),
                        ("quantize/lenet_300_100.json", json.dumps({"val_finetuned": 0.984}))]:
         files[("base", f"studies/records/metrics/{name}")] = text
     files[("base", "studies/records/plots/lenet_300_100/final/rounds.csv")] = rounds

@@ -29,7 +29,7 @@ def test_queue_re_seeds_only_the_models_named(monkeypatch, tmp_path, capsys):
     import pytest
     import yaml
     seeds = runpy.run_path(str(ROOT / "studies" / "seeds.py"))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"models": {"a": {}, "b": {}}}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"models": {"a": {"pretrain": {}}, "b": {"pretrain": {}}}}))
     monkeypatch.chdir(tmp_path)
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda cmd, **k: calls.append(cmd))
@@ -43,6 +43,14 @@ def test_queue_re_seeds_only_the_models_named(monkeypatch, tmp_path, capsys):
     assert "models.a.pretrain.seed=40" in calls[3]
     with pytest.raises(SystemExit, match="--models: c not in params.yaml models"):
         seeds["queue"](["c"], [])
+    # a study: its params file named in each setting, its pipeline the target, no pretrain where the model has none
+    (tmp_path / "studies" / "records").mkdir(parents=True)
+    (tmp_path / "studies" / "records" / "params.yaml").write_text(yaml.safe_dump({"models": {"c": {"retrain": {}}}}))
+    calls.clear()
+    seeds["queue"](None, [], "studies/records/")
+    assert calls[0][:7] == ["dvc", "exp", "run", "--queue", "-n", "records-seed-1", "studies/records/dvc.yaml"]
+    assert [c for c in calls[0][7:] if c != "-S"] == ["studies/records/params.yaml:models.c.retrain.seed=11",
+                                                      "studies/records/params.yaml:models.c.quantize.finetune.seed=12"]
 
 
 def test_the_band_counts_the_runs_within_their_architecture_s_validation_budget():
