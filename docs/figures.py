@@ -89,7 +89,7 @@ def records_block(root: Path) -> str:
         m, s = _json(study, f"metrics/{key}.json"), _json(study, f"metrics/select/{key}.json")
         x, file_x, error = targets[key]
         test, file_test = 100 * (1 - m["test_pruned"]), 100 * (1 - m["test_compressed"])
-        met = m["compression"] >= x and m["file_compression"] >= file_x and max(test, file_test) <= error
+        met = s["held"] and m["compression"] >= x and m["file_compression"] >= file_x and max(test, file_test) <= error
         rows.append(f"| {MODELS[key]} | **{m['compression']:.1f}x, {test:.2f}%** | {_selected(s)} | "
                     f"{m['file_compression']:.1f}x, {file_test:.2f}% | >= {x}x, >= {file_x}x, <= {error:.2f}% | "
                     f"{'yes' if met else 'no'} |")

@@ -10,9 +10,10 @@ Seed k sets every model's pretrain, retrain and fine-tune seeds to 10k, 10k+1 an
 committed params hold 0, 1, 2). The validation split (data.val_seed) and every schedule stay.
 `--models m1 m2` re-seeds, and reports, only those models: each experiment re-runs only their stages.
 
-`--study studies/records` does the same for a study's pipeline (its params.yaml, its dvc.yaml only),
-experiments <study>-seed-1 .. 4, reports/SEEDS-<study>.md. A study's model that starts from the
-paper's run's dense checkpoint has no pretrain: its band is over the retrain and fine-tune seeds.
+`--study studies/records` does the same for a study's pipeline (its params.yaml, its dvc.yaml only;
+with --models, only those models' stages; --set names the study's params): experiments
+<study>-seed-1 .. 4, reports/SEEDS-<study>.md. A study's model that starts from the paper's run's
+dense checkpoint has no pretrain: its band is over the retrain and fine-tune seeds.
 """
 import argparse
 import json
@@ -64,9 +65,12 @@ def queue(only: list[str] | None, settings: list[str], study: str = ""):
         sys.exit(f"--models: {', '.join(unknown)} not in {params_file} models (there: {', '.join(models)})")
     models = {m: e for m, e in models.items() if only is None or m in only}
     name = prefix_of(study)
+    # a study's pipeline alone; with --models, only their chains (--set run... would re-run the others too)
+    targets = ([f"{study}dvc.yaml:evaluate@{m}" for m in models] if only else [f"{study}dvc.yaml"]) if study else []
     for k in SEEDS:
-        cmd = ["dvc", "exp", "run", "--queue", "-n", f"{name}{k}"] + ([f"{study}dvc.yaml"] if study else [])
-        for setting in seed_params(k, models, params_file if study else "") + settings:
+        cmd = ["dvc", "exp", "run", "--queue", "-n", f"{name}{k}"] + targets
+        for setting in seed_params(k, models, params_file if study else "") + [
+                f"{params_file}:{s}" if study and ":" not in s.split("=")[0] else s for s in settings]:
             cmd += ["-S", setting]
         subprocess.run(cmd, check=True)
     print(f"queued {name}{SEEDS[0]} .. {name}{SEEDS[-1]}; run them with `dvc queue start -j 1`")

@@ -51,6 +51,10 @@ def test_queue_re_seeds_only_the_models_named(monkeypatch, tmp_path, capsys):
     assert calls[0][:7] == ["dvc", "exp", "run", "--queue", "-n", "records-seed-1", "studies/records/dvc.yaml"]
     assert [c for c in calls[0][7:] if c != "-S"] == ["studies/records/params.yaml:models.c.retrain.seed=11",
                                                       "studies/records/params.yaml:models.c.quantize.finetune.seed=12"]
+    calls.clear()
+    seeds["queue"](["c"], ["run.portable=false"], "studies/records/")  # --models: only their chains
+    assert calls[0][6] == "studies/records/dvc.yaml:evaluate@c"
+    assert calls[0][-2:] == ["-S", "studies/records/params.yaml:run.portable=false"]  # --set: in the study's params
 
 
 def test_the_band_counts_the_runs_within_their_architecture_s_validation_budget():
