@@ -92,7 +92,8 @@ def changed(params: dict, base: dict, model: str) -> str:
 
 def points(found: list[tuple[str, str, dict]]) -> list[dict]:
     """One point per configuration of a model of the architectures above (an experiment that left a
-    model as it was repeats the baseline's: counted once, under the first run that has it): its
+    model as it was, or did not run its stages, repeats a result: counted once, under the first run
+    that has it): its
     selected round's figures, and every round's (plots/<model>/final/rounds.csv: parameters only,
     as only the selected round is quantized and encoded)."""
     out, seen = [], set()
@@ -105,9 +106,15 @@ def points(found: list[tuple[str, str, dict]]) -> list[dict]:
                     continue
                 seen.add(key)
                 try:
-                    out.append(_point(name, rev, folder, params, model, cfg, base.get(folder, params)))
+                    point = _point(name, rev, folder, params, model, cfg, base.get(folder, params))
                 except subprocess.CalledProcessError:  # a study not yet run at that commit
-                    pass
+                    continue
+                # an experiment that ran other stages only (dvc exp run <stage>) holds its baseline's results
+                result = (folder, model, *(point[k] for k in ("compression", "file_compression", "val_error",
+                                                              "file_val_error", "test_error", "file_test_error")))
+                if result not in seen:
+                    seen.add(result)
+                    out.append(point)
     return out
 
 

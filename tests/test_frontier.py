@@ -71,7 +71,11 @@ def test_points_come_from_each_run_s_commit_and_render_marks_the_choice():
                        ("quantize/lenet_300_100.json", json.dumps({"val_finetuned": 0.984}))]:
         files[("base", f"studies/records/metrics/{name}")] = text
     files[("base", "studies/records/plots/lenet_300_100/final/rounds.csv")] = rounds
-    files[("exp2", "studies/records/params.yaml")] = json.dumps(study)  # in the commit, but not run there
+    files[("exp2", "studies/records/params.yaml")] = json.dumps({**study, "run": {"portable": False}})
+    for name in ["lenet_300_100.json", "select/lenet_300_100.json", "quantize/lenet_300_100.json"]:
+        files[("exp2", f"studies/records/metrics/{name}")] = files[("base", f"studies/records/metrics/{name}")]
+    files[("exp2", "studies/records/plots/lenet_300_100/final/rounds.csv")] = rounds
+    # exp2 set the study's run otherwise but ran other stages only: the baseline's results, not a new point
 
     def git_file(rev, path):
         if (rev, path) not in files:
