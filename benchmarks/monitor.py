@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hanprune import io  # noqa: E402
 from pipeline import epoch_seconds  # noqa: E402  (benchmarks/pipeline.py, beside this script)
+from results import cpu_model  # noqa: E402
 
 INTERVAL = 0.2
 RUNNING = re.compile(r"Running stage '([^']+)':")
@@ -105,7 +106,7 @@ def main():
         time.sleep(INTERVAL)
     total = time.perf_counter() - start
     reader.join()
-    result = {"command": " ".join(command), "returncode": proc.returncode, "wall_seconds": total,
+    result = {"command": " ".join(command), "cpu": cpu_model(), "returncode": proc.returncode, "wall_seconds": total,
               "stages": {name: {"seconds": s["last_seen"] - s["first_seen"] + INTERVAL,
                                 "peak_rss_mb": s["peak_rss_bytes"] / 2 ** 20} for name, s in stages.items()}}
     for name, seconds in training.items():
@@ -114,7 +115,7 @@ def main():
             s.update(training_seconds=seconds, fixed_seconds=s["seconds"] - seconds)
     if args.add and Path(args.out).exists():
         before = json.loads(Path(args.out).read_text())
-        result = {"command": f"{before['command']} + {result['command']}",
+        result = {"command": f"{before['command']} + {result['command']}", "cpu": result["cpu"],
                   "returncode": before["returncode"] or result["returncode"],
                   "wall_seconds": before["wall_seconds"] + result["wall_seconds"],
                   "stages": {**before["stages"], **result["stages"]}}

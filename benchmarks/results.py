@@ -3,6 +3,7 @@ benchmarks/run.py, monitor.py's stages.json, or two benchmarks/pipeline.py workd
 machine) and rendering RESULTS.md from results.json. Reads and writes files only."""
 import hashlib
 import json
+import platform
 from pathlib import Path
 
 from tabulate import tabulate
@@ -22,6 +23,13 @@ def update(out, change) -> str:
     return text
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
 def stage_figures(path: Path) -> dict:
     """What monitor.py measured of the full `dvc repro`: time, peak RSS and fixed cost per stage.
     stage_fixed_seconds is the largest fixed cost of a stage that trains (process start to first
@@ -30,7 +38,7 @@ def stage_figures(path: Path) -> dict:
     run = json.loads(path.read_text())
     stages = run["stages"]
     training = [v["fixed_seconds"] for v in stages.values() if v.get("training_seconds")]
-    return {"full_repro_seconds": run["wall_seconds"], "full_repro_command": run["command"],
+    return {"full_repro_seconds": run["wall_seconds"], "full_repro_command": run["command"], "full_repro_cpu": run.get("cpu"),
             "stage_seconds": {k: v["seconds"] for k, v in stages.items()},
             "stage_peak_rss_mb": {k: v["peak_rss_mb"] for k, v in stages.items()},
             "stage_fixed": {k: v["fixed_seconds"] for k, v in stages.items() if "fixed_seconds" in v},
@@ -147,7 +155,9 @@ def pipeline(r: dict) -> list[str]:
     lines = ["## Pipeline", "", f"`dvc repro` with nothing stale: {pl['noop_repro_seconds']:.2f} s (median; target ≤ 5 s).", ""]
     if "stage_seconds" in pl:
         lines += [
-            f"The full `dvc repro` of the committed run, measured by `benchmarks/monitor.py` (`{pl['full_repro_command']}`"
+            "The full `dvc repro` of the committed run"
+            + (f" on the {pl['full_repro_cpu']}" if pl.get("full_repro_cpu") else "")
+            + f", measured by `benchmarks/monitor.py` (`{pl['full_repro_command']}`"
             + ("; the first invocation ran every stage, the next ones re-ran what a params change made stale, and each "
                "stage's row is its last run" if " + " in pl["full_repro_command"] else "") + "): "
             f"{pl['full_repro_seconds']:.0f} s in all (target < 20 min), peak RSS of the largest stage "

@@ -14,7 +14,6 @@ Everything is compared within one run on one machine: these machines are shared 
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -35,13 +34,6 @@ from hanprune.models import make, prunable_layers  # noqa: E402
 from hanprune.pruning import load_checkpoint, plain_state_dict  # noqa: E402
 from hanprune.train import fit  # noqa: E402
 from sparse_kernels import NumpyMLP, ScipyLinear, SparseLinear, with_sparse_linears  # noqa: E402
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def baseline_batches(dataset: data.Dataset):
@@ -247,7 +239,7 @@ def main():
     x, y = data.load_split(args.dataset, train=True)
     test_x, _ = data.load_split(args.dataset, train=False)
     flops = gemm_flops(512 if args.quick else 2048, reps=3 if args.quick else 10)
-    cpu = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+    cpu = {"machine": {"cpu": results.cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                        "threads": torch.get_num_threads()},
            "date": time.strftime("%Y-%m-%d"), "gemm_n": 512 if args.quick else 2048,
            "gemm_gflops": flops / 1e9, "train": {}, "numerics": {}, "inference": {}}

@@ -157,20 +157,20 @@ def test_model_without_prune_iterations(tmp_path, project_params):
 
 
 def test_start_no_stage_produces(tmp_path, project_params):
-    project_params["prune"]["lenet5_caffe-iter3"]["start"] = "models/lenet5_caffe/iter9.pt"
+    project_params["prune"]["lenet5_caffe-iter2"]["start"] = "models/lenet5_caffe/iter9.pt"
     msg = _error(tmp_path, project_params)
-    assert "prune.lenet5_caffe-iter3.start" in msg
+    assert "prune.lenet5_caffe-iter2.start" in msg
     assert "'models/lenet5_caffe/iter9.pt'" in msg
     assert "no stage produces it" in msg
-    assert "expected 'models/lenet5_caffe/rounds/iter2.pt'" in msg
+    assert "expected 'models/lenet5_caffe/rounds/iter1.pt'" in msg
 
 
 def test_start_not_the_previous_checkpoint(tmp_path, project_params):
-    project_params["prune"]["lenet5_caffe-iter3"]["start"] = "models/lenet5_caffe/dense.pt"
+    project_params["prune"]["lenet5_caffe-iter2"]["start"] = "models/lenet5_caffe/dense.pt"
     msg = _error(tmp_path, project_params)
-    assert "prune.lenet5_caffe-iter3.start" in msg
+    assert "prune.lenet5_caffe-iter2.start" in msg
     assert "not the previous checkpoint" in msg
-    assert "expected 'models/lenet5_caffe/rounds/iter2.pt'" in msg
+    assert "expected 'models/lenet5_caffe/rounds/iter1.pt'" in msg
 
 
 def test_iteration_gap(tmp_path, project_params):
@@ -196,10 +196,10 @@ def test_prune_model_not_in_models(tmp_path, project_params):
 
 def test_added_round_loads(tmp_path, project_params):
     """Adding a round is one entry: no other key points at the last round."""
-    project_params["prune"]["lenet5_caffe-iter4"] = dict(project_params["prune"]["lenet5_caffe-iter3"],
-                                                   iteration=4, start="models/lenet5_caffe/rounds/iter3.pt")
+    project_params["prune"]["lenet5_caffe-iter3"] = dict(project_params["prune"]["lenet5_caffe-iter2"],
+                                                   iteration=3, start="models/lenet5_caffe/rounds/iter2.pt")
     p = config.load(_write(tmp_path, project_params))
-    assert p.prune["lenet5_caffe-iter4"].start == config.iteration_path("lenet5_caffe", 3)
+    assert p.prune["lenet5_caffe-iter3"].start == config.iteration_path("lenet5_caffe", 2)
 
 
 @pytest.mark.parametrize("change, expected", [
@@ -232,7 +232,7 @@ def test_a_model_s_rounds_share_one_rule_and_its_grid_holds_zero(tmp_path, proje
     project_params["sensitivity"]["q"] = [0.1, 0.5]
     assert "sensitivity.q: must hold 0 (the dense model" in _error(tmp_path, project_params)
     project_params["sensitivity"]["q"] = [0.0, 0.5]
-    assert rules.values_of(rules.RULES["quantile"], config.load(_write(tmp_path, project_params)).prune["lenet5_caffe-iter3"].model_extra) == {"fc1": 0.5}
+    assert rules.values_of(rules.RULES["quantile"], config.load(_write(tmp_path, project_params)).prune["lenet5_caffe-iter2"].model_extra) == {"fc1": 0.5}
 
 
 def test_budget_and_select_load(tmp_path, project_params):
