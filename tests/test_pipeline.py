@@ -545,6 +545,7 @@ def test_monitor_measures_each_stage_process(tmp_path):
     stages = json.loads(out.read_text())["stages"]
     assert set(stages) == {"first", "second"}
     assert 0.6 < stages["first"]["seconds"] < 2 and stages["second"]["peak_rss_mb"] > 200
+    assert json.loads(out.read_text())["cpu"] not in ("", "unknown")  # the figures name their machine
     wall = json.loads(out.read_text())["wall_seconds"]
     # --add: a later run of some stages adds to the file (a re-measured stage replaces its entry)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "monitor.py"), "--add", "--out", str(out), "--",
