@@ -21,8 +21,8 @@ def test_runs_are_the_baseline_and_the_finished_experiments_of_the_prefix(monkey
                               exp("other", "success"), exp("seed-1", None)]}]
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, json.dumps(shown), ""))
     found = seeds["runs"]("seed-")
-    assert [(name, rev) for name, rev, _ in found] == [("baseline", "base-sha"), ("seed-1", "seed-1-sha"),
-                                                       ("seed-2", "seed-2-sha")]
+    assert found[0][:2] == ("baseline", "base-sha")
+    assert sorted((name, rev) for name, rev, _ in found[1:]) == [("seed-1", "seed-1-sha"), ("seed-2", "seed-2-sha")]
 
 
 def test_queue_re_seeds_only_the_models_named(monkeypatch, tmp_path, capsys):
@@ -57,20 +57,22 @@ def test_queue_re_seeds_only_the_models_named(monkeypatch, tmp_path, capsys):
     assert calls[0][-2:] == ["-S", "studies/records/params.yaml:run.portable=false"]  # --set: in the study's params
 
 
-def test_the_band_counts_the_runs_within_their_architecture_s_validation_budget():
-    """The budget is absolute (the paper's pruned test error of the arch), not the select rule's
-    max_drop below each run's own dense model: a run can hold its rule and miss the budget."""
+def test_the_band_counts_the_runs_within_their_architecture_s_paper_error():
+    """The paper's pruned error of the arch is absolute, not the select rule's noise below each run's
+    own dense model: a run can hold its rule and miss it, on test (reported) or on validation."""
     render = runpy.run_path(str(ROOT / "studies" / "seeds.py"))["render"]
 
-    def out(seed, val_error):
-        return {"dense": 1.0, "pruned": 1.3, "compressed": 1.4, "compression": 44.0, "file_compression": 120.0,
-                "val_error": val_error, "rule": True, "max_drop": 0.0047, "seed": seed, "arch": "lenet_300_100",
+    def out(seed, val_error, test_error):
+        return {"dense": 1.0, "pruned": test_error, "compressed": 1.4, "compression": 44.0, "file_compression": 120.0,
+                "val_error": val_error, "rule": seed != 20, "noise": 2.0, "seed": seed, "arch": "lenet_300_100",
                 "mode": "fast" if seed else "portable"}
-    text = render({"lenet_300_100_global": [out(0, 1.52), out(10, 1.66), out(20, 1.59)]},
-                        ["baseline", "seed-1", "seed-2"])
-    assert "| selection rule held (val. error within 0.47 points of dense) | 3 of 3 | yes | yes | yes |" in text
+    text = render({"lenet_300_100_global": [out(0, 1.52, 1.6), out(10, 1.66, 1.3), out(20, 1.59, 1.59)]},
+                  ["baseline", "seed-1", "seed-2"])
+    assert ("| selection rule held (val. accuracy at most 2 standard errors below the dense model's) | 2 of 3 "
+            "| yes | yes | **no** |") in text
     assert "| numeric mode (run.portable) | - | portable | fast | fast |" in text
-    assert ("| within the validation budget (selected round's val. error ≤ 1.59%, the paper's pruned test error) "
+    assert "| pruned test error ≤ 1.59%, the error budget (reported, never selects) | 2 of 3 | **no** | yes | yes |" in text
+    assert ("| within the old validation budget (selected round's val. error ≤ 1.59%) "
             "| 2 of 3 | yes | **no** | yes |") in text
-    other = {"lenet_custom": [{**out(0, 5.0), "arch": "mynets:Net"}]}
-    assert "validation budget" not in render(other, ["baseline"])  # no budget for an arch the issue does not name
+    other = {"lenet_custom": [{**out(0, 5.0, 5.0), "arch": "mynets:Net"}]}
+    assert "error budget" not in render(other, ["baseline"])  # no budget for an arch the issue does not name
