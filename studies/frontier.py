@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from hanprune import io  # noqa: E402
 from hanprune.report import PAPERS  # noqa: E402
 from hanprune.selection import tolerance  # noqa: E402
-from studies.seeds import git_file, runs  # noqa: E402
+from studies.seeds import git, git_file, runs  # noqa: E402
 
 TARGETS = PAPERS["targets"]  # parameter compression, file compression, test error (%)
 # Published points: (label, parameter compression, file compression or None, test error %).
@@ -49,10 +49,6 @@ def every_run() -> list[tuple[str, str, dict]]:
     for sha in git("log", "--no-walk", "--format=%H", *older).split() if older else []:
         found += [(f"commit {sha[:7]}" if name == "baseline" else name, rev, params) for name, rev, params in runs("", sha)]
     return found
-
-
-def git(*args: str) -> str:
-    return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def configuration(params: dict, model: str) -> str:

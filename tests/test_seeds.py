@@ -74,5 +74,8 @@ def test_the_band_counts_the_runs_within_their_architecture_s_paper_error():
     assert "| pruned test error ≤ 1.59%, the error budget (reported, never selects) | 2 of 3 | **no** | yes | yes |" in text
     assert ("| within the old validation budget (selected round's val. error ≤ 1.59%) "
             "| 2 of 3 | yes | **no** | yes |") in text
+    assert "`python studies/seeds.py report`, never typed" in text
+    assert "`python studies/seeds.py report --rev 0d190cc --rev f76729e`" in render(  # runs of several commits
+        {"lenet_300_100": [out(0, 1.5, 1.3)]}, ["baseline"], commits=["0d190cc", "f76729e"])
     other = {"lenet_custom": [{**out(0, 5.0, 5.0), "arch": "mynets:Net"}]}
     assert "error budget" not in render(other, ["baseline"])  # no budget for an arch the issue does not name
