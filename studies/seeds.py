@@ -116,9 +116,11 @@ def band(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {sd:.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
-def render(results: dict[str, list[dict]], names: list[str], study: str = "", commits: list[str] = ()) -> str:
-    """commits: those the experiments were queued on, as `report --rev` names them (none: the baseline's)."""
-    option = f" --study {study.rstrip('/')}" if study else ""
+def render(results: dict[str, list[dict]], names: list[str], study: str = "", commits: list[str] = (),
+           only: list[str] | None = None) -> str:
+    """commits: those the experiments were queued on, as `report --rev` names them (none: HEAD);
+    only: the models re-seeded (--models; none: all)."""
+    option = (f" --study {study.rstrip('/')}" if study else "") + (f" --models {' '.join(only)}" if only else "")
     revs = "".join(f" --rev {c}" for c in commits)
     lines = [f"# The seed band{f' of {study.rstrip(chr(47))}' if study else ''}", "",
              f"Each model below run {len(names)} times: the committed run (baseline) and "
@@ -166,8 +168,8 @@ def report(prefix: str, out: Path, only: list[str] | None, revs: list[str], stud
     models = [m for m in found[0][2]["models"] if all(m in params["models"] for _, _, params in found)
               and (only is None or m in only)]
     results = {m: [outcome(rev, params, m, study) for _, rev, params in found] for m in models}
-    commits = [git("rev-parse", "--short", rev) for rev in revs] if len(revs) > 1 else []
-    io.write_text(out, render(results, [name for name, _, _ in found], study, commits))
+    commits = [git("rev-parse", "--short", rev) for rev in revs] if revs != ["HEAD"] else []
+    io.write_text(out, render(results, [name for name, _, _ in found], study, commits, only))
     print(f"{out}: {len(found)} runs ({', '.join(n for n, _, _ in found)}) of {', '.join(models)}")
 
 

@@ -252,6 +252,7 @@ def _covered(path: str, outs: list[str]) -> bool:
 
 # Results that no stage writes, each with what writes it.
 NOT_STAGE_OUTPUTS = {"reports/SEEDS.md": "studies/seeds.py, from the seed experiments (dvc exp show)",
+                     "reports/SEEDS-records.md": "studies/seeds.py --study studies/records, likewise",
                      "reports/FRONTIER.md": "studies/frontier.py, from the run and its experiments",
                      "reports/frontier": "studies/frontier.py: its figures"}
 

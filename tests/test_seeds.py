@@ -75,7 +75,9 @@ def test_the_band_counts_the_runs_within_their_architecture_s_paper_error():
     assert ("| within the old validation budget (selected round's val. error ≤ 1.59%) "
             "| 2 of 3 | yes | **no** | yes |") in text
     assert "`python studies/seeds.py report`, never typed" in text
-    assert "`python studies/seeds.py report --rev 0d190cc --rev f76729e`" in render(  # runs of several commits
-        {"lenet_300_100": [out(0, 1.5, 1.3)]}, ["baseline"], commits=["0d190cc", "f76729e"])
+    some = render({"lenet_300_100": [out(0, 1.5, 1.3)]}, ["baseline"], "studies/records/", ["0d190cc", "f76729e"],
+                  ["lenet_300_100"])  # runs of other commits, of one model
+    assert "`python studies/seeds.py queue --study studies/records --models lenet_300_100`" in some
+    assert "`python studies/seeds.py report --study studies/records --models lenet_300_100 --rev 0d190cc --rev f76729e`" in some
     other = {"lenet_custom": [{**out(0, 5.0, 5.0), "arch": "mynets:Net"}]}
     assert "error budget" not in render(other, ["baseline"])  # no budget for an arch the issue does not name
