@@ -92,7 +92,7 @@ def outcome(rev: str, params: dict, model: str, study: str = "") -> dict:
     return {"dense": 100 * (1 - m["test_dense"]), "pruned": 100 * (1 - m["test_pruned"]),
             "compressed": 100 * (1 - m["test_compressed"]), "compression": m["compression"],
             "file_compression": m["file_compression"], "val_error": 100 * (1 - selected["val"]),
-            "rule": selected["held"], "noise": selected["noise"],
+            "rule": selected["held"], "noise": selected["noise"], "max_drop": selected["max_drop"],
             "mode": "portable" if params["run"]["portable"] else "fast",
             "seed": entry["pretrain" if "pretrain" in entry else "retrain"]["seed"], "arch": entry["arch"]}
 
@@ -144,8 +144,11 @@ def render(results: dict[str, list[dict]], names: list[str], study: str = "", co
             if paper:
                 row += f" {ref[key]:.2f} |" if key in ref else " - |"
             lines.append(row)
-        verdicts = [(f"selection rule held (val. accuracy at most {outs[0]['noise']:g} standard errors below the "
-                     "dense model's)", [o["rule"] for o in outs])]
+        first = outs[0]  # select.noise, or a fixed select.max_drop in its place
+        tolerance = (f"{first['noise']:g} standard errors" if first["noise"] is not None
+                     else f"{100 * first['max_drop']:.2f} points")
+        verdicts = [(f"selection rule held (val. accuracy at most {tolerance} below the dense model's)",
+                     [o["rule"] for o in outs])]
         budget = BUDGET.get(outs[0]["arch"])
         if budget is not None:
             verdicts += [(f"pruned test error ≤ {budget:.2f}%, the error budget (reported, never selects)",
