@@ -542,11 +542,11 @@ def test_monitor_measures_each_stage_process(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "monitor.py"), "--out", str(out), "--",
                            "sh", "-c", cmd], capture_output=True, text=True, env=env(tmp_path))
     assert proc.returncode == 0, proc.stderr
-    stages = json.loads(out.read_text())["stages"]
+    run = json.loads(out.read_text())
+    stages, wall = run["stages"], run["wall_seconds"]
     assert set(stages) == {"first", "second"}
     assert 0.6 < stages["first"]["seconds"] < 2 and stages["second"]["peak_rss_mb"] > 200
-    assert json.loads(out.read_text())["cpu"] not in ("", "unknown")  # the figures name their machine
-    wall = json.loads(out.read_text())["wall_seconds"]
+    assert run["cpu"] not in ("", "unknown")  # the figures name their machine
     # --add: a later run of some stages adds to the file (a re-measured stage replaces its entry)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "monitor.py"), "--add", "--out", str(out), "--",
                            "sh", "-c", "DVC_STAGE=second sleep 1; DVC_STAGE=third sleep 1"],

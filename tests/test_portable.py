@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.results import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 AVX2_CAPS = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
@@ -37,11 +39,6 @@ def test_portable_mode_gives_the_committed_reference_bytes():
     differ = {k: (got[k][:8], v[:8]) for k, v in reference["md5"].items() if got[k] != v}
     assert not differ, (f"this CPU ({cpu_model()}) gives other bytes in the portable mode than "
                         f"{'; '.join(reference['cpus'])} (probe step: this CPU's md5, the reference's): {differ}")
-
-
-def cpu_model() -> str:
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
 
 
 def test_portable_mode_gives_the_same_bytes_natively_and_under_avx2_caps():
