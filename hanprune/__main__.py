@@ -31,8 +31,8 @@ def decode(args) -> None:
     key, layers = found.model_key, found.layers
     rows = describe(blob)
     print(tabulate([[r["layer"], "x".join(map(str, r["shape"])), r["nonzero"], r["entries"], r["index_bits"],
-                     r["codebook_size"], r["bytes_total"]] for r in rows],
-                   headers=["layer", "shape", "non-zero", "entries", "index bits", "codebook", "bytes"]))
+                     r["gap_code"], r["codebook_size"], r["bytes_total"]] for r in rows],
+                   headers=["layer", "shape", "non-zero", "entries", "index bits", "gaps", "codebook", "bytes"]))
     size = Path(args.file).stat().st_size
     dense = 4 * sum(p.numel() for p in model.parameters())
     print(f"{args.file}: {key}, {size} bytes, {dense / size:.1f}x smaller than dense float32 ({dense} bytes)")

@@ -1,35 +1,38 @@
 """The compressed file of a pruned, weight-shared model: Deep Compression's storage format
 (Han, Mao & Dally 2016): the sparse pattern as relative indices with filler entries, shared
-weights as codebook indices, and both sequences Huffman-coded.
+weights as codebook indices, and both sequences Huffman-coded (the gaps Rice-coded where that
+is smaller, from version 5 on).
 
-Byte-level specification, format versions 1 to 4
+Byte-level specification, format versions 1 to 5
 =================================================
 All integers are unsigned little-endian (u8, u16, u32); floats are IEEE-754 binary32 (f32) or,
-for codebooks and biases in version 4, binary16 (f16), little-endian. A "string" is a u16 byte
+for codebooks and biases from version 4 on, binary16 (f16), little-endian. A "string" is a u16 byte
 length followed by that many bytes of UTF-8.
 
 File::
 
     magic         8 bytes   b"HANPRUNE"
-    version       u16       4 (written); 1, 2 and 3 are read too
+    version       u16       5 (written); 1 to 4 are read too
     total_length  u32       length of the whole file in bytes, this field and the CRC included
     model_key     string
-    arch          string    (versions 3, 4) the architecture: a built-in name or package.module:Class
-    kwargs        string    (versions 3, 4) the keyword arguments of arch's class, a JSON object (RFC 8259);
+    arch          string    (versions 3 to 5) the architecture: a built-in name or package.module:Class
+    kwargs        string    (versions 3 to 5) the keyword arguments of arch's class, a JSON object (RFC 8259);
                             written with its keys sorted and no whitespace
     n_layers      u16
     layer         n_layers times, in the model's order (names are unique)
-    n_other       u16       (versions 2 to 4) then n_other Other records
+    n_other       u16       (versions 2 to 5) then n_other Other records
     crc           u32       zlib.crc32 of every byte before it
 
 Version 1 has neither arch, kwargs nor other tensors; version 2 adds the other tensors; version 3
 names the architecture, so that the model is made from the file alone; version 4 stores a layer's
 codebook and bias in half precision where that loses nothing (the encoder writes f16 only for
-values that f16 holds exactly, so every version decodes to the tensors that were encoded). For a
-file of version 1 or 2 the reader has to know the architecture (hanprune takes the model key for a
-built-in one).
+values that f16 holds exactly, so every version decodes to the tensors that were encoded). Version
+5 stores only the codebook entries a layer uses, in the order of their codes, so that the symbol
+code needs no table, and may code the gaps with a Rice code, which needs none either; it decodes
+to the same weights, with the codes numbered in that order. For a file of version 1 or 2 the
+reader has to know the architecture (hanprune takes the model key for a built-in one).
 
-Other (versions 2 to 4): a tensor of the model's state that is not a pruned layer's weight or bias,
+Other (versions 2 to 5): a tensor of the model's state that is not a pruned layer's weight or bias,
 stored as it is (batch norm's scale, shift and running statistics, say)::
 
     name          string          its state_dict key
@@ -44,13 +47,13 @@ Layer::
     ndim          u8
     dims          ndim x u32      the weight's shape; its size N is the product (1 for ndim 0)
     k             u32             codebook size, 0..65536
-    codebook_type u8              (version 4) 0 = f32, 1 = f16
+    codebook_type u8              (versions 4, 5) 0 = f32, 1 = f16
     codebook      k x f32 (f16 if codebook_type is 1)   the shared weight values
     index_bits    u8              b, 1..16
     n_entries     u32             number of (gap, symbol) entries, fillers included
-    symbols       Huffman section over the alphabet 0..k         (k = FILLER)
-    gaps          Huffman section over the alphabet 0..2**b - 1
-    bias_type     u8              0 = no bias, 1 = f32, 2 = f16 (2 in version 4 only)
+    symbols       Huffman section over the alphabet 0..k         (k = FILLER); version 5: Symbol section
+    gaps          Huffman section over the alphabet 0..2**b - 1; version 5: Gap section
+    bias_type     u8              0 = no bias, 1 = f32, 2 = f16 (2 from version 4 on)
     bias          if bias_type > 0: u32 n, then n values of that type
 
 Sparse layout. The weight is flattened row-major (C order) into N positions; position p holds
@@ -82,12 +85,36 @@ stream is the n_entries codes concatenated, each written most significant bit fi
 into bytes most significant bit first; the padding bits of the last byte are zero. With
 n_entries = 0 the table is empty (L = 0) and n_bits is 0.
 
+Symbol section (version 5): a Huffman section over the alphabet 0..k without its table::
+
+    max_length    u8              L
+    counts        L x uW          as above; they sum to k (no filler entries) or k + 1
+    filler_rank   uW              r, where FILLER stands in the canonical order: k when it is absent
+    n_bits, stream                as above
+
+The table is 0, 1, ..., r - 1, FILLER, r, ..., k - 1, cut to sum(counts) symbols: codebook entry s
+has the (s + 1)-th code in canonical order (the (s + 2)-th from the filler on). The encoder
+numbers the entries a layer uses so (the canonical order lists shorter codes first) and drops
+the rest, so the codebook costs nothing for a value no weight takes and the table costs nothing.
+
+Gap section (version 5)::
+
+    rice          u8              0: a Huffman section over 0..2**b - 1 follows (table and all);
+                                  m + 1 (m in 0..b): a Rice code with parameter m, and only
+    n_bits, stream                as above
+
+The Rice code with parameter m (Golomb 1966; Rice 1979) gives gap g the length (g >> m) + 1 + m,
+at most 31 bits: the canonical code of those lengths over the table 0, 1, ..., 2**b - 1, that is
+g >> m one-bits, a zero bit, then the low m bits of g. Gaps between surviving weights are close to
+geometric, for which it is near optimal, and it needs no table. The encoder takes, per layer, the
+index bits, the gap code and m that make the layer smallest.
+
 Checks. `decode` raises an EncodingError with one message for anything wrong with a file. It
 checks, in order, so that each problem gets its own message: the magic, the version, the file
 length against total_length (truncated file or trailing bytes), the CRC, and then, field by
 field, that the body is consistent: every field inside the file, kwargs a JSON object, known
-values (index bits, codebook and bias types, code lengths of at most 31 bits, codebook size), table symbols
-inside their alphabet,
+values (index bits, codebook and bias types, code lengths of at most 31 bits, codebook size, the
+Rice parameter, counts that fit the codebook), table symbols inside their alphabet,
 streams decoding to exactly n_entries codes, entries inside the layer, unique layer names, and
 no bytes left between the last layer and the CRC. `encode` raises an EncodingError if a layer is
 malformed (codes outside -1..k-1, a codebook that is not 1-D float32, ...) or does not fit the
@@ -111,9 +138,9 @@ from .models import ModelError, architecture, make
 from .quantize import QuantizedLayer, load_into, other_state  # noqa: F401 (QuantizedLayer: the file's layers)
 
 MAGIC = b"HANPRUNE"
-FORMAT_VERSION = 4  # the version this code writes, and the newest it reads
+FORMAT_VERSION = 5  # the version this code writes, and the newest it reads
 OTHER_DTYPES = {0: "<f4", 1: "<i8"}
-CODEBOOK_TYPES = {0: "<f4", 1: "<f2"}  # version 4's codebook_type
+CODEBOOK_TYPES = {0: "<f4", 1: "<f2"}  # codebook_type, from version 4 on
 BIAS_TYPES = {1: "<f4", 2: "<f2"}  # bias_type (0: no bias); 2 from version 4 on
 
 MAX_CODEBOOK = 65536
@@ -143,11 +170,12 @@ class Compressed:
 
 @dataclass
 class _Code:
-    """A canonical Huffman code and what it costs for the frequencies it was built from."""
+    """A canonical prefix code and what it costs for the frequencies it was built from."""
     codewords: dict  # symbol -> frozenbitarray
     counts: list[int]  # counts[l] = number of symbols with code length l; counts[0] == 0
     symbols: list[int]  # in canonical order
     n_bits: int  # length of the coded stream
+    rice: int | None = None  # the Rice code's parameter m (a version 5 gap section), None for a table's code
 
 
 def _width(alphabet: int) -> int:
@@ -181,17 +209,48 @@ def _fixed_width(frequencies: np.ndarray, what: str) -> _Code:
     return _Code(codewords, [0] * length + [present.size], present.tolist(), int(frequencies.sum()) * length)
 
 
-def _section_size(code: _Code, alphabet: int) -> int:
-    """Bytes of a Huffman section (table, bit count and stream)."""
-    return 1 + (len(code.counts) - 1 + len(code.symbols)) * _width(alphabet) + 4 + (code.n_bits + 7) // 8
+def _rice_counts(index_bits: int, m: int) -> list[int]:
+    """counts (counts[0] == 0) of the Rice code with parameter m over 0..2**index_bits - 1."""
+    return [0] * (m + 1) + [1 << m] * (((1 << index_bits) - 1 >> m) + 1)
 
 
-def _layer_codes(symbols: np.ndarray, skipped: np.ndarray, k: int, index_bits: int | None, make_code,
+def _rice(frequencies: np.ndarray, index_bits: int) -> _Code | None:
+    """The shortest Rice code of the gaps (frequencies over 0..2**index_bits - 1) whose codes are at
+    most MAX_CODE_LENGTH bits, or None if there is none."""
+    gaps = np.arange(frequencies.size)
+    best = None
+    for m in range(index_bits + 1):
+        if ((frequencies.size - 1) >> m) + 1 + m > MAX_CODE_LENGTH:
+            continue
+        n_bits = int((frequencies * ((gaps >> m) + 1 + m)).sum())
+        if best is None or n_bits < best[0]:
+            best = (n_bits, m)
+    if best is None:
+        return None
+    n_bits, m = best
+    codewords = {int(g): frozenbitarray("1" * (g >> m) + "0" + (format(g & (1 << m) - 1, f"0{m}b") if m else ""))
+                 for g in np.flatnonzero(frequencies)}  # the canonical code of these lengths (module docstring)
+    return _Code(codewords, _rice_counts(index_bits, m), gaps.tolist(), n_bits, rice=m)
+
+
+def _symbol_section_size(code: _Code, alphabet: int) -> int:
+    """Bytes of a symbol section (version 5): max length, counts, filler rank, bit count, stream."""
+    return 1 + (len(code.counts) - 1 + 1) * _width(alphabet) + 4 + (code.n_bits + 7) // 8
+
+
+def _gap_section_size(code: _Code, alphabet: int) -> int:
+    """Bytes of a gap section (version 5): the Rice byte, then the table's section or the stream."""
+    table = 0 if code.rice is not None else 1 + (len(code.counts) - 1 + len(code.symbols)) * _width(alphabet)
+    return 1 + table + 4 + (code.n_bits + 7) // 8
+
+
+def _layer_codes(symbols: np.ndarray, skipped: np.ndarray, k: int, index_bits: int | None, huffman: bool,
                  what: str) -> tuple[int, _Code, _Code]:
     """(index bits, symbol code, gap code) of a layer: with `index_bits` if given, else with the
-    index bits that make the two sections smallest (the smallest such on a tie). make_code is
-    _huffman or _fixed_width. symbols: the codes of the surviving weights; skipped: the pruned
-    positions before each."""
+    index bits that make the two sections smallest (the smallest such on a tie). huffman: Huffman
+    codes, and a Rice code for the gaps where it is smaller; else fixed-width codes.
+    symbols: the codes of the surviving weights; skipped: the pruned positions before each."""
+    make_code = _huffman if huffman else _fixed_width
     symbol_counts = np.bincount(symbols, minlength=k + 1)
     symbol_codes = {}  # by number of fillers, the only thing the index bits change in the symbols
     best = None
@@ -204,11 +263,25 @@ def _layer_codes(symbols: np.ndarray, skipped: np.ndarray, k: int, index_bits: i
             symbol_codes[n_fillers] = make_code(symbol_frequencies, what)
         gap_frequencies = np.bincount(skipped & max_gap, minlength=max_gap + 1)
         gap_frequencies[max_gap] += n_fillers
-        gap_code = make_code(gap_frequencies, what)
-        size = _section_size(symbol_codes[n_fillers], k + 1) + _section_size(gap_code, max_gap + 1)
+        gap_codes = [make_code(gap_frequencies, what)] + ([_rice(gap_frequencies, bits)] if huffman else [])
+        gap_code = min((c for c in gap_codes if c is not None), key=lambda c: _gap_section_size(c, max_gap + 1))
+        size = _symbol_section_size(symbol_codes[n_fillers], k + 1) + _gap_section_size(gap_code, max_gap + 1)
         if best is None or size < best[0]:
             best = (size, bits, symbol_codes[n_fillers], gap_code)
     return best[1:]
+
+
+def _canonical_numbering(code: _Code, k: int) -> tuple[np.ndarray, int, _Code]:
+    """Renumber a symbol code over k entries, all present, and the filler k, so that entry s has
+    the code of canonical rank s (s + 1 from the filler on): (order, filler rank, the code), with
+    order[new number] = the old one."""
+    rank = code.symbols.index(k) if k in code.symbols else k
+    order = np.asarray([s for s in code.symbols if s != k], dtype=np.int64)
+    codewords = {new: code.codewords[old] for new, old in enumerate(order.tolist())}
+    if k in code.codewords:
+        codewords[k] = code.codewords[k]
+    return order, rank, _Code(codewords, code.counts, [*range(rank), k, *range(rank, k)][:len(code.symbols)],
+                              code.n_bits)
 
 
 def _entries(symbols: np.ndarray, skipped: np.ndarray, k: int, index_bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -236,14 +309,26 @@ def _pack_u32(value: int, what: str) -> bytes:
     return struct.pack("<I", value)
 
 
-def _pack_section(entries: np.ndarray, code: _Code, alphabet: int, what: str) -> bytes:
-    dtype = f"<u{_width(alphabet)}"
+def _pack_stream(entries: np.ndarray, code: _Code, what: str) -> bytes:
     stream = bitarray(endian="big")
     if entries.size:
         stream.encode(code.codewords, entries.tolist())
-    return b"".join([struct.pack("<B", len(code.counts) - 1), np.asarray(code.counts[1:], dtype).tobytes(),
-                     np.asarray(code.symbols, dtype).tobytes(), _pack_u32(len(stream), f"{what} stream length"),
-                     stream.tobytes()])
+    return _pack_u32(len(stream), f"{what} stream length") + stream.tobytes()
+
+
+def _pack_counts(code: _Code, alphabet: int) -> bytes:
+    return struct.pack("<B", len(code.counts) - 1) + np.asarray(code.counts[1:], f"<u{_width(alphabet)}").tobytes()
+
+
+def _pack_symbols(entries: np.ndarray, code: _Code, rank: int, k: int, what: str) -> bytes:
+    return _pack_counts(code, k + 1) + np.asarray([rank], f"<u{_width(k + 1)}").tobytes() + _pack_stream(entries, code, what)
+
+
+def _pack_gaps(entries: np.ndarray, code: _Code, alphabet: int, what: str) -> bytes:
+    if code.rice is not None:
+        return struct.pack("<B", code.rice + 1) + _pack_stream(entries, code, what)
+    return b"".join([struct.pack("<B", 0), _pack_counts(code, alphabet),
+                     np.asarray(code.symbols, f"<u{_width(alphabet)}").tobytes(), _pack_stream(entries, code, what)])
 
 
 def _checked_arrays(name: str, layer: QuantizedLayer) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -278,23 +363,25 @@ def _narrowest(values: np.ndarray, types: dict[int, str]) -> int:
     return min(exact, key=lambda c: np.dtype(types[c]).itemsize)
 
 
-def _encode_layer(name: str, layer: QuantizedLayer, index_bits: int | None, make_code) -> bytes:
+def _encode_layer(name: str, layer: QuantizedLayer, index_bits: int | None, huffman: bool) -> bytes:
     what = f"layer {name!r}"
     codes, codebook, bias = _checked_arrays(name, layer)
-    k = codebook.size
     flat = codes.reshape(-1)
     positions = np.flatnonzero(flat >= 0)
-    symbols = flat[positions]
+    used, symbols = np.unique(flat[positions], return_inverse=True)  # the entries used, numbered 0..k-1
+    codebook, k = codebook[used], used.size
     skipped = np.diff(positions, prepend=-1) - 1
-    index_bits, symbol_code, gap_code = _layer_codes(symbols, skipped, k, index_bits, make_code, what)
+    index_bits, symbol_code, gap_code = _layer_codes(symbols, skipped, k, index_bits, huffman, what)
+    order, rank, symbol_code = _canonical_numbering(symbol_code, k)
+    codebook, symbols = codebook[order], np.argsort(order)[symbols]
     entry_symbols, entry_gaps = _entries(symbols, skipped, k, index_bits)
     codebook_type = _narrowest(codebook, CODEBOOK_TYPES)
     parts = [_pack_string(name, f"{what}: the name"), struct.pack("<B", codes.ndim),
              np.asarray(codes.shape, "<u4").tobytes(), struct.pack("<IB", k, codebook_type),
              codebook.astype(CODEBOOK_TYPES[codebook_type]).tobytes(),
              struct.pack("<B", index_bits), _pack_u32(entry_symbols.size, f"{what}: the number of entries"),
-             _pack_section(entry_symbols, symbol_code, k + 1, f"{what}: symbol"),
-             _pack_section(entry_gaps, gap_code, 1 << index_bits, f"{what}: gap")]
+             _pack_symbols(entry_symbols, symbol_code, rank, k, f"{what}: symbol"),
+             _pack_gaps(entry_gaps, gap_code, 1 << index_bits, f"{what}: gap")]
     if bias is None:
         parts.append(struct.pack("<B", 0))
     else:
@@ -329,10 +416,11 @@ def _pack_kwargs(kwargs: dict) -> bytes:
 
 def encode(model_key: str, arch: str, kwargs: dict, layers: dict[str, QuantizedLayer],
            index_bits: int | None = None, huffman: bool = True, other: dict[str, torch.Tensor] | None = None) -> bytes:
-    """The compressed file (format version 4, above) of model `model_key`, made by `arch` with
+    """The compressed file (format version 5, above) of model `model_key`, made by `arch` with
     `kwargs` (models.make): its quantized layers and its `other` tensors, if any. `index_bits`
     forces the gap width of every layer (for experiments); by default each layer gets its smallest.
-    huffman=False writes fixed-width codes instead, in the same format (decode reads both)."""
+    huffman=False writes fixed-width codes instead (and no Rice code), in the same format (decode
+    reads both). A layer decodes to the same weights with its codes renumbered (see version 5)."""
     if index_bits is not None and index_bits not in INDEX_BITS:
         raise EncodingError(f"index_bits must be in 1..16, got {index_bits}")
     if len(layers) > U16_MAX:
@@ -342,8 +430,7 @@ def encode(model_key: str, arch: str, kwargs: dict, layers: dict[str, QuantizedL
         raise EncodingError(f"{len(other)} other tensors, more than {U16_MAX}")
     body = b"".join([_pack_string(model_key, "the model key"), _pack_string(arch, "the arch"), _pack_kwargs(kwargs),
                      struct.pack("<H", len(layers)),
-                     *(_encode_layer(name, layer, index_bits, _huffman if huffman else _fixed_width)
-                       for name, layer in layers.items()),
+                     *(_encode_layer(name, layer, index_bits, huffman) for name, layer in layers.items()),
                      struct.pack("<H", len(other)), *(_pack_other(k, t) for k, t in other.items())])
     total_length = PREAMBLE.size + len(body) + CRC_SIZE
     head = MAGIC + struct.pack("<H", FORMAT_VERSION) + _pack_u32(total_length, "the file length")
@@ -412,17 +499,16 @@ def _check_preamble(data: bytes) -> None:
                             f"{actual:#010x}; the file is corrupt")
 
 
-def _read_section(reader: _Reader, n_entries: int, alphabet: int, what: str) -> tuple[np.ndarray, int]:
-    """The n_entries symbols of a Huffman section, and the section's size in bytes."""
-    start = reader.offset
-    width = _width(alphabet)
+def _read_counts(reader: _Reader, alphabet: int, what: str) -> list[int]:
+    """A section's counts, counts[l] for code lengths l = 1..max_length."""
     max_length = reader.uint(1, f"{what} code length")
     if max_length > MAX_CODE_LENGTH:
         raise EncodingError(f"corrupt file: {what} codes up to {max_length} bits long, more than {MAX_CODE_LENGTH}")
-    counts = reader.array(f"<u{width}", max_length, f"{what} code counts").tolist()
-    table = reader.array(f"<u{width}", sum(counts), f"{what} code table")
-    if table.size and table.max() >= alphabet:
-        raise EncodingError(f"corrupt file: {what} symbol {table.max()} out of range 0..{alphabet - 1}")
+    return reader.array(f"<u{_width(alphabet)}", max_length, f"{what} code counts").tolist()
+
+
+def _read_stream(reader: _Reader, n_entries: int, counts: list[int], table: list[int], what: str) -> np.ndarray:
+    """The n_entries symbols of a section's stream, coded with the canonical code of counts and table."""
     n_bits = reader.uint(4, f"{what} stream length")
     stream = bitarray(endian="big")
     stream.frombytes(reader.take((n_bits + 7) // 8, f"{what} stream"))
@@ -430,12 +516,46 @@ def _read_section(reader: _Reader, n_entries: int, alphabet: int, what: str) -> 
         raise EncodingError(f"corrupt file: {what} stream has non-zero padding bits")
     del stream[n_bits:]
     try:
-        decoded = list(canonical_decode(stream, [0, *counts], table.tolist())) if n_bits else []
+        decoded = list(canonical_decode(stream, [0, *counts], table)) if n_bits else []
     except ValueError as e:
         raise EncodingError(f"corrupt file: {what} stream does not decode ({e})") from None
     if len(decoded) != n_entries:
         raise EncodingError(f"corrupt file: {what} stream holds {len(decoded)} entries, the layer says {n_entries}")
-    return np.asarray(decoded, dtype=np.int64), reader.offset - start
+    return np.asarray(decoded, dtype=np.int64)
+
+
+def _read_section(reader: _Reader, n_entries: int, alphabet: int, what: str) -> np.ndarray:
+    """The n_entries symbols of a Huffman section (with its table)."""
+    counts = _read_counts(reader, alphabet, what)
+    table = reader.array(f"<u{_width(alphabet)}", sum(counts), f"{what} code table")
+    if table.size and table.max() >= alphabet:
+        raise EncodingError(f"corrupt file: {what} symbol {table.max()} out of range 0..{alphabet - 1}")
+    return _read_stream(reader, n_entries, counts, table.tolist(), what)
+
+
+def _read_symbols(reader: _Reader, n_entries: int, k: int, what: str) -> np.ndarray:
+    """The n_entries symbols of a version 5 symbol section (its table implied by the filler's rank)."""
+    counts = _read_counts(reader, k + 1, what)
+    rank = reader.uint(_width(k + 1), f"{what} filler rank")
+    if sum(counts) not in (k, k + 1):
+        raise EncodingError(f"corrupt file: {what} counts sum to {sum(counts)}, expected the codebook's {k} "
+                            f"(or {k + 1} with the filler)")
+    if rank > k or (sum(counts) == k and rank != k):
+        raise EncodingError(f"corrupt file: {what} filler rank {rank}, expected 0..{k} (and {k} with no fillers)")
+    return _read_stream(reader, n_entries, counts, [*range(rank), k, *range(rank, k)][:sum(counts)], what)
+
+
+def _read_gaps(reader: _Reader, n_entries: int, index_bits: int, what: str) -> tuple[np.ndarray, int | None]:
+    """The n_entries gaps of a version 5 gap section, and its Rice parameter (None for a table's code)."""
+    alphabet = 1 << index_bits
+    rice = reader.uint(1, f"{what} Rice parameter")
+    if rice == 0:
+        return _read_section(reader, n_entries, alphabet, what), None
+    m = rice - 1
+    if m > index_bits or ((alphabet - 1) >> m) + 1 + m > MAX_CODE_LENGTH:
+        raise EncodingError(f"corrupt file: {what} Rice parameter {m} with {index_bits} index bits; allowed "
+                            f"0..{index_bits}, with codes of at most {MAX_CODE_LENGTH} bits")
+    return _read_stream(reader, n_entries, _rice_counts(index_bits, m)[1:], list(range(alphabet)), what), m
 
 
 def _place(entry_symbols: np.ndarray, entry_gaps: np.ndarray, k: int, size: int, what: str) -> np.ndarray:
@@ -474,15 +594,21 @@ def _read_layer(reader: _Reader, version: int) -> tuple[str, QuantizedLayer, dic
     if index_bits not in INDEX_BITS:
         raise EncodingError(f"corrupt file: {what} has {index_bits} index bits, allowed 1..16")
     n_entries = reader.uint(4, f"{what} number of entries")
-    entry_symbols, bytes_codes = _read_section(reader, n_entries, k + 1, f"{what} code")
-    entry_gaps, bytes_index = _read_section(reader, n_entries, 1 << index_bits, f"{what} gap")
+    symbols_start = reader.offset
+    entry_symbols = (_read_symbols(reader, n_entries, k, f"{what} code") if version >= 5
+                     else _read_section(reader, n_entries, k + 1, f"{what} code"))
+    gaps_start = reader.offset
+    entry_gaps, rice = (_read_gaps(reader, n_entries, index_bits, f"{what} gap") if version >= 5
+                        else (_read_section(reader, n_entries, 1 << index_bits, f"{what} gap"), None))
+    bytes_codes, bytes_index = gaps_start - symbols_start, reader.offset - gaps_start
     codes = _place(entry_symbols, entry_gaps, k, size, what)
     bias_start = reader.offset
     bias = _read_bias(reader, what, version)
     layer = QuantizedLayer(codes=torch.from_numpy(codes.reshape(shape)), codebook=torch.from_numpy(codebook),
                            bias=None if bias is None else torch.from_numpy(bias))
     row = {"layer": name, "shape": shape, "nonzero": int((codes >= 0).sum()), "entries": n_entries,
-           "index_bits": index_bits, "codebook_size": k, "bytes_codes": bytes_codes, "bytes_index": bytes_index,
+           "index_bits": index_bits, "gap_code": "huffman" if rice is None else f"rice {rice}", "codebook_size": k,
+           "bytes_codes": bytes_codes, "bytes_index": bytes_index,
            "bytes_codebook": bytes_codebook, "bytes_bias": reader.offset - bias_start,
            "bytes_total": reader.offset - start}
     return name, layer, row
@@ -550,14 +676,15 @@ def decode(data: bytes) -> tuple[str, dict[str, QuantizedLayer]]:
 
 def decode_all(data: bytes) -> Compressed:
     """Everything a compressed file holds: decode's key and layers, the arch and kwargs (versions 3
-    and 4), the other tensors (versions 2 to 4)."""
+    to 5), the other tensors (versions 2 to 5)."""
     return _parse(data)[0]
 
 
 def describe(data: bytes) -> list[dict]:
     """Per layer, where the file's bytes go: its shape, surviving weights ("nonzero"), entries
-    (fillers included), index bits, codebook size, and the bytes of the code section, the gap
-    section, the codebook, the bias, and the whole layer record (name and shape included)."""
+    (fillers included), index bits, the gap code ("huffman" or "rice <m>"), codebook size, and the
+    bytes of the code section, the gap section, the codebook, the bias, and the whole layer record
+    (name and shape included)."""
     return _parse(data)[1]
 
 

@@ -105,7 +105,7 @@ def side_by_side(key: str, m: dict) -> str:
 def compression_table(key: str, m: dict, quantize: dict) -> str:
     """Deep Compression's steps as the sizes of the files the encode stage wrote: dense float32,
     pruned non-zero values only (as the reference implementation counts), pruned CSR, + weight
-    sharing (the compressed format with fixed-width codes), + Huffman coding (compressed.bin)."""
+    sharing (the compressed format with fixed-width codes), + Huffman and Rice coding (compressed.bin)."""
     paper = DEEP_COMPRESSION.get(key, {})
     files = m["file_bytes"]
     rows = [("dense float32", "storage/dense.f32", files["dense"], m["test_dense"], paper and f"{paper['dense_kb']} KB (1x)"),
@@ -114,7 +114,7 @@ def compression_table(key: str, m: dict, quantize: dict) -> str:
             ("pruned, CSR (values + int32 indices)", "storage/csr.bin", files["pruned_csr"], m["test_pruned"], ""),
             ("+ weight sharing, fixed-width codes", "storage/fixed.bin", files["quantized_fixed"], m["test_compressed"],
              paper and f"{paper['quantized']}x"),
-            ("+ Huffman coding", "compressed.bin", files["compressed"], m["test_compressed"],
+            ("+ Huffman and Rice coding", "compressed.bin", files["compressed"], m["test_compressed"],
              paper and f"{paper['huffman_kb']} KB ({paper['huffman']}x), error {paper['error']:.2f}%")]
     body = [[name, f"`{path}`", f"{size:,}", f"{files['dense'] / size:.1f}x", f"{100 * (1 - acc):.2f}%", ref or "-"]
             for name, path, size, acc, ref in rows]
@@ -356,7 +356,7 @@ def render(dataset, models: dict[str, dict], iterations: dict[str, str], images:
         parts += ["### Deep Compression: the bytes on disk", "",
                   "The last row is the size of the file `models/<model>/compressed.bin` written by the encode stage; its "
                   "test error is measured on the model decoded from that file. The fixed-width row is that file's size "
-                  "with its Huffman-coded streams replaced by the same entries at fixed width (computed, not written); "
+                  "with its Huffman- and Rice-coded streams replaced by the same entries at fixed width (`storage/fixed.bin`); "
                   "the pruned rows count values (and indices) as stated.", "",
                   compression_table(key, m, quantize[key]), ""]
         parts += ["### The reference implementation's tables", "", model_tables(key, m), ""]

@@ -1,5 +1,5 @@
 """Stage encode: write the quantized model in the project's compressed format (sparse index
-differences, codebooks, Huffman coding; see hanprune/encoding.py), and the storage forms before it
+differences, codebooks, Huffman and Rice coding; see hanprune/encoding.py), and the storage forms before it
 (dense, pruned values, pruned CSR, fixed-width codes; see hanprune/storage.py) as real files.
 Every loadable file is read back and checked before anything is written."""
 import torch
@@ -19,13 +19,18 @@ def same_weights(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def same_bits(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None) == (b is None) and (a is None or a.numpy().tobytes() == b.numpy().tobytes())
+
+
 def decodes_to(blob: bytes, names: tuple[str, str, dict], layers: dict, other: dict) -> bool:
-    """The file holds `names` (model key, arch, kwargs), exactly these layers and other tensors."""
+    """The file holds `names` (model key, arch, kwargs), exactly these layers (the same pruned
+    positions, weights and biases bit for bit; the file numbers the codes anew) and other tensors."""
     found = encoding.decode_all(blob)
     decoded, stored = found.layers, found.other
     return (found.model_key, found.arch, found.kwargs) == names and decoded.keys() == layers.keys() and all(
-        torch.equal(decoded[n].codes, l.codes) and torch.equal(decoded[n].codebook, l.codebook)
-        and torch.equal(decoded[n].weight(), l.weight()) for n, l in layers.items()) and \
+        torch.equal(decoded[n].codes >= 0, l.codes >= 0) and same_bits(decoded[n].weight(), l.weight())
+        and same_bits(decoded[n].bias, l.bias) for n, l in layers.items()) and \
         stored.keys() == other.keys() and all(torch.equal(stored[k], v) for k, v in other.items())
 
 

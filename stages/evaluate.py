@@ -35,8 +35,9 @@ def compressed_sizes(path, bytes_dense: int) -> dict:
     return {
         "compressed_bytes": len(blob),
         "file_compression": bytes_dense / len(blob),
-        "compressed_layers": {l["layer"]: {k: l[k] for k in ("nonzero", "entries", "index_bits", "codebook_size",
-                                                            "bytes_codes", "bytes_index", "bytes_total")}
+        "compressed_layers": {l["layer"]: {k: l[k] for k in ("nonzero", "entries", "index_bits", "gap_code",
+                                                            "codebook_size", "bytes_codes", "bytes_index",
+                                                            "bytes_codebook", "bytes_total")}
                               for l in describe(blob)},
     }
 

@@ -57,6 +57,10 @@ MUTATIONS = [
     ("the compressed file's codebooks and biases written as float16 even where that loses bits", "hanprune/encoding.py",
      [("if np.array_equal(values.astype(t).astype(np.float32), values, equal_nan=True)]", "if True]")],
      ["tests/test_encoding.py"]),
+    ("the compressed file's filler symbol decoded at the end of the code table instead of at its rank",
+     "hanprune/encoding.py",
+     [("[*range(rank), k, *range(rank, k)][:sum(counts)], what)", "[*range(k), k][:sum(counts)], what)")],
+     ["tests/test_encoding.py"]),
 ]
 
 

@@ -30,9 +30,13 @@ def random_layer(shape, density, k, seed=0, bias=True) -> QuantizedLayer:
 
 
 def assert_same(back: QuantizedLayer, layer: QuantizedLayer):
+    """The same weights, bit for bit, from the entries the layer uses (format version 5 drops the
+    others and numbers the rest anew)."""
     assert back.codes.dtype == torch.int64 and back.codebook.dtype == torch.float32
-    assert torch.equal(back.codes, layer.codes)
-    assert back.codebook.numpy().tobytes() == layer.codebook.numpy().tobytes()  # bit-identical
+    kept = layer.codes >= 0
+    assert torch.equal(back.codes >= 0, kept)
+    assert back.codebook[back.codes[kept]].numpy().tobytes() == layer.codebook[layer.codes[kept]].numpy().tobytes()
+    assert back.codebook.numel() == torch.unique(layer.codes[kept]).numel() == torch.unique(back.codes[kept]).numel()
     assert (back.bias is None) == (layer.bias is None)
     if layer.bias is not None:
         assert back.bias.numpy().tobytes() == layer.bias.numpy().tobytes()
@@ -63,7 +67,8 @@ def test_round_trip_conv_and_linear_layers_with_and_without_bias():
     rows = describe(blob)
     assert [r["layer"] for r in rows] == list(layers)
     for row, layer in zip(rows, layers.values()):
-        assert row["shape"] == tuple(layer.codes.shape) and row["codebook_size"] == layer.codebook.numel()
+        assert row["shape"] == tuple(layer.codes.shape)
+        assert row["codebook_size"] == torch.unique(layer.codes[layer.codes >= 0]).numel() <= layer.codebook.numel()
         assert row["nonzero"] == int((layer.codes >= 0).sum()) <= row["entries"]
         assert 1 <= row["index_bits"] <= 16
     assert sum(r["bytes_total"] for r in rows) < len(blob)
@@ -92,9 +97,10 @@ def test_round_trip_of_a_model_without_layers_and_with_a_unicode_key():
 
 def test_largest_codebook():
     rng = np.random.default_rng(6)
-    codes = torch.from_numpy(rng.integers(-1, 65536, size=(40, 100)))  # 4-byte Huffman tables
+    codes = torch.from_numpy(rng.permutation(65536).reshape(256, 256))  # every entry used: 4-byte counts
     codebook = torch.from_numpy(rng.normal(size=65536).astype(np.float32))
-    round_trip("m", {"w": QuantizedLayer(codes=codes, codebook=codebook)})
+    row, = describe(round_trip("m", {"w": QuantizedLayer(codes=codes, codebook=codebook)}))
+    assert row["codebook_size"] == 65536
 
 
 def expected_fillers(codes: torch.Tensor, index_bits: int) -> int:
@@ -146,14 +152,31 @@ def test_fixed_width_codes_take_the_same_bits_per_entry_and_huffman_is_never_lar
     fixed = round_trip("m", {"w": layer}, index_bits=5, huffman=False)
     row, = describe(fixed)
     fillers = expected_fillers(layer.codes, 5)
-    present = len(torch.unique(layer.codes[layer.codes >= 0])) + (fillers > 0)
+    assert row["codebook_size"] == 64 and fillers > 0
     bits = 7  # 64 shared values and the filler symbol
-    # max length, counts and table (1 byte each: alphabet 65), stream length, stream
-    assert row["bytes_codes"] == 1 + bits + present + 4 + math.ceil(row["entries"] * bits / 8)
-    assert row["bytes_index"] >= 4 + math.ceil(row["entries"] * 5 / 8)
+    # max length, counts and filler rank (1 byte each: alphabet 65), stream length, stream; no table
+    assert row["bytes_codes"] == 1 + bits + 1 + 4 + math.ceil(row["entries"] * bits / 8)
+    assert row["gap_code"] == "huffman" and row["bytes_index"] >= 1 + 4 + math.ceil(row["entries"] * 5 / 8)
     huffman = round_trip("m", {"w": layer}, index_bits=5)
     assert len(huffman) <= len(fixed)
     assert describe(huffman)[0]["entries"] == row["entries"]
+
+
+def test_geometric_gaps_take_a_rice_code_of_the_lengths_the_format_gives():
+    """A sparse layer's gaps are near geometric: the encoder codes them with a Rice code, whose
+    stream is exactly sum((g >> m) + 1 + m) bits over the entries' gaps (fillers' included), with
+    no table, and the layer comes back the same."""
+    rng = np.random.default_rng(14)
+    codes = torch.from_numpy(np.where(rng.random(100_000) < 0.01, rng.integers(0, 32, 100_000), -1))
+    layer = QuantizedLayer(codes=codes, codebook=torch.from_numpy(rng.normal(size=32).astype(np.float32)))
+    row, = describe(round_trip("m", {"w": layer}))
+    kind, m = row["gap_code"].split()
+    m, max_gap = int(m), (1 << row["index_bits"]) - 1
+    positions = np.flatnonzero(codes.numpy() >= 0)
+    skipped = np.diff(positions, prepend=-1) - 1
+    gaps = np.concatenate([skipped & max_gap, np.full(int((skipped >> row["index_bits"]).sum()), max_gap)])
+    assert kind == "rice" and row["entries"] == gaps.size
+    assert row["bytes_index"] == 1 + 4 + math.ceil(int(((gaps >> m) + 1 + m).sum()) / 8)
 
 
 def test_lenet_300_100_layer_compresses_over_30x():
@@ -198,7 +221,7 @@ def _golden(version: int):
 def test_the_committed_version_3_file_decodes_to_its_committed_tensors():
     """model-v3.bin (made by the encoder of commit 35781c9, format version 3: every float f32): a
     4-D layer with a bias, a layer with filler entries and no bias, and other tensors of both
-    dtypes. Its tensors, encoded now (version 4), come back the same; fc's codebook (-0.5, -0.125,
+    dtypes. Its tensors, encoded now (version 5), come back the same; fc's codebook (-0.5, -0.125,
     0.25, 1.0) is then stored as f16, conv's codebook and bias stay f32."""
     blob, found = _golden(3)
     again = encode(found.model_key, found.arch, found.kwargs, found.layers, other=found.other)
@@ -211,18 +234,37 @@ def test_the_committed_version_3_file_decodes_to_its_committed_tensors():
         assert_same(back.layers[name], layer)
 
 
-def test_the_committed_version_4_file_decodes_to_its_committed_tensors_and_encodes_back_to_its_bytes():
+def test_the_committed_version_4_file_decodes_to_its_committed_tensors():
     """model-v4.bin: model-v3's tensors with conv's bias rounded to float16, so that it holds every
-    codebook and bias type (conv: f32 codebook, f16 bias; fc: f16 codebook, no bias).
-    An encoder and a decoder that change together (the round trips above still pass) break this
-    file: the format is the specification, not the code."""
+    codebook and bias type (conv: f32 codebook, f16 bias; fc: f16 codebook, no bias). Encoded now
+    (version 5), the same weights come back."""
     blob, found = _golden(4)
     rows = {r["layer"]: r for r in describe(blob)}
     k_conv, k_fc = (found.layers[n].codebook.numel() for n in ("conv", "fc"))
     assert (rows["conv"]["bytes_codebook"], rows["fc"]["bytes_codebook"]) == (4 + 1 + 4 * k_conv, 4 + 1 + 2 * k_fc)
     assert rows["conv"]["bytes_bias"] == 1 + 4 + 2 * found.layers["conv"].bias.numel() and rows["fc"]["bytes_bias"] == 1
-    again = encode(found.model_key, found.arch, found.kwargs, found.layers, other=found.other)
-    assert again == blob
+    back = decode_all(encode(found.model_key, found.arch, found.kwargs, found.layers, other=found.other))
+    for name, layer in found.layers.items():
+        assert_same(back.layers[name], layer)
+
+
+def test_the_committed_version_5_file_decodes_to_its_committed_tensors_and_encodes_back_to_its_bytes():
+    """model-v5.bin: model-v4's tensors, fc's codebook with an unused first entry (0.75, fc's codes
+    moved up by one), which the file drops, encoded with 1 index bit, so that both layers have
+    fillers: conv's gaps take a Rice code, fc's a Huffman table. An encoder and a decoder that
+    change together (the round trips above still pass) break this file: the format is the
+    specification, not the code."""
+    blob, found = _golden(5)
+    _, v4 = _golden(4)
+    rows = {r["layer"]: r for r in describe(blob)}
+    assert [(r["gap_code"], r["codebook_size"], r["index_bits"]) for r in rows.values()] == [("rice 0", 8, 1),
+                                                                                            ("huffman", 4, 1)]
+    for name, layer in v4.layers.items():
+        assert_same(found.layers[name], layer)
+    fc = v4.layers["fc"]
+    layers = {"conv": v4.layers["conv"],
+              "fc": QuantizedLayer(torch.where(fc.codes >= 0, fc.codes + 1, -1), torch.cat([torch.tensor([0.75]), fc.codebook]))}
+    assert encode(found.model_key, found.arch, found.kwargs, layers, index_bits=1, other=v4.other) == blob
 
 
 def test_values_a_float16_holds_are_stored_in_two_bytes_and_others_in_four():
@@ -289,9 +331,8 @@ def test_a_layer_s_coded_streams_are_as_short_as_an_optimal_code_allows():
     layer = QuantizedLayer(codes=codes, codebook=torch.arange(8, dtype=torch.float32))
     row, = describe(round_trip("m", {"w": layer}, index_bits=1))  # every gap 0: no fillers
     assert row["entries"] == 2000
-    present = len(torch.unique(codes))
     longest = max(len(w) for w in _huffman(np.bincount(codes.numpy(), minlength=9), "w").codewords.values())
-    table = 1 + longest + present + 4  # max length, counts, symbols (1 byte each), bit count
+    table = 1 + longest + 1 + 4  # max length, counts, filler rank (1 byte each), bit count; no table
     bits = _reference_huffman_bits(np.bincount(codes.numpy()).tolist())
     assert row["bytes_codes"] == table + math.ceil(bits / 8)
 
@@ -326,33 +367,42 @@ def test_encode_rejects_what_the_format_cannot_hold(layer, message):
 
 # --------------------------------------------------------------------------------- bad files
 
-LAYER = QuantizedLayer(codes=torch.tensor([[0, -1, 0], [-1, 0, 0]]), codebook=torch.tensor([1.5, 2.5]),
+LAYER = QuantizedLayer(codes=torch.tensor([[0, -1, 1], [-1, 0, 0]]), codebook=torch.tensor([1.5, 2.5]),
                        bias=torch.tensor([0.5, -0.5]))
 GOOD = encode("m", ARCH, {}, {"w": LAYER})
+FIXED = encode("m", ARCH, {}, {"w": LAYER}, huffman=False)  # the same offsets up to the code section (its codebook: 1.5, 2.5)
 # Offsets in GOOD: preamble 14, key 2+1, arch 2+8, kwargs 2+2, layer count 2, name 2+1, ndim 1.
 KWARGS = 14 + 3 + 10
 DIMS = KWARGS + 4 + 2 + 3 + 1
 CODEBOOK_TYPE = DIMS + 2 * 4 + 4  # after dims and k
 CODE_TABLE = CODEBOOK_TYPE + 1 + 2 * 2 + 1 + 4  # codebook type, codebook (f16), index bits, entries
 BIAS_TYPE = len(GOOD) - 4 - 2 - (1 + 4 + 2 * 2)  # before: the bias (f16), the other tensors' count, the CRC
-# The codes are all 0: the code table is max_length 1, counts [1], symbols [0] (1 byte each).
+# 1 index bit, no fillers. Codes 0, 1, 0, 0: the code section is max_length 1, counts [2], filler
+# rank 2 (1 byte each), 4 bits, 1 byte of stream; then the gaps 0, 1, 1, 0 in a Rice code, m = 0.
+GAPS = CODE_TABLE + 3 + 4 + 1
+# FIXED's codes take 2 bits (alphabet 3): counts [0, 2], then the gaps' Huffman section (Rice byte 0,
+# max_length 1, counts [2]) and its table [0, 1].
+FIXED_GAP_TABLE = CODE_TABLE + 4 + 4 + 1 + 3
 
 
 def with_crc(body: bytes) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body))
 
 
-def patched(offset: int, value: bytes) -> bytes:
-    """GOOD with bytes replaced at offset and a valid CRC: only the decoder's checks can catch it."""
-    body = GOOD[:-4]
+def patched(offset: int, value: bytes, good: bytes = GOOD) -> bytes:
+    """`good` with bytes replaced at offset and a valid CRC: only the decoder's checks can catch it."""
+    body = good[:-4]
     return with_crc(body[:offset] + value + body[offset + len(value):])
 
 
 def test_the_good_file_layout_assumed_below():
-    assert GOOD[:KWARGS + 4] == MAGIC + struct.pack("<HI", 4, len(GOOD)) + b"\x01\x00m\x08\x00nets:Net\x02\x00{}"
+    assert GOOD[:KWARGS + 4] == MAGIC + struct.pack("<HI", FORMAT_VERSION, len(GOOD)) + b"\x01\x00m\x08\x00nets:Net\x02\x00{}"
     assert GOOD[DIMS:DIMS + 8] == struct.pack("<II", 2, 3)
-    assert GOOD[CODEBOOK_TYPE:CODEBOOK_TYPE + 5] == bytes([1]) + np.array([1.5, 2.5], "<f2").tobytes()
-    assert GOOD[CODE_TABLE:CODE_TABLE + 3] == bytes([1, 1, 0])
+    # the codebook in the order of its codes (two 1-bit codes; bitarray's canonical order lists 2.5's first)
+    assert GOOD[CODEBOOK_TYPE:CODEBOOK_TYPE + 5] == bytes([1]) + np.array([2.5, 1.5], "<f2").tobytes()
+    assert GOOD[CODE_TABLE:CODE_TABLE + 3] == bytes([1, 2, 2]) and GOOD[GAPS] == 1
+    assert FIXED[14:CODEBOOK_TYPE + 1] == GOOD[14:CODEBOOK_TYPE + 1] and FIXED[CODE_TABLE - 5:CODE_TABLE] == GOOD[CODE_TABLE - 5:CODE_TABLE]
+    assert FIXED[FIXED_GAP_TABLE - 3:FIXED_GAP_TABLE + 2] == bytes([0, 1, 2, 0, 1])
     assert GOOD[BIAS_TYPE:BIAS_TYPE + 9] == bytes([2]) + struct.pack("<I", 2) + np.array([0.5, -0.5], "<f2").tobytes()
     assert GOOD[-6:-4] == b"\x00\x00"  # no other tensors
 
@@ -412,8 +462,8 @@ def test_wrong_magic():
 
 
 @pytest.mark.parametrize("version, message", [
-    (5, f"format version 5, newer than this reader supports \\(version {FORMAT_VERSION}\\)"),
-    (0, "unknown format version 0 \\(this reader supports versions 1 to 4\\)"),
+    (6, f"format version 6, newer than this reader supports \\(version {FORMAT_VERSION}\\)"),
+    (0, "unknown format version 0 \\(this reader supports versions 1 to 5\\)"),
 ])
 def test_other_format_version(version, message):
     # The version is checked before the CRC, so a newer file gets this message and not a checksum one.
@@ -438,15 +488,19 @@ def test_entries_past_the_layer_size():
         decode(patched(DIMS, struct.pack("<II", 2, 2)))
 
 
-def test_code_out_of_codebook_range():
-    with pytest.raises(EncodingError, match="layer 'w' code symbol 7 out of range 0..2"):
-        decode(patched(CODE_TABLE + 2, bytes([7])))
+def test_gap_out_of_the_gap_alphabet():
+    with pytest.raises(EncodingError, match="layer 'w' gap symbol 7 out of range 0..1"):
+        decode(patched(FIXED_GAP_TABLE, bytes([7]), FIXED))
 
 
 @pytest.mark.parametrize("offset, value, message", [
     (CODE_TABLE - 5, bytes([17]), "17 index bits, allowed 1..16"),
     (CODE_TABLE - 4, struct.pack("<I", 5), "code stream holds 4 entries, the layer says 5"),
     (CODE_TABLE, bytes([32]), "codes up to 32 bits long"),
+    (CODE_TABLE + 1, bytes([5]), "layer 'w' code counts sum to 5, expected the codebook's 2 \\(or 3 with the filler\\)"),
+    (CODE_TABLE + 2, bytes([3]), "layer 'w' code filler rank 3, expected 0..2 \\(and 2 with no fillers\\)"),
+    (CODE_TABLE + 2, bytes([1]), "layer 'w' code filler rank 1, expected 0..2 \\(and 2 with no fillers\\)"),
+    (GAPS, bytes([3]), "layer 'w' gap Rice parameter 2 with 1 index bits; allowed 0..1"),
     (DIMS + 8, struct.pack("<I", 70000), "70000-entry codebook"),
     (CODEBOOK_TYPE, bytes([2]), "layer 'w' codebook type is 2, expected one of \\[0, 1\\]"),
     (BIAS_TYPE, bytes([3]), "layer 'w' bias type is 3, expected one of \\[0, 1, 2\\]"),

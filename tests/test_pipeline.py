@@ -144,7 +144,7 @@ def test_first_repro_runs_every_stage_and_writes_metrics(repo):
         assert q["val_before"] == pytest.approx(rounds[-1]["val_retrained"], abs=0.011)
     report = (repo / "reports" / "REPORT.md").read_text()
     assert report.startswith(f"# Pruning report: {TINY}\n") and "## lenet_300_100" in report and "Han et al. 2015" in report
-    assert "| + Huffman coding " in report and "`storage/csr.bin`" in report
+    assert "| + Huffman and Rice coding " in report and "`storage/csr.bin`" in report
     assert "Rule held: **yes**" in report and "| 3 (selected) | std " in report
     pngs = re.findall(r"\]\(([^)]+\.png)\)", report)
     assert len(pngs) == 4 * len(ITERATIONS)

@@ -42,8 +42,8 @@ def test_model_tables_hold_each_layer_s_counts_and_the_totals():
 def test_compression_table_gives_each_file_s_size_ratio_and_error():
     q = {"bits": {"fc1": 5, "fc2": 4}, "val_before": 0.99, "val_shared": 0.95, "val_finetuned": 0.985}
     text = report.compression_table("lenet_300_100", _metrics(), q)
-    assert _row(text, "+ Huffman coding") == ["+ Huffman coding", "`compressed.bin`", "20", "8.4x", "1.99%",
-                                              "27 KB (40x), error 1.58%"]
+    assert _row(text, "+ Huffman and Rice coding") == ["+ Huffman and Rice coding", "`compressed.bin`", "20", "8.4x",
+                                                       "1.99%", "27 KB (40x), error 1.58%"]
     assert _row(text, "pruned, CSR (values + int32 indices)")[2:5] == ["142", "1.2x", "1.55%"]
     assert "Weight sharing with fc1 5, fc2 4 bits; validation accuracy 0.9900 pruned, 0.9500 right after k-means, " \
            "0.9850 after fine-tuning" in text
