@@ -33,6 +33,8 @@ from hanprune.report import PAPER, PAPERS  # noqa: E402
 SEEDS = range(1, 5)
 # Error budget (%) per architecture: the paper's pruned test error (hanprune/papers.yaml).
 BUDGET = PAPERS["budget"]
+# The records study's targets per architecture: parameter and file compression, test error (%).
+TARGETS = PAPERS["targets"]
 
 
 def within(budget: float, *errors: float) -> bool:
@@ -155,6 +157,13 @@ def render(results: dict[str, list[dict]], names: list[str], study: str = "", co
                           [within(budget, o["pruned"]) for o in outs]),
                          (f"within the old validation budget (selected round's val. error ≤ {budget:.2f}%)",
                           [within(budget, o["val_error"]) for o in outs])]
+        target = TARGETS.get(outs[0]["arch"]) if Path(study).name == "records" else None
+        if target is not None:
+            x, file_x, error = target
+            verdicts.append((f"records target met (rule held, ≥ {x}x parameters, ≥ {file_x}x file, pruned and file "
+                             f"test error ≤ {error:.2f}%; reported, never selects)",
+                             [o["rule"] and o["compression"] >= x and o["file_compression"] >= file_x
+                              and within(error, o["pruned"], o["compressed"]) for o in outs]))
         for label, held in verdicts:
             lines.append(f"| {label} | {sum(held)} of {len(held)} | " + " | ".join("yes" if h else "**no**" for h in held)
                          + " |" + (" - |" if paper else ""))

@@ -82,5 +82,12 @@ def test_the_band_counts_the_runs_within_their_architecture_s_paper_error():
                   ["lenet_300_100"])  # runs of other commits, of one model
     assert "`python studies/seeds.py queue --study studies/records --models lenet_300_100`" in some
     assert "`python studies/seeds.py report --study studies/records --models lenet_300_100 --rev 0d190cc --rev f76729e`" in some
+    assert "records target" not in text  # the paper's run has no targets
+    records = render({"lenet_300_100": [{**out(0, 1.5, 1.5), "compression": 61.0, "file_compression": 201.0},
+                                        {**out(10, 1.5, 1.5), "compression": 61.0},  # file 120x
+                                        {**out(30, 1.5, 1.6), "compression": 61.0, "file_compression": 201.0}]},
+                     ["baseline", "records-seed-1", "records-seed-3"], "studies/records/")
+    assert ("| records target met (rule held, ≥ 60x parameters, ≥ 200x file, pruned and file test error ≤ 1.59%; "
+            "reported, never selects) | 1 of 3 | yes | **no** | **no** |") in records
     other = {"lenet_custom": [{**out(0, 5.0, 5.0), "arch": "mynets:Net"}]}
     assert "error budget" not in render(other, ["baseline"])  # no budget for an arch the issue does not name
