@@ -217,7 +217,7 @@ def _rice_counts(index_bits: int, m: int) -> list[int]:
 def _rice(frequencies: np.ndarray, index_bits: int) -> _Code | None:
     """The shortest Rice code of the gaps (frequencies over 0..2**index_bits - 1) whose codes are at
     most MAX_CODE_LENGTH bits, or None if there is none."""
-    gaps = np.arange(frequencies.size)
+    gaps = np.arange(frequencies.size)  # the alphabet, 0..2**index_bits - 1
     best = None
     for m in range(index_bits + 1):
         if ((frequencies.size - 1) >> m) + 1 + m > MAX_CODE_LENGTH:
@@ -230,12 +230,12 @@ def _rice(frequencies: np.ndarray, index_bits: int) -> _Code | None:
     n_bits, m = best
     codewords = {int(g): frozenbitarray("1" * (g >> m) + "0" + (format(g & (1 << m) - 1, f"0{m}b") if m else ""))
                  for g in np.flatnonzero(frequencies)}  # the canonical code of these lengths (module docstring)
-    return _Code(codewords, _rice_counts(index_bits, m), gaps.tolist(), n_bits, rice=m)
+    return _Code(codewords, _rice_counts(index_bits, m), [], n_bits, rice=m)  # its table, 0..2**b - 1, is implied
 
 
 def _symbol_section_size(code: _Code, alphabet: int) -> int:
     """Bytes of a symbol section (version 5): max length, counts, filler rank, bit count, stream."""
-    return 1 + (len(code.counts) - 1 + 1) * _width(alphabet) + 4 + (code.n_bits + 7) // 8
+    return 1 + len(code.counts) * _width(alphabet) + 4 + (code.n_bits + 7) // 8  # L counts and the rank
 
 
 def _gap_section_size(code: _Code, alphabet: int) -> int:
@@ -271,6 +271,11 @@ def _layer_codes(symbols: np.ndarray, skipped: np.ndarray, k: int, index_bits: i
     return best[1:]
 
 
+def _symbol_table(rank: int, k: int, n: int) -> list[int]:
+    """A version 5 symbol code's table (module docstring): 0..k-1 with the filler k at `rank`, cut to n."""
+    return [*range(rank), k, *range(rank, k)][:n]
+
+
 def _canonical_numbering(code: _Code, k: int) -> tuple[np.ndarray, int, _Code]:
     """Renumber a symbol code over k entries, all present, and the filler k, so that entry s has
     the code of canonical rank s (s + 1 from the filler on): (order, filler rank, the code), with
@@ -280,8 +285,7 @@ def _canonical_numbering(code: _Code, k: int) -> tuple[np.ndarray, int, _Code]:
     codewords = {new: code.codewords[old] for new, old in enumerate(order.tolist())}
     if k in code.codewords:
         codewords[k] = code.codewords[k]
-    return order, rank, _Code(codewords, code.counts, [*range(rank), k, *range(rank, k)][:len(code.symbols)],
-                              code.n_bits)
+    return order, rank, _Code(codewords, code.counts, _symbol_table(rank, k, len(code.symbols)), code.n_bits)
 
 
 def _entries(symbols: np.ndarray, skipped: np.ndarray, k: int, index_bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -542,7 +546,7 @@ def _read_symbols(reader: _Reader, n_entries: int, k: int, what: str) -> np.ndar
                             f"(or {k + 1} with the filler)")
     if rank > k or (sum(counts) == k and rank != k):
         raise EncodingError(f"corrupt file: {what} filler rank {rank}, expected 0..{k} (and {k} with no fillers)")
-    return _read_stream(reader, n_entries, counts, [*range(rank), k, *range(rank, k)][:sum(counts)], what)
+    return _read_stream(reader, n_entries, counts, _symbol_table(rank, k, sum(counts)), what)
 
 
 def _read_gaps(reader: _Reader, n_entries: int, index_bits: int, what: str) -> tuple[np.ndarray, int | None]:

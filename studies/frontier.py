@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from hanprune import io  # noqa: E402
 from hanprune.report import PAPERS  # noqa: E402
 from hanprune.selection import tolerance  # noqa: E402
-from studies.seeds import git, git_file, runs  # noqa: E402
+from studies.seeds import git, git_file, meets, runs  # noqa: E402
 
 TARGETS = PAPERS["targets"]  # parameter compression, file compression, test error (%)
 # Published points: (label, parameter compression, file compression or None, test error %).
@@ -205,8 +205,8 @@ def render(pts: list[dict], names: list[str], figures: dict[str, str]) -> str:
                   "and its file's validation error at most `noise` standard errors above the dense model's: the "
                   f"tolerance column). Target: ≥ {params_x}x parameters, ≥ {file_x}x file, test error ≤ {error:.2f}%.", ""]
         if best:
-            met = (best["compression"] >= params_x and best["file_compression"] >= file_x
-                   and max(best["test_error"], best["file_test_error"]) <= error)
+            met = meets(TARGETS[arch], best["compression"], best["file_compression"], best["test_error"],
+                        best["file_test_error"])
             lines += [f"Chosen (validation): `{best['model']}` of {best['run']}, {best['compression']:.1f}x parameters, "
                       f"{best['file_compression']:.1f}x file, test error {best['test_error']:.2f}% (file "
                       f"{best['file_test_error']:.2f}%). Target **{'met' if met else 'not met'}**.", ""]

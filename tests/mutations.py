@@ -59,7 +59,7 @@ MUTATIONS = [
      ["tests/test_encoding.py"]),
     ("the compressed file's filler symbol decoded at the end of the code table instead of at its rank",
      "hanprune/encoding.py",
-     [("[*range(rank), k, *range(rank, k)][:sum(counts)], what)", "[*range(k), k][:sum(counts)], what)")],
+     [("    return [*range(rank), k, *range(rank, k)][:n]\n", "    return [*range(k), k][:n]\n")],
      ["tests/test_encoding.py"]),
 ]
 
