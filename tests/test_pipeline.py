@@ -327,46 +327,58 @@ def test_sigkill_inside_the_checkpoint_write_leaves_the_old_file_or_none(repo):
 
 
 def test_a_budget_edit_reruns_only_its_round_and_what_follows(repo, tmp_path):
-    """Round 3 takes fc2 and fc3 from the scan (fc1 stays by hand); then its budget's scale halves.
-    Each edit re-runs that round's schedule, and the round and what follows only if its values changed."""
+    """Round 3 takes fc2 and fc3 from the scan (fc1 stays by hand) at its budget's scale. At scale 1
+    (only the schedule stage run) it gives the scan's values; at scale 0.5 they halve, and `dvc repro`
+    re-runs that round's schedule, and the round and what follows only if its values changed."""
     repo, params, _ = repo
     repo = fork(repo, tmp_path)
     p = yaml.safe_load((repo / "params.yaml").read_text())
     it = p["prune"]["lenet_300_100-iter3"]
-    it.update(s={"fc1": it["s"]["fc1"]}, budget={"max_drop": 0.05, "scale": 1.0})
-    selects = {f"select@{m}" for m in params["models"]}  # each re-checks: it reads the prune section
-    follows = {"schedule@lenet_300_100-iter3", "prune@lenet_300_100-iter3", "quantize@lenet_300_100",
-               "encode@lenet_300_100", "evaluate@lenet_300_100", "report"} | selects
     schedule_file = repo / "metrics" / "schedule" / "lenet_300_100-iter3.json"
     before = json.loads(schedule_file.read_text())
+    it.update(s={"fc1": it["s"]["fc1"]}, budget={"max_drop": 0.05, "scale": 1.0})
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    out = sh(repo, "dvc", "repro").stdout
-    schedule = json.loads(schedule_file.read_text())
-    assert set(schedule["s"]) == {"fc1", "fc2", "fc3"} and schedule["s"]["fc1"] == it["s"]["fc1"]
-    unchanged = {"schedule@lenet_300_100-iter3"} | selects
-    assert ran(out) == (follows if schedule["s"] != before["s"] else unchanged)
-    assert json.loads((repo / "metrics" / "prune" / "lenet_300_100-iter3.json").read_text())["s"] == schedule["s"]
+    assert ran(sh(repo, "dvc", "repro", "-s", "schedule@lenet_300_100-iter3").stdout) == {"schedule@lenet_300_100-iter3"}
+    scanned = json.loads(schedule_file.read_text())
+    assert set(scanned["s"]) == {"fc1", "fc2", "fc3"} and scanned["s"]["fc1"] == it["s"]["fc1"]
     it["budget"]["scale"] = 0.5
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     out = sh(repo, "dvc", "repro").stdout
     halved = json.loads(schedule_file.read_text())
-    assert halved["s"] == {"fc1": it["s"]["fc1"], **{n: round(schedule["s"][n] * 0.5, 6) for n in ("fc2", "fc3")}}
-    assert ran(out) == (follows if halved["s"] != schedule["s"] else unchanged)
+    assert halved["s"] == {"fc1": it["s"]["fc1"], **{n: round(scanned["s"][n] * 0.5, 6) for n in ("fc2", "fc3")}}
+    selects = {f"select@{m}" for m in params["models"]}  # each re-checks: it reads the prune section
+    follows = {"schedule@lenet_300_100-iter3", "prune@lenet_300_100-iter3", "quantize@lenet_300_100",
+               "encode@lenet_300_100", "evaluate@lenet_300_100", "report"} | selects
+    assert ran(out) == (follows if halved["s"] != before["s"] else {"schedule@lenet_300_100-iter3"} | selects)
+    assert json.loads((repo / "metrics" / "prune" / "lenet_300_100-iter3.json").read_text())["s"] == halved["s"]
     diff = json.loads(sh(repo, "dvc", "params", "diff", "--json").stdout)["params.yaml"]
     assert "prune.lenet_300_100-iter3.budget.scale" in diff and "prune.lenet_300_100-iter3.s.fc2" in diff
     assert "prune.lenet_300_100-iter3.s.fc1" not in diff  # what the user set: fc1 kept its value
 
 
-def test_changing_round_2_of_3_reruns_only_what_follows_it(repo, tmp_path):
+def test_exp_run_changing_round_2_of_3_reruns_only_what_follows_it(repo, tmp_path):
+    """`dvc exp run -S` on round 2's s: the experiment re-runs round 2 and what follows it, nothing
+    else (round 3's schedule reads no output of round 2). It holds the new s in its params and its
+    own metrics (a larger s prunes more in round 2); the workspace is left with the experiment, so
+    `dvc params diff` and `dvc metrics show` show it; its stages' MLflow runs carry its name."""
+    from mlflow.tracking import MlflowClient
     repo, params, _ = repo
     repo = fork(repo, tmp_path)
+    baseline = json.loads((repo / "metrics" / "prune" / "lenet_300_100-iter2.json").read_text())
     p = yaml.safe_load((repo / "params.yaml").read_text())
-    p["prune"]["lenet_300_100-iter2"]["s"]["fc1"] += 0.3
-    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    out = sh(repo, "dvc", "repro").stdout
-    assert ran(out) == {"schedule@lenet_300_100-iter2", "prune@lenet_300_100-iter2", "prune@lenet_300_100-iter3",
-                        "select@lenet_300_100", "select@lenet5", "quantize@lenet_300_100", "encode@lenet_300_100",
-                        "evaluate@lenet_300_100", "report"}
+    s = p["prune"]["lenet_300_100-iter2"]["s"]["fc1"] + 0.3
+    out = sh(repo, "dvc", "exp", "run", "-n", "tiny-exp", "-S", f"prune.lenet_300_100-iter2.s.fc1={s}").stdout
+    expected = {"schedule@lenet_300_100-iter2", "prune@lenet_300_100-iter2", "prune@lenet_300_100-iter3",
+                "select@lenet_300_100", "select@lenet5", "quantize@lenet_300_100", "encode@lenet_300_100",
+                "evaluate@lenet_300_100", "report"}
+    assert ran(out) == expected
+    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+    exp = next(e for row in shown for e in (row.get("experiments") or [])
+               if e["revs"][0]["name"] == "tiny-exp")["revs"][0]["data"]
+    assert exp["params"]["params.yaml"]["data"]["prune"]["lenet_300_100-iter2"]["s"]["fc1"] == s
+    assert set(exp["metrics"]["metrics/lenet_300_100.json"]["data"]) >= {"compression", "test_pruned"}
+    pruned = json.loads((repo / "metrics" / "prune" / "lenet_300_100-iter2.json").read_text())
+    assert pruned["kept"]["fc1"] < baseline["kept"]["fc1"]
     diff = json.loads(sh(repo, "dvc", "params", "diff", "--json").stdout)
     assert "prune.lenet_300_100-iter2.s.fc1" in diff["params.yaml"]
     shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout)
@@ -375,34 +387,12 @@ def test_changing_round_2_of_3_reruns_only_what_follows_it(repo, tmp_path):
     assert not any(path.startswith("metrics/prune/") for path in metrics)  # the headline only
     shown = json.loads(sh(repo, "dvc", "metrics", "show", "--json", "metrics/prune").stdout)
     assert "metrics/prune/lenet_300_100-iter2.json" in next(iter(shown.values()))["data"]
-
-
-def test_exp_run_with_a_prune_param_makes_an_experiment(repo, tmp_path):
-    """The experiment holds the new s in its params and its own metrics, which differ from the
-    baseline's (a larger s in round 3 prunes more); its stages' MLflow runs carry its name."""
-    from mlflow.tracking import MlflowClient
-    repo, params, _ = repo
-    repo = fork(repo, tmp_path)
-    baseline = json.loads((repo / "metrics" / "lenet_300_100.json").read_text())
-    p = yaml.safe_load((repo / "params.yaml").read_text())
-    s = p["prune"]["lenet_300_100-iter3"]["s"]["fc1"] + 0.5
-    out = sh(repo, "dvc", "exp", "run", "-n", "tiny-exp", "-S", f"prune.lenet_300_100-iter3.s.fc1={s}").stdout
-    expected = {"schedule@lenet_300_100-iter3", "prune@lenet_300_100-iter3", "select@lenet_300_100",
-                "select@lenet5", "quantize@lenet_300_100", "encode@lenet_300_100", "evaluate@lenet_300_100", "report"}
-    assert ran(out) == expected
-    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
-    exp = next(e for row in shown for e in (row.get("experiments") or [])
-               if e["revs"][0]["name"] == "tiny-exp")["revs"][0]["data"]
-    assert exp["params"]["params.yaml"]["data"]["prune"]["lenet_300_100-iter3"]["s"]["fc1"] == s
-    metrics = exp["metrics"]["metrics/lenet_300_100.json"]["data"]
-    assert metrics["compression"] > baseline["compression"]
-    assert metrics != baseline
     # the copy's store holds this experiment's runs only, each under a parent of the same experiment
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name(params["tracking"]["experiment"]).experiment_id])
     by_id = {r.info.run_id: r for r in runs}
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert {r.info.run_name for r in children} == expected - {"schedule@lenet_300_100-iter3"}  # a schedule logs nothing
+    assert {r.info.run_name for r in children} == expected - {"schedule@lenet_300_100-iter2"}  # a schedule logs nothing
     for r in children:
         assert r.data.tags["dvc_exp_name"] == by_id[r.data.tags["mlflow.parentRunId"]].data.tags["dvc_exp_name"] == "tiny-exp"
 
