@@ -1,9 +1,9 @@
 """The compressed file of a pruned, weight-shared model: Deep Compression's storage format
 (Han, Mao & Dally 2016): the sparse pattern as relative indices with filler entries, shared
 weights as codebook indices, and both sequences Huffman-coded (the gaps Rice-coded where that
-is smaller, from version 5 on).
+is smaller, from version 5 on; from version 6 on, only the biases of units that keep a weight).
 
-Byte-level specification, format versions 1 to 5
+Byte-level specification, format versions 1 to 6
 =================================================
 All integers are unsigned little-endian (u8, u16, u32); floats are IEEE-754 binary32 (f32) or,
 for codebooks and biases from version 4 on, binary16 (f16), little-endian. A "string" is a u16 byte
@@ -12,15 +12,15 @@ length followed by that many bytes of UTF-8.
 File::
 
     magic         8 bytes   b"HANPRUNE"
-    version       u16       5 (written); 1 to 4 are read too
+    version       u16       6 (written); 1 to 5 are read too
     total_length  u32       length of the whole file in bytes, this field and the CRC included
     model_key     string
-    arch          string    (versions 3 to 5) the architecture: a built-in name or package.module:Class
-    kwargs        string    (versions 3 to 5) the keyword arguments of arch's class, a JSON object (RFC 8259);
+    arch          string    (versions 3 to 6) the architecture: a built-in name or package.module:Class
+    kwargs        string    (versions 3 to 6) the keyword arguments of arch's class, a JSON object (RFC 8259);
                             written with its keys sorted and no whitespace
     n_layers      u16
     layer         n_layers times, in the model's order (names are unique)
-    n_other       u16       (versions 2 to 5) then n_other Other records
+    n_other       u16       (versions 2 to 6) then n_other Other records
     crc           u32       zlib.crc32 of every byte before it
 
 Version 1 has neither arch, kwargs nor other tensors; version 2 adds the other tensors; version 3
@@ -29,10 +29,12 @@ codebook and bias in half precision where that loses nothing (the encoder writes
 values that f16 holds exactly, so every version decodes to the tensors that were encoded). Version
 5 stores only the codebook entries a layer uses, in the order of their codes, so that the symbol
 code needs no table, and may code the gaps with a Rice code, which needs none either; it decodes
-to the same weights, with the codes numbered in that order. For a file of version 1 or 2 the
+to the same weights, with the codes numbered in that order. Version 6 may store a layer's bias
+for the units in use only (Unit bias, below): a unit whose connections are all pruned costs no
+bytes. For a file of version 1 or 2 the
 reader has to know the architecture (hanprune takes the model key for a built-in one).
 
-Other (versions 2 to 5): a tensor of the model's state that is not a pruned layer's weight or bias,
+Other (versions 2 to 6): a tensor of the model's state that is not a pruned layer's weight or bias,
 stored as it is (batch norm's scale, shift and running statistics, say)::
 
     name          string          its state_dict key
@@ -47,14 +49,16 @@ Layer::
     ndim          u8
     dims          ndim x u32      the weight's shape; its size N is the product (1 for ndim 0)
     k             u32             codebook size, 0..65536
-    codebook_type u8              (versions 4, 5) 0 = f32, 1 = f16
+    codebook_type u8              (versions 4 to 6) 0 = f32, 1 = f16
     codebook      k x f32 (f16 if codebook_type is 1)   the shared weight values
     index_bits    u8              b, 1..16
     n_entries     u32             number of (gap, symbol) entries, fillers included
-    symbols       Huffman section over the alphabet 0..k         (k = FILLER); version 5: Symbol section
-    gaps          Huffman section over the alphabet 0..2**b - 1; version 5: Gap section
-    bias_type     u8              0 = no bias, 1 = f32, 2 = f16 (2 from version 4 on)
-    bias          if bias_type > 0: u32 n, then n values of that type
+    symbols       Huffman section over the alphabet 0..k         (k = FILLER); versions 5, 6: Symbol section
+    gaps          Huffman section over the alphabet 0..2**b - 1; versions 5, 6: Gap section
+    bias_type     u8              0 = no bias, 1 = f32, 2 = f16 (2 from version 4 on);
+                                  3 = f32, 4 = f16 of the units in use only (version 6)
+    bias          bias_type 1, 2: u32 n, then n values of that type
+                  bias_type 3, 4: Unit bias
 
 Sparse layout. The weight is flattened row-major (C order) into N positions; position p holds
 code c_p, with c_p = -1 for a pruned weight. Each entry is a pair (gap, symbol). Reading the
@@ -85,7 +89,19 @@ stream is the n_entries codes concatenated, each written most significant bit fi
 into bytes most significant bit first; the padding bits of the last byte are zero. With
 n_entries = 0 the table is empty (L = 0) and n_bits is 0.
 
-Symbol section (version 5): a Huffman section over the alphabet 0..k without its table::
+Unit bias (version 6). A unit is an index u along the weight's first dimension (a Linear's output
+feature, a Conv2d's output channel); it is in use if one of its positions holds a weight::
+
+    n             u32             the bias length: dims[0] (ndim >= 1)
+    n_listed      u32             how many units not in use have a stored bias
+    listed        n_listed x u32  those units, ascending
+    values        one per unit in use or listed, in unit order, f32 (type 3) or f16 (type 4)
+
+Every other unit's bias is +0.0. The encoder lists a unit not in use whose bias is not +0.0 (bit
+for bit), and writes this form where it is smaller than types 1 and 2. (hanprune's encode stage
+first drops dead units, hanprune/deadunits.py: that zeroes their biases.)
+
+Symbol section (versions 5, 6): a Huffman section over the alphabet 0..k without its table::
 
     max_length    u8              L
     counts        L x uW          as above; they sum to k (no filler entries) or k + 1
@@ -97,7 +113,7 @@ has the (s + 1)-th code in canonical order (the (s + 2)-th from the filler on). 
 numbers the entries a layer uses so (the canonical order lists shorter codes first) and drops
 the rest, so the codebook costs nothing for a value no weight takes and the table costs nothing.
 
-Gap section (version 5)::
+Gap section (versions 5, 6)::
 
     rice          u8              0: a Huffman section over 0..2**b - 1 follows (table and all);
                                   m + 1 (m in 0..b): a Rice code with parameter m, and only
@@ -138,10 +154,11 @@ from .models import ModelError, architecture, make
 from .quantize import QuantizedLayer, load_into, other_state  # noqa: F401 (QuantizedLayer: the file's layers)
 
 MAGIC = b"HANPRUNE"
-FORMAT_VERSION = 5  # the version this code writes, and the newest it reads
+FORMAT_VERSION = 6  # the version this code writes, and the newest it reads
 OTHER_DTYPES = {0: "<f4", 1: "<i8"}
 CODEBOOK_TYPES = {0: "<f4", 1: "<f2"}  # codebook_type, from version 4 on
 BIAS_TYPES = {1: "<f4", 2: "<f2"}  # bias_type (0: no bias); 2 from version 4 on
+UNIT_BIAS_TYPES = {3: "<f4", 4: "<f2"}  # version 6: the units in use only
 
 MAX_CODEBOOK = 65536
 INDEX_BITS = range(1, 17)
@@ -386,13 +403,25 @@ def _encode_layer(name: str, layer: QuantizedLayer, index_bits: int | None, huff
              struct.pack("<B", index_bits), _pack_u32(entry_symbols.size, f"{what}: the number of entries"),
              _pack_symbols(entry_symbols, symbol_code, rank, k, f"{what}: symbol"),
              _pack_gaps(entry_gaps, gap_code, 1 << index_bits, f"{what}: gap")]
+    return b"".join(parts + [_pack_bias(bias, codes, what)])
+
+
+def _pack_bias(bias: np.ndarray | None, codes: np.ndarray, what: str) -> bytes:
+    """The bias type and bias: the full bias, or the units in use only (Unit bias) where that is smaller."""
     if bias is None:
-        parts.append(struct.pack("<B", 0))
-    else:
-        bias_type = _narrowest(bias, BIAS_TYPES)
-        parts += [struct.pack("<B", bias_type), _pack_u32(bias.size, f"{what}: bias length"),
-                  bias.astype(BIAS_TYPES[bias_type]).tobytes()]
-    return b"".join(parts)
+        return struct.pack("<B", 0)
+    bias_type = _narrowest(bias, BIAS_TYPES)
+    full = struct.pack("<B", bias_type) + _pack_u32(bias.size, f"{what}: bias length") + \
+        bias.astype(BIAS_TYPES[bias_type]).tobytes()
+    if codes.ndim == 0 or codes.shape[0] != bias.size:
+        return full
+    in_use = (codes.reshape(bias.size, -1) >= 0).any(1)
+    listed = np.flatnonzero(~in_use & (bias.view(np.uint32) != 0))
+    stored = bias[in_use | np.isin(np.arange(bias.size), listed)]
+    bias_type = _narrowest(stored, BIAS_TYPES) + 2
+    units = b"".join([struct.pack("<BII", bias_type, bias.size, listed.size), listed.astype("<u4").tobytes(),
+                      stored.astype(UNIT_BIAS_TYPES[bias_type]).tobytes()])
+    return units if len(units) < len(full) else full
 
 
 def _pack_other(name: str, t: torch.Tensor) -> bytes:
@@ -420,7 +449,7 @@ def _pack_kwargs(kwargs: dict) -> bytes:
 
 def encode(model_key: str, arch: str, kwargs: dict, layers: dict[str, QuantizedLayer],
            index_bits: int | None = None, huffman: bool = True, other: dict[str, torch.Tensor] | None = None) -> bytes:
-    """The compressed file (format version 5, above) of model `model_key`, made by `arch` with
+    """The compressed file (format version 6, above) of model `model_key`, made by `arch` with
     `kwargs` (models.make): its quantized layers and its `other` tensors, if any. `index_bits`
     forces the gap width of every layer (for experiments); by default each layer gets its smallest.
     huffman=False writes fixed-width codes instead (and no Rice code), in the same format (decode
@@ -607,7 +636,7 @@ def _read_layer(reader: _Reader, version: int) -> tuple[str, QuantizedLayer, dic
     bytes_codes, bytes_index = gaps_start - symbols_start, reader.offset - gaps_start
     codes = _place(entry_symbols, entry_gaps, k, size, what)
     bias_start = reader.offset
-    bias = _read_bias(reader, what, version)
+    bias = _read_bias(reader, what, version, codes.reshape(shape))
     layer = QuantizedLayer(codes=torch.from_numpy(codes.reshape(shape)), codebook=torch.from_numpy(codebook),
                            bias=None if bias is None else torch.from_numpy(bias))
     row = {"layer": name, "shape": shape, "nonzero": int((codes >= 0).sum()), "entries": n_entries,
@@ -618,12 +647,35 @@ def _read_layer(reader: _Reader, version: int) -> tuple[str, QuantizedLayer, dic
     return name, layer, row
 
 
-def _read_bias(reader: _Reader, what: str, version: int) -> np.ndarray | None:
+def _read_bias(reader: _Reader, what: str, version: int, codes: np.ndarray) -> np.ndarray | None:
     types = {0: None, **(BIAS_TYPES if version >= 4 else {1: "<f4"})}
-    dtype = _read_type(reader, types, f"{what} bias type")
-    if dtype is None:
+    code = reader.uint(1, f"{what} bias type")
+    if version >= 6 and code in UNIT_BIAS_TYPES:
+        return _read_unit_bias(reader, what, UNIT_BIAS_TYPES[code], codes)
+    if code not in types:
+        allowed = sorted(types) + (sorted(UNIT_BIAS_TYPES) if version >= 6 else [])
+        raise EncodingError(f"corrupt file: {what} bias type is {code}, expected one of {allowed}")
+    if types[code] is None:
         return None
-    return reader.array(dtype, reader.uint(4, f"{what} bias length"), f"{what} bias").astype(np.float32)
+    return reader.array(types[code], reader.uint(4, f"{what} bias length"), f"{what} bias").astype(np.float32)
+
+
+def _read_unit_bias(reader: _Reader, what: str, dtype: str, codes: np.ndarray) -> np.ndarray:
+    """A Unit bias (version 6): the values of the units in use or listed; +0.0 for the others."""
+    n = reader.uint(4, f"{what} bias length")
+    if codes.ndim == 0 or n != codes.shape[0]:
+        raise EncodingError(f"corrupt file: {what} has a bias of its units' kind with {n} values for "
+                            f"{codes.shape[0] if codes.ndim else 'no'} units")
+    listed = reader.array("<u4", reader.uint(4, f"{what} number of listed units"), f"{what} listed units")
+    in_use = (codes.reshape(n, -1) >= 0).any(1)
+    if listed.size and (listed[-1] >= n or np.any(np.diff(listed.astype(np.int64)) <= 0) or in_use[listed].any()):
+        raise EncodingError(f"corrupt file: {what} lists units {listed.tolist()[:8]} for their biases; "
+                            f"expected ascending units below {n}, none of them in use")
+    stored = in_use.copy()
+    stored[listed] = True
+    bias = np.zeros(n, np.float32)
+    bias[stored] = reader.array(dtype, int(stored.sum()), f"{what} bias")
+    return bias
 
 
 def _read_other(reader: _Reader) -> tuple[str, torch.Tensor]:
@@ -680,7 +732,7 @@ def decode(data: bytes) -> tuple[str, dict[str, QuantizedLayer]]:
 
 def decode_all(data: bytes) -> Compressed:
     """Everything a compressed file holds: decode's key and layers, the arch and kwargs (versions 3
-    to 5), the other tensors (versions 2 to 5)."""
+    to 6), the other tensors (versions 2 to 6)."""
     return _parse(data)[0]
 
 

@@ -357,7 +357,9 @@ def render(dataset, models: dict[str, dict], iterations: dict[str, str], images:
                   "The last row is the size of the file `models/<model>/compressed.bin` written by the encode stage; its "
                   "test error is measured on the model decoded from that file. The fixed-width row is that file's size "
                   "with its Huffman- and Rice-coded streams replaced by the same entries at fixed width (`storage/fixed.bin`); "
-                  "the pruned rows count values (and indices) as stated.", "",
+                  "both leave out the dead units, those whose every outgoing connection is pruned, with their weights "
+                  "and biases (the output is the same bit for bit; hanprune/deadunits.py). The pruned rows count "
+                  "values (and indices) as stated.", "",
                   compression_table(key, m, quantize[key]), ""]
         parts += ["### The reference implementation's tables", "", model_tables(key, m), ""]
     return "\n".join(parts)

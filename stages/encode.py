@@ -1,11 +1,13 @@
 """Stage encode: write the quantized model in the project's compressed format (sparse index
 differences, codebooks, Huffman and Rice coding; see hanprune/encoding.py), and the storage forms before it
 (dense, pruned values, pruned CSR, fixed-width codes; see hanprune/storage.py) as real files.
-Every loadable file is read back and checked before anything is written."""
+Both coded files leave out the dead units (hanprune/deadunits.py): the same model output, fewer
+weights and biases. Every loadable file is read back and checked before anything is written."""
 import torch
 
 from common import load_params, parser, run_stage, start, tracked
 from hanprune import encoding, io, storage
+from hanprune.deadunits import drop_dead_units
 from hanprune.models import make
 from hanprune.pruning import load_checkpoint, plain_state_dict
 from hanprune.quantize import load_quantized, other_state
@@ -46,6 +48,7 @@ def main(argv=None):
     dense, _ = load_checkpoint(args.dense, args.model, m.arch, m.kwargs)
     pruned, _ = load_checkpoint(args.pruned, args.model, m.arch, m.kwargs)
     quantized, layers = load_quantized(args.quantized, args.model, m.arch, m.kwargs)
+    layers, dropped = drop_dead_units(quantized, layers)
     other = other_state(quantized, plain_state_dict(quantized))  # batch norm's tensors, say: stored as they are
     files = {"dense": storage.dense_bytes(dense), "pruned_values": storage.values_bytes(pruned),
              "pruned_csr": storage.csr_bytes(pruned),
@@ -63,10 +66,11 @@ def main(argv=None):
         for name, data in files.items():
             io.write_bytes(f"{args.storage}/{storage.FILES[name]}", data)
         io.write_bytes(args.out, blob)
-        mlrun.metrics({"compressed_bytes": len(blob), **{f"{name}_bytes": len(data) for name, data in files.items()}})
+        mlrun.metrics({"compressed_bytes": len(blob), "dead_units": dropped, **{f"{name}_bytes": len(data) for name, data in files.items()}})
         mlrun.artifact(args.out)
     sizes = ", ".join(f"{name} {len(data)}" for name, data in files.items())
-    print(f"encode {args.model}: {len(blob)} bytes -> {args.out} ({sizes} bytes in {args.storage})")
+    print(f"encode {args.model}: {len(blob)} bytes -> {args.out} ({sizes} bytes in {args.storage}; "
+          f"{dropped} dead units left out)")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,12 @@ MUTATIONS = [
      "hanprune/encoding.py",
      [("    return [*range(rank), k, *range(rank, k)][:n]\n", "    return [*range(k), k][:n]\n")],
      ["tests/test_encoding.py"]),
+    ("a unit dropped as dead while some reader still has a connection from it", "hanprune/deadunits.py",
+     [(".any(2).any(0)", ".any(2).all(0)")],
+     ["tests/test_deadunits.py"]),
+    ("the compressed file's unit bias taking a -0.0 bias of a unit not in use for +0.0", "hanprune/encoding.py",
+     [("~in_use & (bias.view(np.uint32) != 0)", "~in_use & (bias != 0)")],
+     ["tests/test_encoding.py"]),
 ]
 
 

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hanprune.encoding import (FORMAT_VERSION, MAGIC, EncodingError, QuantizedLayer, _huffman, decode, decode_all,
+from hanprune.encoding import (CRC_SIZE, FORMAT_VERSION, MAGIC, EncodingError, QuantizedLayer, _huffman, decode, decode_all,
                                describe, encode)
 
 ARCH = "nets:Net"  # the arch a file names; what it is plays no part in the format
@@ -221,7 +221,7 @@ def _golden(version: int):
 def test_the_committed_version_3_file_decodes_to_its_committed_tensors():
     """model-v3.bin (made by the encoder of commit 35781c9, format version 3: every float f32): a
     4-D layer with a bias, a layer with filler entries and no bias, and other tensors of both
-    dtypes. Its tensors, encoded now (version 5), come back the same; fc's codebook (-0.5, -0.125,
+    dtypes. Its tensors, encoded now (version 6), come back the same; fc's codebook (-0.5, -0.125,
     0.25, 1.0) is then stored as f16, conv's codebook and bias stay f32."""
     blob, found = _golden(3)
     again = encode(found.model_key, found.arch, found.kwargs, found.layers, other=found.other)
@@ -237,7 +237,7 @@ def test_the_committed_version_3_file_decodes_to_its_committed_tensors():
 def test_the_committed_version_4_file_decodes_to_its_committed_tensors():
     """model-v4.bin: model-v3's tensors with conv's bias rounded to float16, so that it holds every
     codebook and bias type (conv: f32 codebook, f16 bias; fc: f16 codebook, no bias). Encoded now
-    (version 5), the same weights come back."""
+    (version 6), the same weights come back."""
     blob, found = _golden(4)
     rows = {r["layer"]: r for r in describe(blob)}
     k_conv, k_fc = (found.layers[n].codebook.numel() for n in ("conv", "fc"))
@@ -248,12 +248,10 @@ def test_the_committed_version_4_file_decodes_to_its_committed_tensors():
         assert_same(back.layers[name], layer)
 
 
-def test_the_committed_version_5_file_decodes_to_its_committed_tensors_and_encodes_back_to_its_bytes():
-    """model-v5.bin: model-v4's tensors, fc's codebook with an unused first entry (0.75, fc's codes
-    moved up by one), which the file drops, encoded with 1 index bit, so that both layers have
-    fillers: conv's gaps take a Rice code, fc's a Huffman table. An encoder and a decoder that
-    change together (the round trips above still pass) break this file: the format is the
-    specification, not the code."""
+def test_the_committed_version_5_file_decodes_to_its_committed_tensors():
+    """model-v5.bin (made by the encoder of commit ca83dbb): model-v4's tensors, fc's codebook with
+    an unused first entry, which the file drops, encoded with 1 index bit, so that both layers
+    have fillers: conv's gaps take a Rice code, fc's a Huffman table."""
     blob, found = _golden(5)
     _, v4 = _golden(4)
     rows = {r["layer"]: r for r in describe(blob)}
@@ -261,10 +259,73 @@ def test_the_committed_version_5_file_decodes_to_its_committed_tensors_and_encod
                                                                                             ("huffman", 4, 1)]
     for name, layer in v4.layers.items():
         assert_same(found.layers[name], layer)
-    fc = v4.layers["fc"]
-    layers = {"conv": v4.layers["conv"],
-              "fc": QuantizedLayer(torch.where(fc.codes >= 0, fc.codes + 1, -1), torch.cat([torch.tensor([0.75]), fc.codebook]))}
-    assert encode(found.model_key, found.arch, found.kwargs, layers, index_bits=1, other=v4.other) == blob
+
+
+def test_the_committed_version_6_file_decodes_to_its_committed_tensors_and_encodes_back_to_its_bytes():
+    """model-v6.bin: model-v5's tensors, fc with rows 2 to 4 pruned whole and a bias that is 0 there,
+    so that the file stores fc's bias for rows 0 and 1 only (a Unit bias); conv keeps its full f16
+    bias. An encoder and a decoder that change together (the round trips still pass) break this
+    file: the format is the specification, not the code."""
+    blob, found = _golden(6)
+    _, v5 = _golden(5)
+    rows = {r["layer"]: r for r in describe(blob)}
+    assert [(r["gap_code"], r["codebook_size"], r["index_bits"]) for r in rows.values()] == [("rice 0", 8, 1),
+                                                                                            ("huffman", 4, 1)]
+    assert rows["fc"]["bytes_bias"] == 1 + 4 + 4 + 2 * 2 and rows["conv"]["bytes_bias"] == 1 + 4 + 2 * 3
+    assert found.layers["fc"].bias.tolist() == [0.5, -0.25, 0.0, 0.0, 0.0]
+    fc = v5.layers["fc"]
+    codes = torch.where(torch.arange(5)[:, None] < 2, fc.codes, -1)
+    layers = {"conv": v5.layers["conv"], "fc": QuantizedLayer(codes, fc.codebook, torch.tensor([0.5, -0.25, 0.0, 0.0, 0.0]))}
+    for name, layer in layers.items():
+        assert_same(found.layers[name], layer)
+    assert encode(found.model_key, found.arch, found.kwargs, layers, index_bits=1, other=v5.other) == blob
+
+
+def test_a_bias_is_stored_for_the_units_in_use_and_those_listed_where_that_is_smaller():
+    """20 units, 4 of them with a weight: the file stores their 4 biases and lists the units without
+    a weight whose bias is not +0.0 (0.5 and -0.0), so that every bias comes back bit for bit; with
+    every unit in use, or too many listed, the full bias is smaller and is written."""
+    codes = torch.full((20, 6), -1)
+    codes[[0, 5, 9, 19], 2] = 0
+    bias = torch.zeros(20)
+    bias[[0, 5, 9, 19]] = torch.tensor([1.5, -2.0, 0.25, 3.0])
+    bias[7], bias[12] = 0.5, -0.0
+    layer = QuantizedLayer(codes, torch.tensor([0.75]), bias)
+    blob = round_trip("m", {"w": layer})
+    assert describe(blob)[0]["bytes_bias"] == 1 + 4 + 4 + 4 * 2 + 2 * (4 + 2)
+    assert decode(blob)[1]["w"].bias.numpy().tobytes() == bias.numpy().tobytes()
+    bias[1:4] = 1.0  # 5 units listed: 1 + 4 + 4 + 20 + 12 > 1 + 4 + 40
+    assert describe(round_trip("m", {"w": QuantizedLayer(codes, torch.tensor([0.75]), bias)}))[0]["bytes_bias"] == 1 + 4 + 2 * 20
+    every = QuantizedLayer(torch.zeros((20, 6), dtype=torch.long), torch.tensor([0.75]), torch.zeros(20))
+    assert describe(round_trip("m", {"w": every}))[0]["bytes_bias"] == 1 + 4 + 2 * 20
+
+
+def test_a_corrupt_unit_bias_gets_its_own_message():
+    """A Unit bias whose length is not the layer's units, or that lists a unit out of order, out
+    of range or in use, is refused with a message naming the layer and what is wrong."""
+    codes = torch.full((20, 6), -1)
+    codes[[0, 5], 2] = 0
+    layer = QuantizedLayer(codes, torch.tensor([0.75]), torch.tensor([1.0] + [0.0] * 4 + [2.0] + [0.0] * 14))
+    blob = encode("m", ARCH, {}, {"w": layer})
+    tail = struct.pack("<BII", 4, 20, 0) + np.array([1.0, 2.0], "<f2").tobytes() + struct.pack("<H", 0)
+    assert blob[:-CRC_SIZE].endswith(tail)
+    head = blob[:-CRC_SIZE - len(tail)]
+
+    def with_bias(bias: bytes) -> bytes:
+        data = head + bias + struct.pack("<H", 0)
+        data = data[:len(MAGIC) + 2] + struct.pack("<I", len(data) + CRC_SIZE) + data[len(MAGIC) + 6:]
+        return data + struct.pack("<I", zlib.crc32(data))
+
+    values = np.array([1.0, 2.0], "<f2").tobytes()
+    assert decode(with_bias(tail[:-2]))[1]["w"].bias.tolist()[:6] == [1.0, 0, 0, 0, 0, 2.0]
+    for bias, message in [
+            (struct.pack("<BII", 4, 19, 0) + values, "layer 'w' has a bias of its units' kind with 19 values for 20 units"),
+            (struct.pack("<BIIII", 4, 20, 2, 7, 3) + values + values, r"layer 'w' lists units \[7, 3\] for their biases"),
+            (struct.pack("<BIII", 4, 20, 1, 20) + values + values, r"layer 'w' lists units \[20\]"),
+            (struct.pack("<BIII", 4, 20, 1, 5) + values + values, r"layer 'w' lists units \[5\] for their biases; "
+                                                                 "expected ascending units below 20, none of them in use")]:
+        with pytest.raises(EncodingError, match=message):
+            decode(with_bias(bias))
 
 
 def test_values_a_float16_holds_are_stored_in_two_bytes_and_others_in_four():
@@ -462,8 +523,8 @@ def test_wrong_magic():
 
 
 @pytest.mark.parametrize("version, message", [
-    (6, f"format version 6, newer than this reader supports \\(version {FORMAT_VERSION}\\)"),
-    (0, "unknown format version 0 \\(this reader supports versions 1 to 5\\)"),
+    (7, f"format version 7, newer than this reader supports \\(version {FORMAT_VERSION}\\)"),
+    (0, "unknown format version 0 \\(this reader supports versions 1 to 6\\)"),
 ])
 def test_other_format_version(version, message):
     # The version is checked before the CRC, so a newer file gets this message and not a checksum one.
@@ -503,7 +564,7 @@ def test_gap_out_of_the_gap_alphabet():
     (GAPS, bytes([3]), "layer 'w' gap Rice parameter 2 with 1 index bits; allowed 0..1"),
     (DIMS + 8, struct.pack("<I", 70000), "70000-entry codebook"),
     (CODEBOOK_TYPE, bytes([2]), "layer 'w' codebook type is 2, expected one of \\[0, 1\\]"),
-    (BIAS_TYPE, bytes([3]), "layer 'w' bias type is 3, expected one of \\[0, 1, 2\\]"),
+    (BIAS_TYPE, bytes([5]), "layer 'w' bias type is 5, expected one of \\[0, 1, 2, 3, 4\\]"),
     (14, b"\xff\xff", "runs past the end of the data"),
 ])
 def test_other_inconsistencies_with_a_valid_checksum(offset, value, message):
