@@ -6,7 +6,7 @@ for bit (the next layer multiplies that unit by zeros, whatever finite value it 
 Which layer reads a layer's units comes from the model's torch.fx graph: layer a feeds layer b when
 a's output reaches b, and nothing else, through operations that act on each unit alone (PER_UNIT:
 activations, pooling, batch norm, dropout, flatten from dim 1). Unit u of a is then the u-th slice
-of b's input dimension. Where the graph cannot be traced, or a layer's output goes anywhere else
+of b's input dimension (_unit_inputs). Where the graph cannot be traced, or a layer's output goes anywhere else
 (a residual sum, two readers, the model's output), nothing of that layer is dropped."""
 import operator
 
@@ -45,9 +45,9 @@ def _per_unit(node: fx.Node, modules: dict) -> bool:
     return node.op == "call_method" and (node.target in PER_UNIT_METHODS or _flattens_from_1(node, modules))
 
 
-def readers(model: nn.Module) -> dict[str, str]:
-    """{layer a: layer b} for each prunable layer whose units only layer b reads (module docstring);
-    {} where the model does not trace."""
+def readers(model: nn.Module) -> dict[str, tuple[str, bool]]:
+    """{layer a: (layer b, whether the path flattens)} for each prunable layer whose units only
+    layer b reads (module docstring); {} where the model does not trace."""
     try:
         graph = fx.symbolic_trace(model).graph
     except Exception:  # noqa: BLE001 - a model fx cannot trace: no layer is known to feed another
@@ -58,34 +58,46 @@ def readers(model: nn.Module) -> dict[str, str]:
     for node in graph.nodes:
         if node.op != "call_module" or node.target not in layers:
             continue
-        path = node
+        path, flattened = node, False
         while len(path.users) == 1:
             (user,) = path.users
             if user.op == "call_module" and user.target in layers:
-                found[node.target] = user.target
+                found[node.target] = (user.target, flattened)
                 break
             if not _per_unit(user, modules) or user.args[0] is not path or operator.countOf(user.args, path) != 1:
                 break
-            path = user
+            path, flattened = user, flattened or _flattens_from_1(user, modules)
     return found
 
 
-def dead_units(layers: dict[str, QuantizedLayer], feeds: dict[str, str]) -> dict[str, torch.Tensor]:
+def _unit_inputs(a: torch.Tensor, b: torch.Tensor, flattened: bool) -> torch.Tensor | None:
+    """b's kept connections (bool, b's weight shape) grouped by a's units: (b's units, a's units, -1);
+    None where b's input dimension is not a's units as this module knows them (a grouped conv, say).
+    A Linear reads a Linear's units one to one, a Conv2d a Conv2d's channels, and a Linear a Conv2d's
+    channels after a flatten, each channel's positions in a row."""
+    units = a.shape[0]
+    if (a.dim(), b.dim()) == (2, 2) and b.shape[1] == units or (a.dim(), b.dim()) == (4, 4) and b.shape[1] == units \
+            or (a.dim(), b.dim()) == (4, 2) and flattened and b.shape[1] % units == 0:
+        return b.reshape(b.shape[0], units, -1)
+    return None
+
+
+def dead_units(layers: dict[str, QuantizedLayer], feeds: dict[str, tuple[str, bool]]) -> dict[str, torch.Tensor]:
     """{layer: bool per unit} of the units whose every connection into the layer that reads them is
-    pruned; a layer's units count as read by its reader as it is once its own dead units are dropped."""
+    pruned, or goes to a unit that is itself dead (repeated until nothing changes)."""
     dead = {}
-    for a in reversed(list(layers)):  # a reader's dead rows first: they may leave a's units unread
-        b = feeds.get(a)
-        if b is None:
-            continue
-        units = layers[a].codes.shape[0]
-        kept = layers[b].codes >= 0
-        if b in dead:
-            kept[dead[b]] = False
-        if kept.dim() < 2 or kept[0].numel() % units or (kept.dim() > 2 and kept.shape[1] != units):
-            continue  # b's input dimension is not a's units (a grouped conv, say): leave a as it is
-        dead[a] = ~kept.reshape(kept.shape[0], units, -1).any(2).any(0)
-    return {a: d for a, d in dead.items() if d.any()}
+    while True:
+        found = {}
+        for a, (b, flattened) in feeds.items():
+            kept = layers[b].codes >= 0
+            if b in dead:
+                kept[dead[b]] = False
+            grouped = _unit_inputs(layers[a].codes, kept, flattened)
+            if grouped is not None and (unread := ~grouped.any(2).any(0)).any():
+                found[a] = unread
+        if found.keys() == dead.keys() and all(torch.equal(found[a], dead[a]) for a in found):
+            return dead
+        dead = found
 
 
 def drop_dead_units(model: nn.Module, layers: dict[str, QuantizedLayer]) -> tuple[dict[str, QuantizedLayer], int]:

@@ -413,12 +413,13 @@ def _pack_bias(bias: np.ndarray | None, codes: np.ndarray, what: str) -> bytes:
     bias_type = _narrowest(bias, BIAS_TYPES)
     full = struct.pack("<B", bias_type) + _pack_u32(bias.size, f"{what}: bias length") + \
         bias.astype(BIAS_TYPES[bias_type]).tobytes()
-    if codes.ndim == 0 or codes.shape[0] != bias.size:
+    if codes.ndim == 0 or codes.shape[0] != bias.size or bias.size == 0:
         return full
     in_use = (codes.reshape(bias.size, -1) >= 0).any(1)
-    listed = np.flatnonzero(~in_use & (bias.view(np.uint32) != 0))
-    stored = bias[in_use | np.isin(np.arange(bias.size), listed)]
-    bias_type = _narrowest(stored, BIAS_TYPES) + 2
+    nonzero = bias.view(np.uint32) != 0  # -0.0 too: the decoder gives +0.0
+    listed = np.flatnonzero(~in_use & nonzero)
+    stored = bias[in_use | nonzero]
+    bias_type = {1: 3, 2: 4}[_narrowest(stored, BIAS_TYPES)]  # the unit form of that float type
     units = b"".join([struct.pack("<BII", bias_type, bias.size, listed.size), listed.astype("<u4").tobytes(),
                       stored.astype(UNIT_BIAS_TYPES[bias_type]).tobytes()])
     return units if len(units) < len(full) else full
@@ -667,7 +668,7 @@ def _read_unit_bias(reader: _Reader, what: str, dtype: str, codes: np.ndarray) -
         raise EncodingError(f"corrupt file: {what} has a bias of its units' kind with {n} values for "
                             f"{codes.shape[0] if codes.ndim else 'no'} units")
     listed = reader.array("<u4", reader.uint(4, f"{what} number of listed units"), f"{what} listed units")
-    in_use = (codes.reshape(n, -1) >= 0).any(1)
+    in_use = (codes >= 0).reshape(n, -1).any(1) if n else np.zeros(0, bool)
     if listed.size and (listed[-1] >= n or np.any(np.diff(listed.astype(np.int64)) <= 0) or in_use[listed].any()):
         raise EncodingError(f"corrupt file: {what} lists units {listed.tolist()[:8]} for their biases; "
                             f"expected ascending units below {n}, none of them in use")

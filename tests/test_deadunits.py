@@ -23,15 +23,17 @@ def quantized(model: nn.Module, keep: float, seed: int = 0) -> dict[str, Quantiz
 
 
 def test_the_built_in_models_feed_each_layer_to_the_next():
-    assert readers(make("lenet_300_100")) == {"fc1": "fc2", "fc2": "fc3"}
-    assert readers(make("lenet5")) == {"conv1": "conv2", "conv2": "fc1", "fc1": "fc2", "fc2": "fc3"}
-    assert readers(make("lenet5_caffe")) == {"conv1": "conv2", "conv2": "fc1", "fc1": "fc2"}
+    """(reader, whether the path flattens): conv2's channels reach fc1 through x.flatten(1)."""
+    assert readers(make("lenet_300_100")) == {"fc1": ("fc2", False), "fc2": ("fc3", False)}
+    assert readers(make("lenet5")) == {"conv1": ("conv2", False), "conv2": ("fc1", True), "fc1": ("fc2", False),
+                                       "fc2": ("fc3", False)}
+    assert readers(make("lenet5_caffe")) == {"conv1": ("conv2", False), "conv2": ("fc1", True), "fc1": ("fc2", False)}
 
 
 def test_a_layer_whose_output_is_also_added_or_read_twice_has_no_reader():
     """small_resnet: the stem's output goes to the block's first conv and to its residual sum, the
     block's second conv's to that sum: only block.conv1 -> block.conv2 (through batch norm and relu)."""
-    assert readers(SmallResNet(channels=4)) == {"block.conv1": "block.conv2"}
+    assert readers(SmallResNet(channels=4)) == {"block.conv1": ("block.conv2", False)}
 
     class TwoReaders(nn.Module):
         def __init__(self):
@@ -91,3 +93,24 @@ def test_a_unit_left_unread_by_a_dropped_unit_is_dropped_too():
     dropped, n = drop_dead_units(model, layers)
     assert n == 2 and not (dropped["fc2"].codes[0] >= 0).any() and dropped["fc2"].bias[0] == 0
     assert not (dropped["fc1"].codes[7] >= 0).any() and dropped["fc1"].bias[7] == 0 and dropped["fc1"].bias[6] == 1
+    assert {k: v.tolist() for k, v in dead_units(dict(reversed(layers.items())), readers(model)).items()} \
+        == {k: v.tolist() for k, v in dead.items()}  # the layers' order plays no part
+
+
+def test_a_linear_on_a_conv_s_last_dimension_reads_no_channel_as_a_unit():
+    """A Linear applied to a conv output's width (no flatten) reads positions, not channels: with
+    its input 0 pruned, no channel is dead (a channel-major reading would drop channel 0)."""
+    class WidthLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.conv(x))).sum((1, 2))
+
+    model = WidthLinear().eval()
+    layers = {name: QuantizedLayer(torch.zeros(m.weight.shape, dtype=torch.long), torch.ones(1), torch.ones(m.bias.shape))
+              for name, m in prunable_layers(model).items()}
+    layers["fc"].codes[:, 0] = -1
+    assert readers(model) == {"conv": ("fc", False)}
+    assert dead_units(layers, readers(model)) == {} and drop_dead_units(model, layers)[1] == 0
