@@ -19,9 +19,11 @@ import torch
 import yaml
 from torch import nn
 
+from hanprune.deadunits import drop_dead_units
 from hanprune.encoding import describe
 from hanprune.models import prunable_layers
 from hanprune.pruning import load_checkpoint
+from hanprune.quantize import load_quantized
 from hanprune.encoding import read_compressed
 from hanprune.train import accuracy
 from tests.tiny import ROOT, TINY, env, fork, ran, sh, tiny_project
@@ -108,7 +110,12 @@ def test_first_repro_runs_every_stage_and_writes_metrics(repo):
             assert files[name] == (repo / "models" / model / file).stat().st_size
         assert files["dense"] == d["bytes_dense"] and files["pruned_csr"] == d["bytes_csr"]
         assert files["compressed"] < files["quantized_fixed"] < files["pruned_values"] < files["pruned_csr"] < files["dense"]
-        assert sum(l["nonzero"] for l in d["compressed_layers"].values()) == sum(
+        # the file holds the quantized model's weights but those of its dead units (hanprune/deadunits.py)
+        quantized, layers = load_quantized(repo / "models" / model / "quantized.pt", model)
+        kept, _ = drop_dead_units(quantized, layers)
+        assert {n: l["nonzero"] for n, l in d["compressed_layers"].items()} == {
+            n: int((l.codes >= 0).sum()) for n, l in kept.items()}
+        assert sum(l["nonzero"] for l in d["compressed_layers"].values()) <= sum(
             l["weights_nonzero"] for l in d["layers"].values())
         rounds = [json.loads((repo / "metrics" / "prune" / f"{model}-iter{k}.json").read_text())
                   for k in range(1, ITERATIONS[model] + 1)]
@@ -496,10 +503,9 @@ def test_decode_cli_rebuilds_the_model_with_the_evaluated_accuracy(repo, tmp_pat
               "--out", str(out), PYTHONPATH=str(repo))
     assert f"{m['compressed_bytes']} bytes" in proc.stdout
     assert f"test accuracy: {m['test_compressed']:.4f}" in proc.stdout
-    from hanprune.pruning import load_checkpoint
     model, _ = load_checkpoint(out, "lenet_300_100")
     assert sum(int(l.weight.count_nonzero()) for l in prunable_layers(model).values()) == sum(
-        l["weights_nonzero"] for l in m["layers"].values())
+        l["nonzero"] for l in m["compressed_layers"].values())  # the file's weights: no dead unit's
     bad = tmp_path / "bad.bin"
     bad.write_bytes(b"HANPRUNX" + (repo / "models/lenet_300_100/compressed.bin").read_bytes()[8:])
     proc = sh(repo, sys.executable, "-m", "hanprune", "decode", str(bad), check=False, PYTHONPATH=str(repo))
