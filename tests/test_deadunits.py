@@ -22,6 +22,12 @@ def quantized(model: nn.Module, keep: float, seed: int = 0) -> dict[str, Quantiz
     return layers
 
 
+def every_weight(model: nn.Module) -> dict[str, QuantizedLayer]:
+    """Each prunable layer with every weight kept (code 0 of a one-entry codebook) and biases of 1."""
+    return {name: QuantizedLayer(torch.zeros(m.weight.shape, dtype=torch.long), torch.ones(1), torch.ones(m.bias.shape))
+            for name, m in prunable_layers(model).items()}
+
+
 def test_the_built_in_models_feed_each_layer_to_the_next():
     """(reader, whether the path flattens): conv2's channels reach fc1 through x.flatten(1)."""
     assert readers(make("lenet_300_100")) == {"fc1": ("fc2", False), "fc2": ("fc3", False)}
@@ -83,8 +89,7 @@ def test_a_unit_left_unread_by_a_dropped_unit_is_dropped_too():
     """fc3 reads nothing of fc2's unit 0, whose inputs are the only connections out of fc1's unit 7:
     fc2's unit 0 goes, and with it fc1's unit 7."""
     model = make("lenet_300_100")
-    layers = {name: QuantizedLayer(torch.zeros(m.weight.shape, dtype=torch.long), torch.ones(1), torch.ones(m.bias.shape))
-              for name, m in prunable_layers(model).items()}
+    layers = every_weight(model)
     layers["fc3"].codes[:, 0] = -1
     layers["fc2"].codes[1:, 7] = -1
     dead = dead_units(layers, readers(model))
@@ -109,8 +114,7 @@ def test_a_linear_on_a_conv_s_last_dimension_reads_no_channel_as_a_unit():
             return self.fc(F.relu(self.conv(x))).sum((1, 2))
 
     model = WidthLinear().eval()
-    layers = {name: QuantizedLayer(torch.zeros(m.weight.shape, dtype=torch.long), torch.ones(1), torch.ones(m.bias.shape))
-              for name, m in prunable_layers(model).items()}
+    layers = every_weight(model)
     layers["fc"].codes[:, 0] = -1
     assert readers(model) == {"conv": ("fc", False)}
     assert dead_units(layers, readers(model)) == {} and drop_dead_units(model, layers)[1] == 0
