@@ -26,14 +26,13 @@ from hanprune.pruning import load_checkpoint
 from hanprune.quantize import load_quantized
 from hanprune.encoding import read_compressed
 from hanprune.train import accuracy
-from tests.tiny import ROOT, TINY, env, fork, ran, sh, tiny_project
+from tests.tiny import HAS_AVX512, ROOT, TINY, env, fork, ran, sh, tiny_project
 
 pytestmark = pytest.mark.slow
 
 # lenet_300_100 with 3 rounds (so a middle round can be edited), and a conv model through every stage.
 ITERATIONS = {"lenet_300_100": 3, "lenet5": 1}
 CHANCE = 0.1  # ten classes
-HAS_AVX512 = "avx512f" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

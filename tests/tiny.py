@@ -18,6 +18,8 @@ TINY = "tiny"  # data.name of the generated data: it lies in <root>/tiny/raw
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ROOT / "stages"
 PROJECT_FILES = ["hanprune", "stages", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"]
+CPUINFO = Path("/proc/cpuinfo")
+HAS_AVX512 = CPUINFO.exists() and "avx512f" in CPUINFO.read_text()  # the fast mode's bytes differ only there
 
 
 def write_tiny_mnist(directory: Path, n_train=600, n_test=200, seed=0) -> dict[str, str]:
