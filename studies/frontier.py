@@ -39,15 +39,21 @@ PUBLISHED = {arch: [tuple(point) for point in points] for arch, points in PAPERS
 
 
 def every_run() -> list[tuple[str, str, dict]]:
-    """The committed run (HEAD) and its experiments, then every older commit that has experiments
-    (`dvc exp list -A`: a sweep made before its best point was committed) and theirs, newest commit
-    first (points() keeps the first run of a configuration: the newest code's)."""
+    """The committed run (HEAD) and its experiments, then every older commit that has experiments here
+    (`dvc exp list -A`: a sweep made before its best point was committed) or, since this script came,
+    changed a committed result (`git log` of the metrics folders: the same in every clone), and their
+    experiments, newest commit first (points() keeps the first run of a configuration: the newest code's)."""
     listed = subprocess.run(["dvc", "exp", "list", "-A"], capture_output=True, text=True, check=True).stdout
-    bases = [line[:-1] for line in listed.splitlines() if line.endswith(":") and not line[0].isspace()]
-    older = {git("rev-parse", base) for base in bases} - {git("rev-parse", "HEAD")}
+    bases = {git("rev-parse", line[:-1]) for line in listed.splitlines() if line.endswith(":") and not line[0].isspace()}
+    came = git("log", "--diff-filter=A", "--format=%H", "--", "studies/frontier.py").split()[-1]
+    results = git("log", "--format=%H", f"{came}^..HEAD", "--", "metrics", *(f"{folder}metrics" for folder in STUDIES)).split()
+    older = (bases | set(results)) - {git("rev-parse", "HEAD")}
     found = runs("")
     for sha in git("log", "--no-walk", "--format=%H", *older).split() if older else []:
-        found += [(f"commit {sha[:7]}" if name == "baseline" else name, rev, params) for name, rev, params in runs("", sha)]
+        if sha in bases:
+            found += [(f"commit {sha[:7]}" if name == "baseline" else name, rev, params) for name, rev, params in runs("", sha)]
+        else:
+            found.append((f"commit {sha[:7]}", sha, yaml.safe_load(git_file(sha, "params.yaml"))))
     return found
 
 

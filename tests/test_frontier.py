@@ -107,15 +107,34 @@ def test_points_come_from_each_run_s_commit_and_render_marks_the_choice():
     assert "Target **met**" in f["render"]([p], ["baseline"], {"lenet_300_100": "x.png"})
 
 
-def test_every_run_adds_the_experiments_of_older_commits_named_by_commit(monkeypatch):
+def test_every_run_adds_older_commits_with_experiments_or_results_named_by_commit(monkeypatch):
+    """Older commits come with their experiments (here only) and, since frontier.py came, every commit
+    that changed a committed result (in every clone), newest first."""
     import subprocess
     f = _frontier()
     g = f["every_run"].__globals__
     listed = "main:\n\tabc1234 [exp-a]\nfeedbee:\n\t1111111 [exp-b]\n\t2222222 [exp-c]\n"
     monkeypatch.setattr(subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(cmd, 0, listed, ""))
     shas = {"HEAD": "h" * 40, "main": "h" * 40, "feedbee": "f" * 40}
-    monkeypatch.setitem(g, "git", lambda *args: shas[args[-1]] if args[0] == "rev-parse" else "\n".join(args[3:]))
+    came, logs = "c" * 40, []
+
+    def git(*args):
+        if args[0] == "rev-parse":
+            return shas[args[-1]]
+        logs.append(args)
+        if "--diff-filter=A" in args:  # the commits that added frontier.py, newest first
+            return f"{'d' * 40}\n{came}\n"
+        if "--no-walk" in args:  # newest first
+            return "\n".join(sorted(args[3:], reverse=True))
+        return "\n".join(["h" * 40, "e" * 40, "f" * 40])  # commits that changed results, HEAD's too
+
+    monkeypatch.setitem(g, "git", git)
+    monkeypatch.setitem(g, "git_file", lambda rev, path: "models: {}\n" if (rev, path) == ("e" * 40, "params.yaml") else 1 / 0)
     by_rev = {"HEAD": [("baseline", "h", {}), ("exp-a", "a", {})],
               "f" * 40: [("baseline", "f" * 40, {}), ("exp-b", "b", {}), ("exp-c", "c", {})]}
     monkeypatch.setitem(g, "runs", lambda prefix, rev="HEAD": by_rev[rev])
-    assert [name for name, _, _ in f["every_run"]()] == ["baseline", "exp-a", "commit fffffff", "exp-b", "exp-c"]
+    found = f["every_run"]()
+    assert [name for name, _, _ in found] == ["baseline", "exp-a", "commit fffffff", "exp-b", "exp-c", "commit eeeeeee"]
+    assert found[-1][1:] == ("e" * 40, {"models": {}})
+    results_log = next(args for args in logs if "metrics" in args)
+    assert f"{came}^..HEAD" in results_log and {"metrics", "studies/records/metrics"} <= set(results_log)
