@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 from tabulate import tabulate
 
 from . import config, io
@@ -21,6 +22,13 @@ from .pruning import attach_masks, checkpoint
 from .train import accuracy
 
 
+def entropy_bytes(counts) -> float:
+    """The bytes that any code of independent symbols, drawn at these counts' frequencies, needs at
+    least for all of them (Shannon): what a gap or code section of the file can be compared with."""
+    counts = np.asarray([c for c in counts if c], dtype=np.float64)
+    return float((counts * np.log2(counts.sum() / counts)).sum() / 8)
+
+
 def decode(args) -> None:
     blob = Path(args.file).read_bytes()
     arch = kwargs = None
@@ -30,9 +38,18 @@ def decode(args) -> None:
     found, model = read_compressed(args.file, arch=arch, kwargs=kwargs)
     key, layers = found.model_key, found.layers
     rows = describe(blob)
+    for r in rows:  # the positions as independent draws at the layer's density; the codes at their frequencies
+        codes = layers[r["layer"]].codes
+        r["bound_index"] = entropy_bytes([r["nonzero"], codes.numel() - r["nonzero"]])
+        r["bound_codes"] = entropy_bytes(np.bincount(codes[codes >= 0].numpy()))
     print(tabulate([[r["layer"], "x".join(map(str, r["shape"])), r["nonzero"], r["entries"], r["index_bits"],
-                     r["gap_code"], r["codebook_size"], r["bytes_total"]] for r in rows],
-                   headers=["layer", "shape", "non-zero", "entries", "index bits", "gaps", "codebook", "bytes"]))
+                     r["gap_code"], f"{r['bytes_index']} ({r['bound_index']:.0f})",
+                     f"{r['bytes_codes']} ({r['bound_codes']:.0f})", r["codebook_size"], r["bytes_total"]] for r in rows],
+                   headers=["layer", "shape", "non-zero", "entries", "index bits", "gaps", "gap bytes (bound)",
+                            "code bytes (bound)", "codebook", "bytes"]))
+    print("bound: the fewest bytes for the positions as independent draws at each layer's density, and for the "
+          f"codes at their frequencies: {sum(r['bound_index'] + r['bound_codes'] for r in rows):.0f} bytes in all; "
+          f"the file's gap and code sections take {sum(r['bytes_index'] + r['bytes_codes'] for r in rows)}")
     size = Path(args.file).stat().st_size
     dense = 4 * sum(p.numel() for p in model.parameters())
     print(f"{args.file}: {key}, {size} bytes, {dense / size:.1f}x smaller than dense float32 ({dense} bytes)")
