@@ -84,12 +84,18 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def changed(params: dict, base: dict, model: str) -> str:
-    """What a run set otherwise than the baseline for a model: its entry's and its rounds' values."""
+    """What a run set otherwise than the baseline for a model: its entry's and its rounds' values. A
+    round the run does not have is named once ("no iter3"), and a value that became a mapping (a q per
+    layer) or back is given by the run's keys only."""
     def mine(p):
         rounds = {k.removeprefix(f"{model}-"): it for k, it in p["prune"].items() if it["model"] == model}
-        return _flat({**p["models"][model], **rounds})
+        return {**p["models"][model], **rounds}
     now, then = mine(params), mine(base)
-    return ", ".join(f"{k}={now.get(k)}" for k in sorted(now.keys() | then.keys()) if now.get(k) != then.get(k)) or "-"
+    gone = sorted(then.keys() - now.keys())
+    now, then = _flat(now), _flat({k: v for k, v in then.items() if k not in gone})
+    reshaped = {k for k in then.keys() - now.keys() if any(n.startswith(f"{k}.") or k.startswith(f"{n}.") for n in now)}
+    return ", ".join([f"{k}={now.get(k)}" for k in sorted((now.keys() | then.keys()) - reshaped) if now.get(k) != then.get(k)]
+                     + [f"no {k}" for k in gone]) or "-"
 
 
 def points(found: list[tuple[str, str, dict]]) -> list[dict]:

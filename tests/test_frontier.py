@@ -51,6 +51,18 @@ def test_the_tolerance_is_the_selection_rule_s_from_the_dense_validation_accurac
     assert not f["held"](f["_point"]("r", "r", "", params, "lenet_300_100", params["models"]["lenet_300_100"], params))
 
 
+def test_changed_names_a_missing_round_once_and_a_reshaped_value_by_the_run_s_keys():
+    changed = _frontier()["changed"]
+    base = {"models": {"m": {"arch": "lenet5", "retrain": {"epochs": 20}}},
+            "prune": {"m-iter1": {"model": "m", "q": 0.9, "epochs": 30}, "m-iter2": {"model": "m", "q": 0.95},
+                      "other-iter1": {"model": "other", "q": 0.5}}}
+    run = {"models": {"m": {"arch": "lenet5", "retrain": {"epochs": 10}}},
+           "prune": {"m-iter1": {"model": "m", "q": {"fc1": 0.97, "fc2": 0.9}, "epochs": 30}}}
+    assert changed(run, base, "m") == "iter1.q.fc1=0.97, iter1.q.fc2=0.9, retrain.epochs=10, no iter2"
+    assert changed(base, run, "m") == "iter1.q=0.9, iter2.model=m, iter2.q=0.95, retrain.epochs=20"
+    assert changed(base, base, "m") == "-"
+
+
 def test_points_come_from_each_run_s_commit_and_render_marks_the_choice():
     f = _frontier()
     rounds = "iteration,compression,val_retrained,test_accuracy\n1,3.0,0.99,0.991\n4,41.0,0.9845,0.985\n"
