@@ -60,3 +60,15 @@ def test_the_first_screen_has_the_two_commands_and_the_paper_table():
     assert "./setup.sh && PATH=$PWD/.venv/bin:$PATH dvc repro" in first
     assert "./setup.sh && .venv/bin/python -m pytest" in first
     assert "| LeNet-5 (Caffe, the paper's) | 12x, 0.77% |" in first and " min of wall-clock time" in first
+
+
+def test_a_study_s_time_over_several_calls_names_the_first_and_counts_the_rest(tmp_path):
+    study_time = _figures()["_study_time"]
+    (tmp_path / "benchmarks").mkdir()
+    bench = tmp_path / "benchmarks" / "s-stages.json"
+    bench.write_text(json.dumps({"command": "dvc repro s/dvc.yaml + dvc repro -f -s s/dvc.yaml:a + dvc repro -f -s s/dvc.yaml:b",
+                                 "wall_seconds": 90, "stages": {"a": {}, "b": {}, "c": {}}}))
+    assert study_time(tmp_path, "s") == ("`dvc repro s/dvc.yaml` and 2 more `dvc repro -f -s` calls for the stages it "
+                                         "skipped: 3 stages in 1.5 min of wall-clock time (benchmarks/s-stages.json).")
+    bench.write_text(json.dumps({"command": "dvc repro s/dvc.yaml + dvc repro s/dvc.yaml", "wall_seconds": 60, "stages": {}}))
+    assert study_time(tmp_path, "s").startswith("`dvc repro s/dvc.yaml + dvc repro s/dvc.yaml`: 0 stages in 1.0 min")
