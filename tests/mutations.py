@@ -67,6 +67,12 @@ MUTATIONS = [
     ("the compressed file's unit bias taking a -0.0 bias of a unit not in use for +0.0", "hanprune/encoding.py",
      [("nonzero = bias.view(np.uint32) != 0", "nonzero = bias != 0")],
      ["tests/test_encoding.py"]),
+    ("decode's Shannon bound in nats instead of bits", "hanprune/__main__.py",
+     [("np.log2(counts.sum() / counts)", "np.log(counts.sum() / counts)")],
+     ["tests/test_quantize.py"]),
+    ("the frontier naming a round a run does not have by each of its keys", "studies/frontier.py",
+     [("gone = sorted(then.keys() - now.keys())", "gone = []")],
+     ["tests/test_frontier.py"]),
 ]
 
 
