@@ -1,7 +1,8 @@
 """The compression frontier: test error against parameter and file compression for every
 configuration tried, one point per configuration of a model, from the committed run, every older commit
 that changed a committed result, and the finished DVC experiments of these commits and of any other that
-has some here (a sweep made before its best point was committed); reports/FRONTIER.md and reports/frontier/<arch>.png. Run it at the project root.
+has some here (a sweep made before its best point was committed); reports/FRONTIER.md and
+reports/frontier/<arch>.png. Run it at the project root.
 
     dvc exp run --queue -S 'prune.lenet_300_100_global-iter9.q=0.977,0.979'   # a sweep: any -S grid
     dvc queue start -j 1                                                  # 2 cores: one at a time
