@@ -195,15 +195,15 @@ def test_decode_command_without_params_for_a_model_of_an_import_path(tmp_path, c
     cli.main(["decode", str(path), "--out", str(tmp_path / "decoded.pt")])
     out = capsys.readouterr().out
     assert f"{path}: small_resnet, {path.stat().st_size} bytes" in out and "block.conv2" in out
-    rows, layers = encoding.describe(path.read_bytes()), read_compressed(path)[0].layers
-    codes = {name: layer.codes for name, layer in layers.items()}
+    (found, rebuilt), rows = read_compressed(path), encoding.describe(path.read_bytes())
+    codes = {name: layer.codes for name, layer in found.layers.items()}
     bound = sum(cli.entropy_bytes([r["nonzero"], codes[r["layer"]].numel() - r["nonzero"]])
                 + cli.entropy_bytes(torch.bincount(codes[r["layer"]][codes[r["layer"]] >= 0]).tolist()) for r in rows)
     sections = sum(r["bytes_index"] + r["bytes_codes"] for r in rows)
     assert f"codes at their frequencies: {bound:.0f} bytes in all; the file's gap and code sections take {sections}" in out
     model, ckpt = pruning.load_checkpoint(tmp_path / "decoded.pt")
     assert (ckpt["arch"], ckpt["kwargs"]) == SMALL_RESNET
-    decoded, written = pruning.plain_state_dict(read_compressed(path)[1]), pruning.plain_state_dict(model)
+    decoded, written = pruning.plain_state_dict(rebuilt), pruning.plain_state_dict(model)
     assert decoded.keys() == written.keys() and all(torch.equal(decoded[k], written[k]) for k in decoded)
 
 
